@@ -35,6 +35,17 @@ def run_main(main):
         sys.exit(2)
 
 
+def _excepthook(kind, value, tb, _default=sys.excepthook):
+    """Scripts written top to bottom (like train.py) get the same one-line errors without a wrapper."""
+    if issubclass(kind, UserError):
+        print(f"error: {value}", file=sys.stderr)
+    else:
+        _default(kind, value, tb)
+
+
+sys.excepthook = _excepthook
+
+
 # ----------------------------------------------------------------------------- reading values
 
 _BINOPS = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul, ast.Div: operator.truediv,

@@ -1,0 +1,367 @@
+"""
+Byte-level BPE, GPT-2 style: train it from scratch, save and load it as vocab.json + merges.txt, encode with tiktoken.
+
+    python tokenizer.py --train=input.txt --vocab_size=8192 --min_frequency=2 --out=out-tokenizer
+
+Training (`BPETokenizer.train`):
+1. pre-tokenize: split text with GPT-2's regex into words (" the", "ing", "\n\n") and count the distinct ones;
+2. start every word as its UTF-8 bytes: ids 0..255 are the bytes by value, so any text can be encoded;
+3. repeatedly merge the most frequent adjacent pair of ids into a new id (ties: the smallest pair), keeping pair
+   counts up to date by touching only the words that hold the merged pair, until vocab_size is reached.
+Id layout of a trained tokenizer: 0..255 the bytes, then the merges in the order learned, then the special tokens.
+
+Encoding is tiktoken's Rust core fed with our merges (a token's rank is its merge order); `encode_reference` is the
+same algorithm in a few lines of plain Python. Files are Hugging Face's byte-level format (GPT-2's encoder.json +
+vocab.bpe are the same format under other names), so HF `tokenizers` and we read each other's files.
+"""
+
+import heapq
+import json
+import multiprocessing
+import os
+import re
+import sys
+import time
+from collections import Counter, defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import regex
+import tiktoken
+
+import cli
+
+GPT2_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
+GPT2_REGEX = regex.compile(GPT2_PATTERN)
+ENDOFTEXT = "<|endoftext|>"
+
+
+def bytes_to_unicode():
+    """GPT-2's byte -> printable character map, used to write byte strings in vocab.json and merges.txt.
+    Printable Latin-1 bytes stand for themselves; the others (space, control bytes) are moved up to chr(256 + n)."""
+    keep = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    moved = [b for b in range(256) if b not in keep]
+    return {**{b: chr(b) for b in keep}, **{b: chr(256 + n) for n, b in enumerate(moved)}}
+
+
+# ----------------------------------------------------------------------------- pre-tokenization: counting words
+
+# Cutting the text just before a space that is followed by a visible ASCII character never changes what GPT-2's
+# regex finds (no match can run across that point, and none looks back), so the regex only needs to run once per
+# distinct piece. Counting the pieces is a fast C-level split + Counter; WikiText-2 has ~37k distinct pieces in 2M.
+SAFE_CUT = re.compile(r" (?=[!-~])")
+
+
+def count_words(texts):
+    """{word: count} over all texts, exactly what Counter(GPT2_REGEX.findall(text)) would give for each text."""
+    pieces, words = Counter(), Counter()
+    for text in texts:
+        parts = SAFE_CUT.split(text)  # every part but the first lost its leading space to the cut
+        pieces.update(parts)
+        pieces[parts[0]] -= 1
+        words.update(GPT2_REGEX.findall(parts[0]))
+    for piece, n in pieces.items():
+        for word in GPT2_REGEX.findall(" " + piece) if n else ():
+            words[word] += n
+    return words
+
+
+def count_words_parallel(texts, min_chars=1 << 21):
+    """count_words, shared out over the CPU cores for big inputs (one long text is cut at SAFE_CUT points)."""
+    texts = list(texts)
+    n_procs = min(8, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
+    total = sum(map(len, texts))
+    if n_procs < 2 or total < min_chars:
+        return count_words(texts)
+    if len(texts) < n_procs:  # few long texts: cut each into pieces the regex cannot tell apart from the whole
+        cut = []
+        for text in texts:
+            start, step = 0, len(text) // n_procs + 1
+            while (m := SAFE_CUT.search(text, start + step)) is not None:
+                cut.append(text[start:m.start()])
+                start = m.start()
+            cut.append(text[start:])
+        texts = cut
+    sizes, groups = [0] * n_procs, [[] for _ in range(n_procs)]
+    for text in sorted(texts, key=len, reverse=True):  # balance the work: biggest first, into the lightest group
+        i = sizes.index(min(sizes))
+        groups[i].append(text)
+        sizes[i] += len(text)
+    method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"  # fork: no re-import
+    with multiprocessing.get_context(method).Pool(n_procs) as pool:
+        counts = pool.map(count_words, groups)
+    return sum(counts, Counter())
+
+
+# ----------------------------------------------------------------------------- training: learning the merges
+
+def learn_merges(word_counts, n_merges, min_frequency=2):
+    """Learn up to n_merges merges [(left id, right id)] from {word bytes: count}; merge i makes id 256 + i."""
+    words = [list(word) for word in word_counts]  # each word as a list of ids, edited in place as merges apply
+    counts = list(word_counts.values())
+    shift = max(16, (256 + n_merges).bit_length())  # a pair (a, b) is the int a << shift | b: cheap to hash
+    pair_count, where = defaultdict(int), defaultdict(set)  # pair -> occurrences in the corpus, -> words holding it
+    for w, word in enumerate(words):
+        for a, b in zip(word, word[1:]):
+            pair_count[a << shift | b] += counts[w]
+            where[a << shift | b].add(w)
+    # Max-heap of (count, pair) as one int, smallest pair first on equal counts. Entries go stale as counts drop;
+    # a popped entry is checked against pair_count and pushed back with the true count if it was stale.
+    heap = [-n << 2 * shift | p for p, n in pair_count.items()]
+    heapq.heapify(heap)
+    token_bytes = [bytes([b]) for b in range(256)]
+    known, skipped = set(token_bytes), set()
+    merges = []
+    while len(merges) < n_merges and heap:
+        key = heapq.heappop(heap)
+        pair, n = key & ((1 << 2 * shift) - 1), -(key >> 2 * shift)
+        if pair in skipped:
+            continue
+        if pair_count[pair] != n:  # stale: its count dropped since it was pushed
+            if pair_count[pair] > 0:
+                heapq.heappush(heap, -pair_count[pair] << 2 * shift | pair)
+            continue
+        if n < min_frequency:  # the most frequent pair is too rare: so is every other one
+            break
+        a, b, new = pair >> shift, pair & ((1 << shift) - 1), 256 + len(merges)
+        if token_bytes[a] + token_bytes[b] in known:  # the same bytes as an existing token: one id per byte string
+            skipped.add(pair)
+            continue
+        merges.append((a, b))
+        token_bytes.append(token_bytes[a] + token_bytes[b])
+        known.add(token_bytes[-1])
+        new_pairs = set()
+        for w in where.pop(pair):
+            word, n_w, i = words[w], counts[w], 0
+            while True:
+                try:
+                    i = word.index(a, i)
+                except ValueError:
+                    break
+                if i + 1 < len(word) and word[i + 1] == b:  # the pair at i: fix the pairs on either side
+                    if i > 0:
+                        pair_count[word[i - 1] << shift | a] -= n_w
+                        p = word[i - 1] << shift | new
+                        pair_count[p] += n_w
+                        where[p].add(w)
+                        new_pairs.add(p)
+                    if i + 2 < len(word):
+                        pair_count[b << shift | word[i + 2]] -= n_w
+                        p = new << shift | word[i + 2]
+                        pair_count[p] += n_w
+                        where[p].add(w)
+                        new_pairs.add(p)
+                    word[i:i + 2] = (new,)
+                i += 1
+        del pair_count[pair]
+        for p in new_pairs:  # only pairs with the new id gained counts: push them once, with their final count
+            if pair_count[p] > 0:
+                heapq.heappush(heap, -pair_count[p] << 2 * shift | p)
+    return merges
+
+
+# ----------------------------------------------------------------------------- the tokenizer
+
+class Tokenizer:
+    """Merges + special tokens -> encode/decode. Internally every token has a rank (bytes by value, then the merges
+    in order, then the special tokens): tiktoken merges by rank. Ids are the ranks unless a loaded file numbers its
+    tokens otherwise (GPT-2 and HF put the 256 bytes in character order), then lookup arrays translate."""
+
+    def __init__(self, merges, special_tokens, token_ids=None):
+        """merges: [(left bytes, right bytes)] in priority order; special_tokens: {str: id};
+        token_ids: {token bytes: id} when a file's ids are not the ranks."""
+        self.merges = list(merges)
+        self.ranks = {bytes([b]): b for b in range(256)}
+        for left, right in self.merges:
+            self.ranks[left + right] = len(self.ranks)
+        assert len(self.ranks) == 256 + len(self.merges), "two merges make the same token"
+        self.token_ids = dict(self.ranks) if token_ids is None else dict(token_ids)
+        self.special_tokens = dict(sorted(special_tokens.items(), key=lambda kv: kv[1]))
+        self.eot_id = self.special_tokens.get(ENDOFTEXT)
+        self.vocab_size = len(self.ranks) + len(self.special_tokens)
+        special_ranks = {s: len(self.ranks) + i for i, s in enumerate(self.special_tokens)}
+        rank_to_id = np.full(self.vocab_size, -1, dtype=np.int64)
+        for token, rank in self.ranks.items():
+            rank_to_id[rank] = self.token_ids[token]
+        for s, rank in special_ranks.items():
+            rank_to_id[rank] = self.special_tokens[s]
+        if sorted(rank_to_id.tolist()) != list(range(self.vocab_size)):
+            raise ValueError(f"token ids must be 0..{self.vocab_size - 1}, each used once")
+        identity = bool((rank_to_id == np.arange(self.vocab_size)).all())
+        self._rank_to_id = None if identity else rank_to_id  # None: ids are ranks, nothing to translate
+        self._id_to_rank = None if identity else np.argsort(rank_to_id)
+        # The fast path: tiktoken's Rust BPE with our ranks and GPT-2's pre-tokenization regex.
+        self._enc = tiktoken.Encoding(f"bpe{self.vocab_size}", pat_str=GPT2_PATTERN, mergeable_ranks=self.ranks,
+                                      special_tokens=special_ranks)
+
+    def _to_ids(self, ranks):
+        return ranks if self._rank_to_id is None else self._rank_to_id[ranks].tolist()
+
+    def encode(self, text, allowed_special=frozenset()):
+        """Ids of text. Special tokens become single ids only if allowed ("all" or a set of them); otherwise text
+        that looks like one is ordinary text."""
+        return self._to_ids(self._enc.encode(text, allowed_special=allowed_special, disallowed_special=()))
+
+    def encode_batch(self, texts, allowed_special=frozenset()):
+        """encode() of many texts at once, on tiktoken's thread pool."""
+        batch = self._enc.encode_batch(list(texts), allowed_special=allowed_special, disallowed_special=())
+        return [self._to_ids(ranks) for ranks in batch]
+
+    def decode_bytes(self, ids):
+        """The bytes of ids: what streaming output needs, since one character can span several ids."""
+        ids = ids.tolist() if hasattr(ids, "tolist") else list(ids)  # numpy arrays / torch tensors too
+        return self._enc.decode_bytes(ids if self._id_to_rank is None else self._id_to_rank[ids].tolist())
+
+    def decode(self, ids):
+        """Text of ids; bytes that do not form whole UTF-8 characters (a cut sequence) become U+FFFD."""
+        return self.decode_bytes(ids).decode("utf-8", errors="replace")
+
+    def save(self, out_dir):
+        """Write HF byte-level vocab.json + merges.txt into out_dir; returns their file names."""
+        out_dir = Path(out_dir)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        char = bytes_to_unicode()
+        show = lambda token: "".join(char[b] for b in token)  # noqa: E731
+        vocab = {show(token): i for token, i in self.token_ids.items()} | self.special_tokens
+        with open(out_dir / "vocab.json", "w", encoding="utf-8") as f:
+            json.dump(dict(sorted(vocab.items(), key=lambda kv: kv[1])), f, ensure_ascii=False)
+        with open(out_dir / "merges.txt", "w", encoding="utf-8") as f:
+            f.write("#version: 0.2\n" + "".join(f"{show(a)} {show(b)}\n" for a, b in self.merges))
+        return ["vocab.json", "merges.txt"]
+
+
+class BPETokenizer(Tokenizer):
+    """A Tokenizer that can be trained from text, or loaded from vocab.json + merges.txt / encoder.json + vocab.bpe."""
+
+    @classmethod
+    def train(cls, text_or_path_or_iterable, vocab_size=8192, min_frequency=2, special_tokens=(ENDOFTEXT,),
+              verbose=False):
+        """Learn vocab_size - 256 - len(special_tokens) merges. Input: a file path, a text, or an iterable of texts
+        (documents: no word spans two of them). A str is read as a path if it names a file and has no newline.
+        If the pairs that occur at least min_frequency times run out first, training stops there with a warning
+        on stderr, and the vocab is smaller (as HF tokenizers does)."""
+        source = text_or_path_or_iterable
+        is_path = isinstance(source, os.PathLike) or (isinstance(source, str) and "\n" not in source
+                                                       and os.path.isfile(source))
+        texts = [Path(source).read_text(encoding="utf-8")] if is_path else [source] if isinstance(source, str) \
+            else source
+        special_tokens = list(dict.fromkeys(special_tokens))  # unique, in the order given
+        n_merges = vocab_size - 256 - len(special_tokens)
+        if n_merges < 0:
+            raise ValueError(f"vocab_size={vocab_size} leaves no room for the 256 bytes and {special_tokens}")
+        t0 = time.time()
+        words = count_words_parallel(texts)
+        t1 = time.time()
+        merges = learn_merges({w.encode("utf-8"): n for w, n in words.items()}, n_merges, min_frequency)
+        if verbose:
+            print(f"counted {len(words):,} distinct words in {t1 - t0:.2f} s, "
+                  f"learned {len(merges):,} merges in {time.time() - t1:.2f} s")
+        if len(merges) < n_merges:
+            print(f"warning: only {len(merges):,} merges of pairs seen >= {min_frequency} times; vocab has "
+                  f"{256 + len(merges) + len(special_tokens):,} ids, not {vocab_size:,}", file=sys.stderr)
+        token_bytes = [bytes([b]) for b in range(256)]
+        for a, b in merges:
+            token_bytes.append(token_bytes[a] + token_bytes[b])
+        specials = {s: len(token_bytes) + i for i, s in enumerate(special_tokens)}
+        return cls([(token_bytes[a], token_bytes[b]) for a, b in merges], specials)
+
+    @classmethod
+    def load(cls, directory_or_vocab_path, merges_path=None):
+        """Load vocab.json + merges.txt (HF) or encoder.json + vocab.bpe (GPT-2), from a folder or two paths.
+        Ids are kept as the file has them. A vocab entry that is neither a byte nor made by a merge is a special
+        token. A merge that remakes an existing token is dropped (tiktoken knows one rank per byte string)."""
+        vocab_path, merges_path = Path(directory_or_vocab_path), merges_path and Path(merges_path)
+        if vocab_path.is_dir():
+            names = ("vocab.json", "merges.txt") if (vocab_path / "vocab.json").exists() else ("encoder.json",
+                                                                                              "vocab.bpe")
+            vocab_path, merges_path = vocab_path / names[0], vocab_path / names[1]
+        for path in (vocab_path, merges_path):
+            if path is None or not path.is_file():
+                raise cli.UserError(f"tokenizer file not found: {path or 'merges file (pass merges_path)'}")
+        vocab = json.loads(vocab_path.read_text(encoding="utf-8"))
+        byte_of = {c: b for b, c in bytes_to_unicode().items()}
+        made = set(byte_of)  # tokens as written in the files: the 256 byte characters, then merge results
+        merges = []
+        for line in merges_path.read_text(encoding="utf-8").splitlines():
+            if line and not line.startswith("#version"):
+                left, right = line.split(" ")
+                if left + right not in made:
+                    made.add(left + right)
+                    merges.append((left, right))
+        missing = [t for t in made if t not in vocab]
+        if missing:
+            raise ValueError(f"{vocab_path} lacks {len(missing)} byte or merged tokens, e.g. {missing[0]!r}")
+        to_bytes = lambda token: bytes(byte_of[c] for c in token)  # noqa: E731
+        return cls([(to_bytes(a), to_bytes(b)) for a, b in merges],
+                   special_tokens={s: i for s, i in vocab.items() if s not in made},
+                   token_ids={to_bytes(t): i for t, i in vocab.items() if t in made})
+
+    def encode_reference(self, text):
+        """encode() in plain Python, minbpe style, for reading and testing (special tokens are ordinary text):
+        split text with the regex, then in each word merge the lowest-ranked adjacent pair until none is left."""
+        if not hasattr(self, "_pair_rank"):  # (left rank, right rank) -> rank of the merged token
+            self._pair_rank = {(self.ranks[a], self.ranks[b]): self.ranks[a + b] for a, b in self.merges}
+        ranks = []
+        for word in GPT2_REGEX.findall(text):
+            parts = list(word.encode("utf-8"))  # a byte's rank is its value
+            while len(parts) > 1:
+                pair = min(zip(parts, parts[1:]), key=lambda p: self._pair_rank.get(p, float("inf")))
+                if pair not in self._pair_rank:
+                    break
+                parts = merge(parts, pair, self._pair_rank[pair])
+            ranks.extend(parts)
+        return self._to_ids(ranks)
+
+
+def merge(ids, pair, new_id):
+    """ids with every occurrence of pair, left to right, replaced by new_id."""
+    out, i = [], 0
+    while i < len(ids):
+        if i + 1 < len(ids) and (ids[i], ids[i + 1]) == pair:
+            out.append(new_id)
+            i += 2
+        else:
+            out.append(ids[i])
+            i += 1
+    return out
+
+
+def load_tokenizer(directory):
+    """The tokenizer saved in a data or checkpoint folder (vocab.json + merges.txt, or encoder.json + vocab.bpe)."""
+    return BPETokenizer.load(directory)
+
+
+# ----------------------------------------------------------------------------- command line
+
+@dataclass
+class Config:
+    train: str = ""                                  # text file (UTF-8) to train on
+    vocab_size: int = 8192                           # ids in all: 256 bytes + merges + special tokens
+    min_frequency: int = 2                           # a pair must occur this often to become a merge
+    special_tokens: tuple[str, ...] = (ENDOFTEXT,)   # added after the merges, in this order
+    out: str = "out-tokenizer"                       # folder for vocab.json + merges.txt
+
+
+def main():
+    cfg = cli.parse_config(Config)
+    if not cfg.train:
+        raise cli.UserError("give a text file to train on: --train=FILE")
+    if not os.path.isfile(cfg.train):
+        raise cli.UserError(f"training file not found: {cfg.train}")
+    if cfg.vocab_size < 256 + len(cfg.special_tokens):
+        raise cli.UserError(f"--vocab_size must be at least {256 + len(cfg.special_tokens)} "
+                            f"(256 bytes + {len(cfg.special_tokens)} special tokens)")
+    t0 = time.time()
+    try:
+        tok = BPETokenizer.train(Path(cfg.train), cfg.vocab_size, cfg.min_frequency, cfg.special_tokens, verbose=True)
+    except UnicodeDecodeError as e:
+        raise cli.UserError(f"{cfg.train} is not UTF-8 text ({e.reason} at byte {e.start})")
+    seconds = time.time() - t0
+    files = tok.save(cfg.out)
+    print(f"trained in {seconds:.2f} s: vocab size {tok.vocab_size:,} ({len(tok.merges):,} merges, "
+          f"{len(tok.special_tokens)} special tokens) -> {', '.join(os.path.join(cfg.out, f) for f in files)}")
+
+
+if __name__ == "__main__":
+    cli.run_main(main)
