@@ -4,7 +4,7 @@ uint16 arrays that train.py reads with np.memmap.
 
     python prepare.py                                     # WikiText-2 raw: download, train a tokenizer, encode
     python prepare.py --source=DIR                        # the same from wiki.{train,valid,test}.raw in DIR (offline)
-    python prepare.py --dataset=wikitext-2                # the tokenized release (<unk> for rare words), the classic benchmark
+    python prepare.py --dataset=wikitext-2                # the tokenized release (<unk> for rare words): the benchmark
     python prepare.py --input=a.txt,b.txt --out_dir=data/mine     # text files of your own
     python prepare.py --tokenizer=gpt2                    # GPT-2's BPE instead of training our own
 
@@ -110,7 +110,7 @@ def _fetch(url, part, desc):
     with requests.get(url, headers=headers, stream=True, timeout=30) as r:
         if have and r.status_code == 416:  # nothing left to send: the .part is complete (the checksum decides)
             return
-        resumed = have and r.status_code == 206 and r.headers.get("Content-Range", "").startswith(f"bytes {have}-")
+        resumed = have > 0 and r.status_code == 206 and r.headers.get("Content-Range", "").startswith(f"bytes {have}-")
         if not resumed and r.status_code != 200:
             raise requests.HTTPError(f"HTTP {r.status_code} {r.reason}")
         have = have if resumed else 0
@@ -217,7 +217,8 @@ def wikitext_splits(cfg):
     missing = [name for name in names.values() if name not in listing]
     if missing:
         other = next(d for d in WIKITEXT if d != cfg.dataset)
-        hint = f"; it looks like --dataset={other}" if any(n.endswith(WIKITEXT[other]["ext"]) for n in listing) else ""
+        looks_other = any(n.endswith("." + WIKITEXT[other]["ext"]) for n in listing)
+        hint = f"; it looks like --dataset={other}" if looks_other else ""
         raise UserError(f"{source} has no {', '.join(missing)} (files of {spec['zip']}; without --source they are "
                         f"downloaded){hint}")
     texts = {}
@@ -304,7 +305,7 @@ def get_tokenizer(cfg, train_docs):
 
 
 CHUNK_CHARS = 1 << 20
-_SAFE_CUT = re.compile(r" (?=[!-~])")  # GPT-2's pre-tokenizer always starts a new piece at a space before a visible char
+_SAFE_CUT = re.compile(r" (?=[!-~])")  # GPT-2's pre-tokenizer always starts a piece at a space before a visible char
 
 
 def _chunks(doc):
@@ -333,12 +334,12 @@ def encode_split(tok, docs, desc, batch_chars=1 << 22):
         done += sum(map(len, batch))
         progress.update(done)
     progress.close(done)
-    eot = [] if tok.eot_id is None else [np.array([tok.eot_id], dtype=np.uint16)]
     arrays, pos = [], 0
     for pieces in chunked:
-        arrays += eot + [np.array(ids, dtype=np.uint16) for ids in encoded[pos:pos + len(pieces)]]
+        arrays += [np.array([tok.eot_id], dtype=np.uint16)] + [np.array(ids, dtype=np.uint16)
+                                                               for ids in encoded[pos:pos + len(pieces)]]
         pos += len(pieces)
-    return np.concatenate(arrays) if arrays else np.zeros(0, dtype=np.uint16)
+    return np.concatenate(arrays)
 
 # ----------------------------------------------------------------------------- reading what prepare.py wrote
 
@@ -384,8 +385,11 @@ def check_config(cfg):
         raise UserError("--val_fraction must be > 0, --test_fraction >= 0, and together below 1")
     if cfg.tokenizer == "bpe":
         check_vocab_fits(cfg.vocab_size)
+        if "<|endoftext|>" not in cfg.special_tokens:
+            raise UserError("--special_tokens must include <|endoftext|>: it marks where each document starts")
         if cfg.vocab_size < 256 + len(cfg.special_tokens):
-            raise UserError(f"--vocab_size must be at least {256 + len(cfg.special_tokens)} (256 bytes + special tokens)")
+            raise UserError(f"--vocab_size must be at least {256 + len(cfg.special_tokens)} "
+                            f"(256 bytes + the special tokens)")
 
 
 def prepare_data(cfg):

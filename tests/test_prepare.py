@@ -93,6 +93,8 @@ def test_cut_moves_to_a_line_start():
 def test_memmaps_decode_back_to_each_split(tmp_path):
     cfg = small_config(tmp_path)
     texts = write_corpus(Path(cfg.source))
+    texts["val"] += " text that spells <|endoftext|> is ordinary text . \n"
+    (Path(cfg.source) / "wiki.valid.raw").write_text(texts["val"], encoding="utf-8")
     meta = prepare.prepare_data(cfg)
     tok = load_tokenizer(cfg.out_dir)
     assert meta["tokenizer"]["kind"] == "bpe" and meta["vocab_size"] == tok.vocab_size <= 300
@@ -119,7 +121,7 @@ def test_meta_counts_on_a_known_text(tmp_path):
     assert test["bytes"] == len(test_text) + 3  # é, é and î take two bytes each
     assert test["words_whitespace"] == 3 + 7 + 3 + 2
     assert test["words_classic"] == 15 + 8  # eight lines
-    assert set(meta["special_tokens"]) == {"<|endoftext|>"} and meta["eot_id"] == meta["special_tokens"]["<|endoftext|>"]
+    assert meta["special_tokens"] == {"<|endoftext|>": meta["eot_id"]}
 
 
 def test_input_files_hold_out_the_tail_for_val(tmp_path, capsys):
@@ -187,6 +189,10 @@ def test_oversized_vocab_refused_before_any_work(tmp_path, monkeypatch):
         prepare.prepare_data(cfg)
     assert not (tmp_path / "out").exists() and not (tmp_path / "cache").exists()
     prepare.check_config(replace(cfg, vocab_size=65_536))  # ids 0..65535 fit
+    with pytest.raises(UserError, match="at least 257"):
+        prepare.check_config(replace(cfg, vocab_size=200))
+    with pytest.raises(UserError, match="endoftext"):
+        prepare.check_config(replace(cfg, vocab_size=8192, special_tokens=("<|pad|>",)))
 
 
 def test_modified_source_file_refused(tmp_path):
@@ -331,6 +337,12 @@ def test_download_tries_mirrors_in_order(server, tmp_path):
     server.files["/b/f.bin"] = DATA
     dest = prepare.download([server.url + "/a/f.bin", server.url + "/b/f.bin"], tmp_path / "f.bin", DATA_SHA)
     assert dest.read_bytes() == DATA and [p for p, _ in server.log] == ["/a/f.bin", "/b/f.bin"]
+
+
+def test_download_http_error_saves_nothing(server, tmp_path):
+    with pytest.raises(UserError, match="HTTP 404"):
+        prepare.download(server.url + "/missing.bin", tmp_path / "f.bin")  # no checksum to catch an error page
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_unreachable_server_says_use_source(tmp_path, monkeypatch):

@@ -1,0 +1,128 @@
+"""The GPT in model.py: attention maths, causality, loss masking, init and optimizer set-up."""
+import math
+
+import pytest
+import torch
+
+from cli import UserError
+from model import GPT, GPTConfig, MultiHeadAttention, KVCache, causal_mask
+
+
+def tiny_config(**kw):
+    base = dict(vocab_size=97, block_size=32, hidden_size=48, num_hidden_layers=2, num_attention_heads=4, dropout=0.0)
+    base.update(kw)
+    return GPTConfig(**base)
+
+
+@pytest.fixture
+def model():
+    torch.manual_seed(0)
+    return GPT(tiny_config()).eval()
+
+
+def test_written_out_attention_equals_sdpa(model):
+    idx = torch.randint(0, 97, (3, 32))
+    fast, _ = model(idx)
+    model.set_flash(False)
+    slow, _ = model(idx)
+    assert torch.allclose(fast, slow, atol=1e-5)
+
+
+def test_written_out_attention_equals_sdpa_with_a_cache():
+    torch.manual_seed(0)
+    cfg = tiny_config()
+    attn = MultiHeadAttention(cfg).eval()
+    x = torch.randn(2, 10, cfg.hidden_size)
+    outs = []
+    for flash in (True, False):
+        attn.use_flash = flash
+        cache = KVCache(cfg, 2, "cpu", torch.float32)
+        first = attn(x[:, :6], cache, 0)
+        cache.length += 6
+        outs.append(torch.cat([first, attn(x[:, 6:], cache, 0)], dim=1))
+    full = attn(x)  # no cache: all 10 positions at once
+    assert torch.allclose(outs[0], outs[1], atol=1e-5)
+    assert torch.allclose(outs[0], full, atol=1e-5)
+
+
+@pytest.mark.parametrize("flash", [True, False])
+def test_a_token_never_sees_the_future(model, flash):
+    model.set_flash(flash)
+    idx = torch.randint(0, 97, (1, 20))
+    changed = idx.clone()
+    changed[0, 12:] = (changed[0, 12:] + 1) % 97  # rewrite everything from position 12 on
+    a, _ = model(idx)
+    b, _ = model(changed)
+    assert torch.equal(a[0, :12], b[0, :12])
+    assert not torch.allclose(a[0, 12:], b[0, 12:])
+
+
+def test_causal_mask_shape_with_past():
+    m = causal_mask(2, 5, "cpu")  # two new queries at positions 3 and 4
+    assert m.tolist() == [[True, True, True, True, False], [True, True, True, True, True]]
+
+
+def test_targets_of_minus_100_are_ignored(model):
+    idx = torch.randint(0, 97, (2, 16))
+    targets = torch.randint(0, 97, (2, 16))
+    masked = targets.clone()
+    masked[:, :10] = -100
+    logits, loss = model(idx, masked)
+    expected = torch.nn.functional.cross_entropy(logits[:, 10:].reshape(-1, 97), targets[:, 10:].reshape(-1))
+    assert torch.allclose(loss, expected)
+
+
+def test_loss_of_an_untrained_model_is_near_uniform(model):
+    _, loss = model(torch.randint(0, 97, (4, 32)), torch.randint(0, 97, (4, 32)))
+    assert abs(loss.item() - math.log(97)) < 0.3
+
+
+def test_weight_tying_and_residual_init():
+    torch.manual_seed(0)
+    m = GPT(tiny_config(num_hidden_layers=8, hidden_size=256, num_attention_heads=4))
+    assert m.lm_head.weight is m.token_emb.weight
+    scaled = m.blocks[0].attn.out_proj.weight.std().item()
+    assert abs(scaled - 0.02 / math.sqrt(16)) < 0.001
+    assert abs(m.blocks[0].attn.qkv_proj.weight.std().item() - 0.02) < 0.001
+
+
+def test_parameter_count(model):
+    cfg = model.config
+    per_block = 4 * cfg.hidden_size + (3 + 1 + 8) * cfg.hidden_size ** 2 + (3 + 1 + 4 + 1) * cfg.hidden_size
+    total = (cfg.vocab_size + cfg.block_size) * cfg.hidden_size + cfg.num_hidden_layers * per_block + 2 * cfg.hidden_size
+    assert model.num_params(non_embedding=False) == total
+    assert model.num_params() == total - cfg.block_size * cfg.hidden_size
+
+
+def test_weight_decay_on_matrices_only(model):
+    opt = model.configure_optimizer(0.1, 1e-3, (0.9, 0.95), "cpu")
+    decay, no_decay = opt.param_groups
+    assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
+    assert all(p.dim() == 2 for p in decay["params"]) and all(p.dim() == 1 for p in no_decay["params"])
+    assert len(decay["params"]) + len(no_decay["params"]) == len(list(model.parameters()))
+
+
+def test_gradient_accumulation_equals_the_big_batch(model):
+    """Two micro-batches of 4, each loss / 2, give the gradients of one batch of 8 (fp32, no dropout)."""
+    model.train()
+    idx, targets = torch.randint(0, 97, (8, 32)), torch.randint(0, 97, (8, 32))
+    model(idx, targets)[1].backward()
+    big = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    for half in (slice(0, 4), slice(4, 8)):
+        (model(idx[half], targets[half])[1] / 2).backward()
+    for g, p in zip(big, model.parameters()):
+        assert torch.allclose(g, p.grad, atol=1e-6)
+
+
+def test_mfu_estimate(model):
+    flops = model.flops_per_token(model.config.block_size)
+    assert model.estimate_mfu(1000.0, flops * 1000.0 * 2) == pytest.approx(0.5)
+
+
+def test_bad_shapes_are_one_clear_error():
+    with pytest.raises(UserError, match="not divisible by num_attention_heads"):
+        tiny_config(hidden_size=50, num_attention_heads=4)
+    m = GPT(tiny_config())
+    with pytest.raises(ValueError, match="longer than block_size"):
+        m(torch.zeros(1, 33, dtype=torch.long))

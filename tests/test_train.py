@@ -1,0 +1,162 @@
+"""train.py end to end on a tiny corpus: loss goes down, resume is exact, DDP matches one process, errors are clear."""
+import json
+import os
+import random
+import runpy
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from cli import UserError
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ["--eval_iters=2", "--log_interval=1", "--batch_size=4", "--block_size=32", "--hidden_size=32",
+        "--num_hidden_layers=2", "--num_attention_heads=2", "--warmup_iters=2", "--lr_decay_iters=20",
+        "--learning_rate=3e-3", "--device=cpu", "--compile=False"]
+
+
+def run(script, *args, check=True, **kw):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    result = subprocess.run([sys.executable, str(ROOT / script), *args], cwd=ROOT, capture_output=True, text=True,
+                            env=env, timeout=240, **kw)
+    if check and result.returncode != 0:
+        raise AssertionError(f"{script} failed:\n{result.stdout}\n{result.stderr}")
+    return result
+
+
+@pytest.fixture(scope="session")
+def data_dir(tmp_path_factory):
+    """A small made-up English corpus, prepared with a 300-id tokenizer."""
+    rng = random.Random(0)
+    words = "the a cat dog sat on mat and ran to house big small red tree under over bird sang song".split()
+    lines = [" ".join(rng.choice(words) for _ in range(rng.randint(5, 12))).capitalize() + "." for _ in range(3000)]
+    root = tmp_path_factory.mktemp("corpus")
+    (root / "corpus.txt").write_text("\n".join(lines) + "\n")
+    run("prepare.py", f"--input={root / 'corpus.txt'}", f"--out_dir={root / 'data'}", "--vocab_size=300")
+    return root / "data"
+
+
+def train(data_dir, out_dir, *args):
+    """Run train.py in this process (no interpreter start-up per run); returns what it printed."""
+    argv, handler = sys.argv, signal.getsignal(signal.SIGINT)
+    sys.argv = ["train.py", f"--data_dir={data_dir}", f"--out_dir={out_dir}", *TINY, *args]
+    try:
+        runpy.run_path(str(ROOT / "train.py"), run_name="__main__")
+    finally:
+        sys.argv = argv
+        signal.signal(signal.SIGINT, handler)  # train.py installs its own Ctrl-C handler
+
+
+def weights(out_dir):
+    return torch.load(Path(out_dir) / "ckpt.pt", weights_only=True)["model"]
+
+
+def log_rows(out_dir, key):
+    return [r for r in map(json.loads, open(Path(out_dir) / "log.jsonl")) if key in r]
+
+
+def test_loss_goes_down_and_out_dir_is_self_contained(data_dir, tmp_path):
+    out = tmp_path / "out"
+    train(data_dir, out, "--max_iters=30", "--eval_interval=15")
+    val = [row["val_loss"] for row in log_rows(out, "val_loss")]
+    assert len(val) == 3 and val[-1] < val[0] - 1.0
+    assert (out / "loss.png").stat().st_size > 1000
+    ckpt = torch.load(out / "ckpt.pt", weights_only=True)  # pickle-free load works
+    assert ckpt["iter_num"] == 30 and ckpt["train_config"]["max_iters"] == 30
+    assert not any(k.startswith(("_orig_mod.", "module.")) for k in ckpt["model"])
+    from model import load_model
+    model, tokenizer, _ = load_model(str(out))  # the folder alone is enough: weights, config, tokenizer
+    assert tokenizer.vocab_size == model.config.vocab_size == 300
+
+
+def test_resume_is_exact(data_dir, tmp_path):
+    straight, halves = tmp_path / "straight", tmp_path / "halves"
+    args = ["--max_iters=12", "--eval_interval=6", "--dropout=0.1"]  # dropout: the RNG state must resume too
+    train(data_dir, straight, *args)
+    train(data_dir, halves, "--max_iters=6", "--eval_interval=6", "--dropout=0.1")
+    train(data_dir, halves, *args, "--init_from=resume")
+    a, b = weights(straight), weights(halves)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_gradient_accumulation_matches_the_big_batch(data_dir, tmp_path):
+    train(data_dir, tmp_path / "big", "--max_iters=5", "--eval_interval=100", "--dropout=0", "--batch_size=8")
+    train(data_dir, tmp_path / "acc", "--max_iters=5", "--eval_interval=100", "--dropout=0", "--batch_size=4",
+          "--gradient_accumulation_steps=2")
+    big = [r["train_loss"] for r in log_rows(tmp_path / "big", "train_loss")]
+    acc = [r["train_loss"] for r in log_rows(tmp_path / "acc", "train_loss")]
+    assert big == pytest.approx(acc, abs=1e-5)
+
+
+def test_two_gloo_processes_match_one(data_dir, tmp_path):
+    args = ["--max_iters=6", "--eval_interval=100", "--dropout=0", "--gradient_accumulation_steps=2"]
+    train(data_dir, tmp_path / "one", *args)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                        str(ROOT / "train.py"), f"--data_dir={data_dir}", f"--out_dir={tmp_path / 'two'}", *TINY, *args],
+                       cwd=ROOT, capture_output=True, text=True, env=env, timeout=240)
+    assert r.returncode == 0, r.stderr
+    assert "processes 2" in r.stdout
+    one = [row["train_loss"] for row in log_rows(tmp_path / "one", "train_loss")]
+    two = [row["train_loss"] for row in log_rows(tmp_path / "two", "train_loss")]
+    assert len(one) == 6 and one == pytest.approx(two, abs=1e-4)
+
+
+def test_ctrl_c_saves_and_exits_cleanly(data_dir, tmp_path):
+    out = tmp_path / "out"
+    proc = subprocess.Popen([sys.executable, str(ROOT / "train.py"), f"--data_dir={data_dir}", f"--out_dir={out}",
+                             *TINY, "--max_iters=100000", "--eval_interval=100000"],
+                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"})
+    for line in proc.stdout:
+        if line.startswith("iter 3/"):
+            break
+    proc.send_signal(signal.SIGINT)
+    stdout, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 0, stderr
+    assert "saved checkpoint" in stdout and "Traceback" not in stderr
+    assert torch.load(out / "ckpt.pt", weights_only=True)["iter_num"] >= 3
+
+
+def test_diverging_loss_stops_with_a_clear_message(data_dir, tmp_path):
+    with pytest.raises(UserError, match="loss is (nan|inf) at iteration .* training diverged"):
+        train(data_dir, tmp_path / "out", "--max_iters=50", "--eval_interval=100", "--learning_rate=1e30",
+              "--warmup_iters=0", "--grad_clip=0")
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--data_dir=/nonexistent"], "run prepare.py"),
+    (["--hidden_size=30", "--num_attention_heads=4"], "not divisible by num_attention_heads"),
+    (["--dtype=float64"], "--dtype must be"),
+    (["--init_from=resume", "--out_dir=/nonexistent"], "no checkpoint"),
+    (["--block_size=100000"], "fewer than block_size"),
+])
+def test_bad_input_raises_a_clear_error(data_dir, tmp_path, args, message):
+    with pytest.raises(UserError, match=message):
+        train(data_dir, tmp_path, "--max_iters=1", *args)
+
+
+def test_bad_input_on_the_command_line_is_one_line_without_traceback(data_dir, tmp_path):
+    r = run("train.py", f"--data_dir={data_dir}", f"--out_dir={tmp_path}", "--batchsize=3", check=False)
+    assert r.returncode != 0
+    assert r.stderr.strip() == "error: unknown setting 'batchsize' (command line); did you mean --batch_size?"
+
+
+def test_resume_refuses_other_vocab_and_longer_context(data_dir, tmp_path):
+    out = tmp_path / "out"
+    train(data_dir, out, "--max_iters=2", "--eval_interval=2")
+    with pytest.raises(UserError, match="beyond the model's 32 positions"):
+        train(data_dir, out, "--max_iters=4", "--init_from=resume", "--block_size=64")
+    meta = json.loads((data_dir / "meta.json").read_text())
+    other = tmp_path / "other"
+    other.mkdir()
+    for name in os.listdir(data_dir):
+        (other / name).write_bytes((data_dir / name).read_bytes())
+    (other / "meta.json").write_text(json.dumps({**meta, "vocab_size": 512}))
+    with pytest.raises(UserError, match="vocab mismatch"):
+        train(other, out, "--max_iters=4", "--init_from=resume")
