@@ -1,4 +1,4 @@
-"""
+r"""
 Byte-level BPE, GPT-2 style: train it from scratch, save and load it as vocab.json + merges.txt, encode with tiktoken.
 
     python tokenizer.py --train=input.txt --vocab_size=8192 --min_frequency=2 --out=out-tokenizer
@@ -7,7 +7,8 @@ Training (`BPETokenizer.train`):
 1. pre-tokenize: split text with GPT-2's regex into words (" the", "ing", "\n\n") and count the distinct ones;
 2. start every word as its UTF-8 bytes: ids 0..255 are the bytes by value, so any text can be encoded;
 3. repeatedly merge the most frequent adjacent pair of ids into a new id (ties: the smallest pair), keeping pair
-   counts up to date by touching only the words that hold the merged pair, until vocab_size is reached.
+   counts up to date by touching only the words that hold the merged pair, until vocab_size is reached (or no
+   pair occurs min_frequency times).
 Id layout of a trained tokenizer: 0..255 the bytes, then the merges in the order learned, then the special tokens.
 
 Encoding is tiktoken's Rust core fed with our merges (a token's rank is its merge order); `encode_reference` is the
@@ -18,6 +19,7 @@ vocab.bpe are the same format under other names), so HF `tokenizers` and we read
 import heapq
 import json
 import multiprocessing
+import operator
 import os
 import re
 import sys
@@ -47,14 +49,16 @@ def bytes_to_unicode():
 
 # ----------------------------------------------------------------------------- pre-tokenization: counting words
 
-# Cutting the text just before a space that is followed by a visible ASCII character never changes what GPT-2's
-# regex finds (no match can run across that point, and none looks back), so the regex only needs to run once per
-# distinct piece. Counting the pieces is a fast C-level split + Counter; WikiText-2 has ~37k distinct pieces in 2M.
+# GPT-2's regex always starts a new word at a space followed by a non-space (" the"): the word before cannot run
+# across it (a run of whitespace gives the last space up, by `\s+(?!\S)`) and no part of the pattern looks back. So
+# cutting the text there changes nothing, and the slow regex needs to run only once per distinct piece: WikiText-2
+# has 2M pieces but only ~37k distinct ones, counted by a fast C-level split + Counter. ([!-~], visible ASCII, is a
+# non-space by any definition of whitespace, in `re` as in `regex`.)
 SAFE_CUT = re.compile(r" (?=[!-~])")
 
 
 def count_words(texts):
-    """{word: count} over all texts, exactly what Counter(GPT2_REGEX.findall(text)) would give for each text."""
+    """{word: count} over all texts: exactly Counter(GPT2_REGEX.findall(text)), summed over the texts."""
     pieces, words = Counter(), Counter()
     for text in texts:
         parts = SAFE_CUT.split(text)  # every part but the first lost its leading space to the cut
@@ -62,102 +66,111 @@ def count_words(texts):
         pieces[parts[0]] -= 1
         words.update(GPT2_REGEX.findall(parts[0]))
     for piece, n in pieces.items():
-        for word in GPT2_REGEX.findall(" " + piece) if n else ():
-            words[word] += n
+        if n:  # (0 for a first part that occurs nowhere else)
+            for word in GPT2_REGEX.findall(" " + piece):
+                words[word] += n
     return words
 
 
-def count_words_parallel(texts, min_chars=1 << 21):
-    """count_words, shared out over the CPU cores for big inputs (one long text is cut at SAFE_CUT points)."""
+def count_words_parallel(texts, min_chars=1 << 20):
+    """count_words, shared out over the CPU cores when the input is big (processes: the regex holds the GIL)."""
     texts = list(texts)
     n_procs = min(8, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
-    total = sum(map(len, texts))
-    if n_procs < 2 or total < min_chars:
+    if (n_procs < 2 or sum(map(len, texts)) < min_chars or "fork" not in multiprocessing.get_all_start_methods()
+            or multiprocessing.current_process().daemon):  # (a daemon process may not start processes)
         return count_words(texts)
-    if len(texts) < n_procs:  # few long texts: cut each into pieces the regex cannot tell apart from the whole
-        cut = []
-        for text in texts:
-            start, step = 0, len(text) // n_procs + 1
-            while (m := SAFE_CUT.search(text, start + step)) is not None:
-                cut.append(text[start:m.start()])
-                start = m.start()
-            cut.append(text[start:])
-        texts = cut
-    sizes, groups = [0] * n_procs, [[] for _ in range(n_procs)]
-    for text in sorted(texts, key=len, reverse=True):  # balance the work: biggest first, into the lightest group
-        i = sizes.index(min(sizes))
-        groups[i].append(text)
-        sizes[i] += len(text)
-    method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"  # fork: no re-import
-    with multiprocessing.get_context(method).Pool(n_procs) as pool:
-        counts = pool.map(count_words, groups)
-    return sum(counts, Counter())
+    if len(texts) < n_procs:  # a few long texts: cut them so that every process gets a share
+        texts = [piece for text in texts for piece in cut_text(text, len(text) // n_procs + 1)]
+    ctx = multiprocessing.get_context("fork")  # forked, a worker sees its texts without a copy through a pipe
+    workers, readers = [], []
+    for group in (texts[i::n_procs] for i in range(n_procs)):
+        reader, writer = ctx.Pipe(duplex=False)
+        workers.append(ctx.Process(target=_count_and_send, args=(group, writer), daemon=True))
+        workers[-1].start()
+        writer.close()  # the worker holds the only writer now: if it dies, recv() raises EOFError, no hang
+        readers.append(reader)
+    total = Counter()
+    for reader in readers:
+        total.update(reader.recv())
+    for worker in workers:
+        worker.join()
+    return total
+
+
+def cut_text(text, size):
+    """text cut into pieces of about `size` characters at SAFE_CUT points: the pieces count as the whole does."""
+    pieces, start = [], 0
+    while (m := SAFE_CUT.search(text, start + size)) is not None:
+        pieces.append(text[start:m.start()])
+        start = m.start()
+    return pieces + [text[start:]]
+
+
+def _count_and_send(texts, connection):
+    with connection:
+        connection.send(count_words(texts))
 
 
 # ----------------------------------------------------------------------------- training: learning the merges
 
 def learn_merges(word_counts, n_merges, min_frequency=2):
-    """Learn up to n_merges merges [(left id, right id)] from {word bytes: count}; merge i makes id 256 + i."""
-    words = [list(word) for word in word_counts]  # each word as a list of ids, edited in place as merges apply
+    """Learn up to n_merges merges [(left id, right id)] from {word: count}; merge i makes the id 256 + i."""
+    # A word is held as a str whose characters are token ids, chr(id): a pair is then a 2-character str, and
+    # finding and merging it in a word are str.find and str.replace, which run in C.
+    words = [word.encode("utf-8").decode("latin-1") for word in word_counts]  # latin-1: byte b -> chr(b)
     counts = list(word_counts.values())
-    shift = max(16, (256 + n_merges).bit_length())  # a pair (a, b) is the int a << shift | b: cheap to hash
     pair_count, where = defaultdict(int), defaultdict(set)  # pair -> occurrences in the corpus, -> words holding it
     for w, word in enumerate(words):
-        for a, b in zip(word, word[1:]):
-            pair_count[a << shift | b] += counts[w]
-            where[a << shift | b].add(w)
-    # Max-heap of (count, pair) as one int, smallest pair first on equal counts. Entries go stale as counts drop;
-    # a popped entry is checked against pair_count and pushed back with the true count if it was stale.
-    heap = [-n << 2 * shift | p for p, n in pair_count.items()]
+        for pair in map(operator.add, word, word[1:]):
+            pair_count[pair] += counts[w]
+            where[pair].add(w)
+    # Max-heap of (count, pair), smallest pair first on equal counts. Entries go stale as counts drop: a popped
+    # entry is checked against pair_count, and pushed back with the true count if it was stale.
+    heap = [(-n, pair) for pair, n in pair_count.items()]
     heapq.heapify(heap)
     token_bytes = [bytes([b]) for b in range(256)]
-    known, skipped = set(token_bytes), set()
-    merges = []
+    known, merges = set(token_bytes), []
     while len(merges) < n_merges and heap:
-        key = heapq.heappop(heap)
-        pair, n = key & ((1 << 2 * shift) - 1), -(key >> 2 * shift)
-        if pair in skipped:
-            continue
-        if pair_count[pair] != n:  # stale: its count dropped since it was pushed
+        n, pair = heapq.heappop(heap)
+        if pair_count[pair] != -n:  # stale (or already merged, or skipped below: count 0)
             if pair_count[pair] > 0:
-                heapq.heappush(heap, -pair_count[pair] << 2 * shift | pair)
+                heapq.heappush(heap, (-pair_count[pair], pair))
             continue
-        if n < min_frequency:  # the most frequent pair is too rare: so is every other one
+        if -n < min_frequency:  # the most frequent pair is too rare: so is every other one
             break
-        a, b, new = pair >> shift, pair & ((1 << shift) - 1), 256 + len(merges)
-        if token_bytes[a] + token_bytes[b] in known:  # the same bytes as an existing token: one id per byte string
-            skipped.add(pair)
+        a, b = map(ord, pair)
+        if token_bytes[a] + token_bytes[b] in known:  # same bytes as an existing token: one id per byte string
+            pair_count[pair] = 0
             continue
+        new = chr(256 + len(merges))
         merges.append((a, b))
         token_bytes.append(token_bytes[a] + token_bytes[b])
         known.add(token_bytes[-1])
-        new_pairs = set()
+        new_where = defaultdict(set)  # the pairs that hold the new token (all of them new) -> words holding them
         for w in where.pop(pair):
-            word, n_w, i = words[w], counts[w], 0
-            while True:
-                try:
-                    i = word.index(a, i)
-                except ValueError:
-                    break
-                if i + 1 < len(word) and word[i + 1] == b:  # the pair at i: fix the pairs on either side
-                    if i > 0:
-                        pair_count[word[i - 1] << shift | a] -= n_w
-                        p = word[i - 1] << shift | new
-                        pair_count[p] += n_w
-                        where[p].add(w)
-                        new_pairs.add(p)
-                    if i + 2 < len(word):
-                        pair_count[b << shift | word[i + 2]] -= n_w
-                        p = new << shift | word[i + 2]
-                        pair_count[p] += n_w
-                        where[p].add(w)
-                        new_pairs.add(p)
-                    word[i:i + 2] = (new,)
-                i += 1
-        del pair_count[pair]
-        for p in new_pairs:  # only pairs with the new id gained counts: push them once, with their final count
+            word, n_w = words[w], counts[w]
+            i, end = word.find(pair), -1  # (a word stays in `where` after losing the pair: then find gives -1)
+            while i >= 0:  # each occurrence, left to right: the pairs on either side now hold `new`
+                if i > 0:
+                    left = new if i == end else word[i - 1]  # `new` if the previous occurrence ends here
+                    pair_count[left + pair[0]] -= n_w
+                    p = left + new
+                    pair_count[p] += n_w
+                    new_where[p].add(w)
+                if i + 2 < len(word):
+                    right = word[i + 2]
+                    pair_count[pair[1] + right] -= n_w
+                    p = new + right
+                    pair_count[p] += n_w
+                    new_where[p].add(w)
+                end = i + 2
+                i = word.find(pair, end)
+            words[w] = word.replace(pair, new)
+        pair_count[pair] = 0
+        where.update(new_where)
+        for p in new_where:  # only these pairs gained counts: push each once, with its final count
             if pair_count[p] > 0:
-                heapq.heappush(heap, -pair_count[p] << 2 * shift | p)
+                heapq.heappush(heap, (-pair_count[p], p))
     return merges
 
 
@@ -181,16 +194,12 @@ class Tokenizer:
         self.eot_id = self.special_tokens.get(ENDOFTEXT)
         self.vocab_size = len(self.ranks) + len(self.special_tokens)
         special_ranks = {s: len(self.ranks) + i for i, s in enumerate(self.special_tokens)}
-        rank_to_id = np.full(self.vocab_size, -1, dtype=np.int64)
-        for token, rank in self.ranks.items():
-            rank_to_id[rank] = self.token_ids[token]
-        for s, rank in special_ranks.items():
-            rank_to_id[rank] = self.special_tokens[s]
-        if sorted(rank_to_id.tolist()) != list(range(self.vocab_size)):
+        id_of_rank = [self.token_ids[token] for token in self.ranks] + list(self.special_tokens.values())
+        if sorted(id_of_rank) != list(range(self.vocab_size)):
             raise ValueError(f"token ids must be 0..{self.vocab_size - 1}, each used once")
-        identity = bool((rank_to_id == np.arange(self.vocab_size)).all())
-        self._rank_to_id = None if identity else rank_to_id  # None: ids are ranks, nothing to translate
-        self._id_to_rank = None if identity else np.argsort(rank_to_id)
+        identity = id_of_rank == list(range(self.vocab_size))  # then there is nothing to translate
+        self._rank_to_id = None if identity else np.array(id_of_rank)
+        self._id_to_rank = None if identity else np.argsort(id_of_rank)
         # The fast path: tiktoken's Rust BPE with our ranks and GPT-2's pre-tokenization regex.
         self._enc = tiktoken.Encoding(f"bpe{self.vocab_size}", pat_str=GPT2_PATTERN, mergeable_ranks=self.ranks,
                                       special_tokens=special_ranks)
@@ -244,16 +253,18 @@ class BPETokenizer(Tokenizer):
         source = text_or_path_or_iterable
         is_path = isinstance(source, os.PathLike) or (isinstance(source, str) and "\n" not in source
                                                        and os.path.isfile(source))
-        texts = [Path(source).read_text(encoding="utf-8")] if is_path else [source] if isinstance(source, str) \
-            else source
-        special_tokens = list(dict.fromkeys(special_tokens))  # unique, in the order given
+        if is_path:
+            texts = [Path(source).read_text(encoding="utf-8")]
+        else:
+            texts = [source] if isinstance(source, str) else source
+        special_tokens = list(dict.fromkeys(special_tokens or ()))  # unique, in the order given
         n_merges = vocab_size - 256 - len(special_tokens)
         if n_merges < 0:
             raise ValueError(f"vocab_size={vocab_size} leaves no room for the 256 bytes and {special_tokens}")
         t0 = time.time()
         words = count_words_parallel(texts)
         t1 = time.time()
-        merges = learn_merges({w.encode("utf-8"): n for w, n in words.items()}, n_merges, min_frequency)
+        merges = learn_merges(words, n_merges, min_frequency)
         if verbose:
             print(f"counted {len(words):,} distinct words in {t1 - t0:.2f} s, "
                   f"learned {len(merges):,} merges in {time.time() - t1:.2f} s")
@@ -271,19 +282,21 @@ class BPETokenizer(Tokenizer):
         """Load vocab.json + merges.txt (HF) or encoder.json + vocab.bpe (GPT-2), from a folder or two paths.
         Ids are kept as the file has them. A vocab entry that is neither a byte nor made by a merge is a special
         token. A merge that remakes an existing token is dropped (tiktoken knows one rank per byte string)."""
-        vocab_path, merges_path = Path(directory_or_vocab_path), merges_path and Path(merges_path)
+        vocab_path = Path(directory_or_vocab_path)
         if vocab_path.is_dir():
-            names = ("vocab.json", "merges.txt") if (vocab_path / "vocab.json").exists() else ("encoder.json",
-                                                                                              "vocab.bpe")
-            vocab_path, merges_path = vocab_path / names[0], vocab_path / names[1]
-        for path in (vocab_path, merges_path):
-            if path is None or not path.is_file():
-                raise cli.UserError(f"tokenizer file not found: {path or 'merges file (pass merges_path)'}")
+            hf_names = (vocab_path / "vocab.json").exists()
+            vocab_path, merges_path = [vocab_path / name for name in (("vocab.json", "merges.txt") if hf_names
+                                                                      else ("encoder.json", "vocab.bpe"))]
+        if merges_path is None:
+            raise ValueError("give the merges file too: load(vocab_path, merges_path)")
+        for path in (vocab_path, Path(merges_path)):
+            if not path.is_file():
+                raise cli.UserError(f"tokenizer file not found: {path}")
         vocab = json.loads(vocab_path.read_text(encoding="utf-8"))
         byte_of = {c: b for b, c in bytes_to_unicode().items()}
         made = set(byte_of)  # tokens as written in the files: the 256 byte characters, then merge results
         merges = []
-        for line in merges_path.read_text(encoding="utf-8").splitlines():
+        for line in Path(merges_path).read_text(encoding="utf-8").splitlines():
             if line and not line.startswith("#version"):
                 left, right = line.split(" ")
                 if left + right not in made:
@@ -302,7 +315,7 @@ class BPETokenizer(Tokenizer):
         split text with the regex, then in each word merge the lowest-ranked adjacent pair until none is left."""
         if not hasattr(self, "_pair_rank"):  # (left rank, right rank) -> rank of the merged token
             self._pair_rank = {(self.ranks[a], self.ranks[b]): self.ranks[a + b] for a, b in self.merges}
-        ranks = []
+        out = []
         for word in GPT2_REGEX.findall(text):
             parts = list(word.encode("utf-8"))  # a byte's rank is its value
             while len(parts) > 1:
@@ -310,8 +323,8 @@ class BPETokenizer(Tokenizer):
                 if pair not in self._pair_rank:
                     break
                 parts = merge(parts, pair, self._pair_rank[pair])
-            ranks.extend(parts)
-        return self._to_ids(ranks)
+            out.extend(parts)
+        return self._to_ids(out)
 
 
 def merge(ids, pair, new_id):
@@ -359,8 +372,8 @@ def main():
         raise cli.UserError(f"{cfg.train} is not UTF-8 text ({e.reason} at byte {e.start})")
     seconds = time.time() - t0
     files = tok.save(cfg.out)
-    print(f"trained in {seconds:.2f} s: vocab size {tok.vocab_size:,} ({len(tok.merges):,} merges, "
-          f"{len(tok.special_tokens)} special tokens) -> {', '.join(os.path.join(cfg.out, f) for f in files)}")
+    print(f"trained in {seconds:.2f} s: vocab size {tok.vocab_size:,} (256 bytes + {len(tok.merges):,} merges + "
+          f"{len(tok.special_tokens)} special) -> {', '.join(os.path.join(cfg.out, f) for f in files)}")
 
 
 if __name__ == "__main__":

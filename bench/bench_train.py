@@ -1,0 +1,101 @@
+"""
+Training throughput: our train.py against nanoGPT's, same shape, same memmaps, same machine, same sitting.
+
+    python bench/bench_train.py --data_dir=data/wikitext-2                       # CPU: fp32 / bf16, compile off / on
+    python bench/bench_train.py --data_dir=data/wikitext-2 --device=cuda --shape=gpt2_124m
+
+Runs each variant as a subprocess for `iters` steps and takes the median ms/iter over steps >= 10 (compilation
+and warm-up excluded). nanoGPT runs through ../shared/baselines/nanogpt/run.sh when it is there.
+"""
+
+import json
+import os
+import re
+import statistics
+import subprocess
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+from cli import parse_config, run_main  # noqa: E402
+from prepare import load_meta  # noqa: E402
+
+SHAPES = {  # the baseline script's default shape, and GPT-2 small's
+    "nanogpt_default": dict(num_hidden_layers=4, num_attention_heads=4, hidden_size=256, block_size=128, batch_size=16),
+    "gpt2_124m": dict(num_hidden_layers=12, num_attention_heads=12, hidden_size=768, block_size=1024, batch_size=16),
+}
+
+
+@dataclass
+class BenchConfig:
+    data_dir: str = "data/wikitext-2"
+    shape: str = "nanogpt_default"
+    device: str = "cpu"
+    iters: int = 40
+    variants: str = "float32:False,bfloat16:False,float32:True,bfloat16:True"  # dtype:compile pairs
+    nanogpt: str = str(ROOT.parent / "shared" / "baselines" / "nanogpt" / "run.sh")
+
+
+def run_ours(cfg, dtype, compile_, out_dir):
+    shape = SHAPES[cfg.shape]
+    args = [f"--{k}={v}" for k, v in shape.items()] + [
+        f"--data_dir={cfg.data_dir}", f"--out_dir={out_dir}", f"--device={cfg.device}", f"--dtype={dtype}",
+        f"--compile={compile_}", f"--max_iters={cfg.iters}", "--eval_interval=100000", "--eval_iters=1",
+        "--log_interval=1", "--dropout=0.0", "--bias=False", "--gradient_accumulation_steps=1"]
+    result = subprocess.run([sys.executable, str(ROOT / "train.py"), *args], capture_output=True, text=True)
+    if result.returncode != 0:
+        raise SystemExit(f"train.py failed:\n{result.stderr[-2000:]}")
+    rows = [json.loads(line) for line in open(Path(out_dir) / "log.jsonl")]
+    ms = [r["ms_per_iter"] for r in rows if "ms_per_iter" in r and r["iter"] > 10]
+    losses = [r["train_loss"] for r in rows if "train_loss" in r]
+    mfu = [r["mfu"] for r in rows if "mfu" in r and r["iter"] > 10]
+    return statistics.median(ms), losses[-1], (statistics.median(mfu) if mfu else None)
+
+
+def run_nanogpt(cfg, vocab_size):
+    shape = SHAPES[cfg.shape]
+    extra = [f"--n_layer={shape['num_hidden_layers']}", f"--n_head={shape['num_attention_heads']}",
+             f"--n_embd={shape['hidden_size']}", f"--block_size={shape['block_size']}",
+             f"--batch_size={shape['batch_size']}", f"--max_iters={cfg.iters}", f"--device={cfg.device}"]
+    if cfg.device != "cpu":  # nanoGPT's best GPU settings: bf16 + compile
+        extra += ["--dtype=bfloat16", "--compile=True"]
+    result = subprocess.run(["bash", cfg.nanogpt, cfg.data_dir, str(vocab_size), *extra], capture_output=True, text=True)
+    found = re.search(r"nanoGPT median ms/iter: ([\d.]+)", result.stdout)
+    if not found:
+        raise SystemExit(f"nanoGPT run failed:\n{result.stdout[-1500:]}\n{result.stderr[-1500:]}")
+    return float(found.group(1))
+
+
+def main():
+    cfg = parse_config(BenchConfig)
+    meta = load_meta(cfg.data_dir)
+    shape = SHAPES[cfg.shape]
+    tokens_per_iter = shape["batch_size"] * shape["block_size"]
+    rows = []
+    if os.path.exists(cfg.nanogpt):
+        ms = run_nanogpt(cfg, meta["vocab_size"])
+        rows.append(("nanoGPT train.py (its defaults for this device)", ms, None, None))
+        print(f"nanoGPT: {ms:.1f} ms/iter", file=sys.stderr)
+    for variant in cfg.variants.split(","):
+        dtype, compile_ = variant.split(":")
+        with tempfile.TemporaryDirectory() as out_dir:
+            ms, loss, mfu = run_ours(cfg, dtype, compile_, out_dir)
+        rows.append((f"ours, {dtype}, compile={compile_}", ms, loss, mfu))
+        print(f"{variant}: {ms:.1f} ms/iter, last loss {loss:.3f}", file=sys.stderr)
+
+    base = rows[0][1] if rows[0][0].startswith("nanoGPT") else None
+    print(f"\nshape {cfg.shape} ({shape}), vocab {meta['vocab_size']}, device {cfg.device}, "
+          f"{tokens_per_iter} tokens/iter, median over iterations 11..{cfg.iters}\n")
+    print("| run | ms/iter | tokens/s | vs nanoGPT | MFU | loss at last iter |")
+    print("|---|---:|---:|---:|---:|---:|")
+    for name, ms, loss, mfu in rows:
+        ratio = f"{base / ms:.2f}x" if base else "-"
+        print(f"| {name} | {ms:.1f} | {tokens_per_iter / ms * 1000:,.0f} | {ratio} | "
+              f"{f'{mfu * 100:.1f}%' if mfu else '-'} | {f'{loss:.3f}' if loss is not None else '-'} |")
+
+
+if __name__ == "__main__":
+    run_main(main)
