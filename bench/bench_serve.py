@@ -1,0 +1,192 @@
+"""
+Load-test serve.py: start it in a subprocess on a free port, send --requests requests, --concurrency at a time, of
+five kinds in turn (whole generation, streamed generation, classification, health check, a request with a bad
+field), check every answer, and print the latency per kind as a markdown table. Exits 1 on any 5xx or malformed
+answer.
+
+    python bench/bench_serve.py                       # a tiny model and classifier trained on the spot (~20 s)
+    python bench/bench_serve.py --out_dir=out-wikitext-small --classifier_dir=out-spam --max_new_tokens=50
+"""
+
+import json
+import math
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections import defaultdict
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import requests
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))  # run as a script from anywhere: import the repo's modules
+
+import cli  # noqa: E402
+
+
+@dataclass
+class Config:
+    out_dir: str = ""            # the model to serve; empty: train a tiny one (and a classifier) in a temp folder
+    classifier_dir: str = ""     # empty: no classification requests (unless the tiny one is trained)
+    requests: int = 200
+    concurrency: int = 16
+    max_new_tokens: int = 32     # per generation request
+    threads: int = 1             # torch threads in the server (OMP_NUM_THREADS); 0: torch's default
+
+
+def run(script, *args):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run([sys.executable, str(REPO / script), *args], cwd=REPO, capture_output=True, text=True,
+                            env=env, timeout=300)
+    if result.returncode != 0:
+        raise cli.UserError(f"{script} failed:\n{result.stdout}\n{result.stderr}")
+
+
+def train_tiny(root):
+    """A 35k-parameter GPT (5 training steps on a made-up corpus) and a classifier fine-tuned from it, in root:
+    enough to serve, in seconds. Returns (model folder, classifier folder)."""
+    import random
+    root = Path(root)
+    rng = random.Random(0)
+    words = "the a cat dog sat on mat and ran to house big small red tree under over bird sang song".split()
+    lines = [" ".join(rng.choice(words) for _ in range(rng.randint(5, 12))).capitalize() + "." for _ in range(3000)]
+    (root / "corpus.txt").write_text("\n".join(lines) + "\n")
+    run("prepare.py", f"--input={root / 'corpus.txt'}", f"--out_dir={root / 'data'}", "--vocab_size=300")
+    run("train.py", f"--data_dir={root / 'data'}", f"--out_dir={root / 'out'}", "--max_iters=5", "--eval_interval=5",
+        "--eval_iters=1", "--batch_size=4", "--block_size=32", "--hidden_size=32", "--num_hidden_layers=2",
+        "--num_attention_heads=2", "--device=cpu", "--compile=False")
+    rows = [f"spam\tWIN free cash prize now {i}" if i % 2 else f"ham\tthe cat sat on the mat {i}" for i in range(24)]
+    (root / "labels.tsv").write_text("label\ttext\n" + "\n".join(rows) + "\n")
+    run("finetune_classifier.py", f"--init_from={root / 'out'}", f"--data={root / 'labels.tsv'}",
+        f"--out_dir={root / 'cls'}", "--num_epochs=1", "--device=cpu")
+    return root / "out", root / "cls"
+
+
+def start_server(out_dir, classifier_dir, threads, log):
+    """serve.py on a free port of 127.0.0.1; returns (process, base URL) once /health answers."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, **({"OMP_NUM_THREADS": str(threads)} if threads else {})}
+    env.pop("GPT_API_TOKEN", None)
+    args = [f"--out_dir={out_dir}", f"--port={port}", "--device=cpu", "--max_new_tokens_limit=100000"]
+    args += [f"--classifier_dir={classifier_dir}"] if classifier_dir else []
+    process = subprocess.Popen([sys.executable, str(REPO / "serve.py"), *args], cwd=REPO, env=env, stdout=log,
+                               stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    for _ in range(600):
+        if process.poll() is not None:
+            log.flush()
+            raise cli.UserError(f"serve.py exited with status {process.returncode}:\n{Path(log.name).read_text()}")
+        try:
+            requests.get(f"{url}/health", timeout=1)
+            return process, url
+        except requests.ConnectionError:
+            time.sleep(0.1)
+    process.kill()
+    raise cli.UserError("serve.py did not answer within 60 s")
+
+
+def request_kinds(max_new_tokens, with_classifier):
+    """kind -> (method, path, JSON body)."""
+    prompt = {"prompt": "The cat sat on", "max_new_tokens": max_new_tokens}
+    kinds = {"generate": ("post", "/v1/generate", prompt),
+             "stream": ("post", "/v1/generate", {**prompt, "stream": True}),
+             "classify": ("post", "/v1/classify", {"text": "WIN free cash prize now"}),
+             "health": ("get", "/health", None),
+             "bad field": ("post", "/v1/generate", {**prompt, "top_p": 2})}
+    if not with_classifier:
+        del kinds["classify"]
+    return kinds
+
+
+def send(url, kind, method, path, body):
+    """(kind, status, seconds, seconds to the first event, problem or None) of one request."""
+    t0 = time.perf_counter()
+    first = None
+    try:
+        with requests.request(method, url + path, json=body, stream=kind == "stream", timeout=120) as r:
+            if kind == "stream":
+                events = []
+                for line in r.iter_lines():
+                    if line.startswith(b"data: "):
+                        first = first or time.perf_counter() - t0
+                        events.append(json.loads(line[6:]))
+                ok = r.status_code == 200 and events[-1] == {} and all("text" in e for e in events[:-1])
+            else:
+                answer = r.json()
+                expected = {"generate": "text", "classify": "label", "health": "parameters", "bad field": "field"}
+                ok = r.status_code == (400 if kind == "bad field" else 200) and expected[kind] in answer
+            problem = None if ok else f"{r.status_code}: {r.text[:200]}"
+            return kind, r.status_code, time.perf_counter() - t0, first, problem
+    except (requests.RequestException, ValueError, IndexError) as e:  # no answer, or not JSON / SSE
+        return kind, 0, time.perf_counter() - t0, first, repr(e)
+
+
+def percentile(values, p):
+    """Nearest-rank percentile: the smallest value with at least p% of the values at or below it."""
+    values = sorted(values)
+    return values[max(0, math.ceil(p / 100 * len(values)) - 1)]
+
+
+def report(results, seconds, cfg):
+    print(f"\n{len(results)} requests, {cfg.concurrency} at a time, in {seconds:.1f} s "
+          f"({len(results) / seconds:.1f} requests/s); max_new_tokens={cfg.max_new_tokens}\n")
+    print("| kind | requests | status codes | p50 ms | p95 ms | first event p50 / p95 ms |")
+    print("|---|---:|---|---:|---:|---:|")
+    by_kind = defaultdict(list)
+    for result in results:
+        by_kind[result[0]].append(result)
+    for kind, rows in [("all", results), *by_kind.items()]:
+        codes = defaultdict(int)
+        for row in rows:
+            codes[row[1]] += 1
+        latency = [row[2] * 1000 for row in rows]
+        firsts = [row[3] * 1000 for row in rows if row[3] is not None]
+        first = f"{percentile(firsts, 50):.0f} / {percentile(firsts, 95):.0f}" if kind == "stream" else ""
+        print(f"| {kind} | {len(rows)} | {', '.join(f'{c}: {n}' for c, n in sorted(codes.items()))} | "
+              f"{percentile(latency, 50):.0f} | {percentile(latency, 95):.0f} | {first} |")
+
+
+def main():
+    cfg = cli.parse_config(Config)
+    if cfg.requests < 1 or cfg.concurrency < 1:
+        raise cli.UserError("--requests and --concurrency must be at least 1")
+    with tempfile.TemporaryDirectory(prefix="bench_serve_") as tmp:
+        out_dir, classifier_dir = cfg.out_dir, cfg.classifier_dir
+        if not out_dir:
+            t0 = time.time()
+            out_dir, classifier_dir = train_tiny(tmp)
+            print(f"trained a tiny model and classifier in {time.time() - t0:.0f} s")
+        with open(Path(tmp) / "server.log", "w") as log:
+            process, url = start_server(out_dir, classifier_dir, cfg.threads, log)
+            try:
+                health = requests.get(f"{url}/health", timeout=10).json()
+                print(f"serving {health['model']} ({health['parameters']:,} parameters) on {health['device']}, "
+                      f"{cfg.threads or 'default'} torch thread(s); client and server share {os.cpu_count()} CPUs")
+                kinds = request_kinds(cfg.max_new_tokens, bool(classifier_dir))
+                for kind, spec in kinds.items():  # warm up: first calls pay one-off costs
+                    send(url, kind, *spec)
+                order = [list(kinds)[i % len(kinds)] for i in range(cfg.requests)]
+                t0 = time.perf_counter()
+                with ThreadPoolExecutor(cfg.concurrency) as pool:
+                    results = list(pool.map(lambda kind: send(url, kind, *kinds[kind]), order))
+                seconds = time.perf_counter() - t0
+            finally:
+                process.terminate()
+                process.wait(timeout=30)
+    report(results, seconds, cfg)
+    problems = [(kind, problem) for kind, status, _, _, problem in results if problem or status >= 500]
+    for kind, problem in problems[:10]:
+        print(f"problem ({kind}): {problem}")
+    print(f"\n{'FAIL' if problems else 'OK'}: {len(problems)} 5xx or malformed answers of {len(results)}")
+    sys.exit(1 if problems else 0)
+
+
+if __name__ == "__main__":
+    cli.run_main(main)
