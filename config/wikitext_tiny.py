@@ -15,12 +15,12 @@ batch_size = 16
 dropout = 0.1     # WikiText-2 is small (about 2.4M tokens): even a tiny model starts to overfit
 
 learning_rate = 2e-3   # small models take a large step size
-max_iters = 3000
+max_iters = 1500
 lr_decay_iters = max_iters
 min_lr = learning_rate / 10
 warmup_iters = 100
 weight_decay = 0.1
 
-eval_interval = 500
+eval_interval = 250
 eval_iters = 40
 log_interval = 50

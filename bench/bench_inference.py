@@ -1,0 +1,173 @@
+"""
+Inference speed (no cache, KV cache, KV cache + int8) and the perplexity that int8 costs, as markdown tables.
+
+    python bench/bench_inference.py                                  # speed: a random model shaped as wikitext_small
+    python bench/bench_inference.py --out_dir=out-wikitext-tiny      # + perplexity float32 vs int8 on its val split
+    python bench/bench_inference.py --shape=tiny --repeats=5         # config/wikitext_tiny.py's shape
+
+Speed: tokens per second generating new_tokens tokens after a prompt_tokens-token prompt, greedy, one sequence, on
+the CPU (and in bfloat16 on a GPU if there is one). Speed does not depend on the weights' values, so a randomly
+initialised model of the chosen shape stands in for a trained one: nothing is trained here. The variants run
+interleaved, `repeats` times each (the slow no-cache baseline once), and each keeps its best run: the one least
+disturbed by other work on the machine.
+
+Perplexity needs a trained checkpoint (--out_dir): its split in float32, then with int8 weights, on the first
+eval_tokens tokens. Without --out_dir that table is skipped.
+"""
+
+import copy
+import os
+import platform
+import sys
+import time
+from dataclasses import dataclass
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)  # run from anywhere: the scripts import each other by name
+
+import torch  # noqa: E402
+
+from cli import UserError, parse_config, read_config_file, run_main  # noqa: E402
+from eval import evaluate_split  # noqa: E402
+from model import GPT, GPTConfig, quantize_int8  # noqa: E402
+from sample import load_for_inference  # noqa: E402
+
+SHAPE_KEYS = ("block_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "bias")
+
+
+@dataclass
+class BenchConfig:
+    out_dir: str = ""           # a trained checkpoint: adds the perplexity table (none: speed only)
+    shape: str = "small"        # small | tiny (config/wikitext_<shape>.py) | checkpoint (--out_dir's own model)
+    vocab_size: int = 8192      # of the random model (prepare.py's default tokenizer size)
+    new_tokens: int = 512
+    prompt_tokens: int = 16
+    repeats: int = 3
+    split: str = "val"
+    eval_tokens: int = 50_000   # tokens of the split to score twice (0: all of it)
+    threads: int = 0            # torch CPU threads; 0: torch's default
+
+
+def bench_model(config):
+    """The model to time, and a line describing it."""
+    if config.shape == "checkpoint":
+        if not config.out_dir:
+            raise UserError("--shape=checkpoint needs --out_dir")
+        model, _, _ = load_for_inference(config.out_dir, "cpu", "float32")
+        where = config.out_dir
+    elif config.shape in ("small", "tiny"):
+        path = os.path.join(ROOT, "config", f"wikitext_{config.shape}.py")
+        shape = {k: v for k, v in read_config_file(path).items() if k in SHAPE_KEYS}
+        torch.manual_seed(0)
+        model = GPT(GPTConfig(vocab_size=config.vocab_size, **shape)).eval()
+        where = f"config/wikitext_{config.shape}.py, random weights"
+    else:
+        raise UserError(f"--shape must be small, tiny or checkpoint, got '{config.shape}'")
+    c = model.config
+    return model, (f"{c.num_hidden_layers} layers x {c.hidden_size}, {c.num_attention_heads} heads, context "
+                   f"{c.block_size}, vocab {c.vocab_size}: {model.num_params(non_embedding=False) / 1e6:.1f}M "
+                   f"parameters ({where})")
+
+
+def tokens_per_second(model, prompt, new_tokens, use_cache):
+    """One greedy generation of new_tokens tokens, timed."""
+    sync = torch.cuda.synchronize if prompt.is_cuda else (lambda: None)
+    sync()
+    t0 = time.perf_counter()
+    for _ in model.generate_tokens(prompt, new_tokens, temperature=0, use_cache=use_cache):
+        pass
+    sync()
+    return new_tokens / (time.perf_counter() - t0)
+
+
+def speed_table(config, model):
+    """{variant: best tokens/s} over interleaved repeats."""
+    variants = {"cpu, no cache, float32": (model, False),
+                "cpu, KV cache, float32": (model, True),
+                "cpu, KV cache, int8 except the output head": (quantize_int8_blocks(model), True),
+                "cpu, KV cache, int8": (quantize_int8(copy.deepcopy(model)), True)}
+    if torch.cuda.is_available():
+        gpu = copy.deepcopy(model).to("cuda", torch.bfloat16)
+        variants["cuda, no cache, bfloat16"] = (gpu, False)
+        variants["cuda, KV cache, bfloat16"] = (gpu, True)
+    g = torch.Generator().manual_seed(0)
+    prompt = torch.randint(model.config.vocab_size, (1, config.prompt_tokens), generator=g)
+    best = {name: 0.0 for name in variants}
+    for name, (m, cache) in variants.items():  # warm-up: allocations, kernels, caches
+        tokens_per_second(m, prompt.to(m.token_emb.weight.device), 8, cache)
+    for r in range(config.repeats):
+        for name, (m, cache) in variants.items():
+            if not cache and r > 0:
+                continue  # the slow baseline: one long run is steady enough, and repeating it costs minutes
+            speed = tokens_per_second(m, prompt.to(m.token_emb.weight.device), config.new_tokens, cache)
+            best[name] = max(best[name], speed)
+            print(f"  run {r + 1}/{config.repeats} {name}: {speed:.1f} tokens/s", file=sys.stderr, flush=True)
+    return best
+
+
+def quantize_int8_blocks(model):
+    """int8 for the transformer blocks only: shows what quantizing the (tied) output head adds."""
+    model = copy.deepcopy(model)
+    quantize_int8(model.blocks)
+    return model
+
+
+def perplexity_table(config):
+    """(float32 result, int8 result) of evaluate_split on the checkpoint's split."""
+    model, tokenizer, checkpoint = load_for_inference(config.out_dir, "cpu", "float32")
+    data_dir = checkpoint.get("train_config", {}).get("data_dir")
+    if not data_dir:
+        raise UserError(f"{config.out_dir} does not name its data_dir")
+    kw = dict(max_tokens=config.eval_tokens, progress=False)
+    fp32 = evaluate_split(model, tokenizer, data_dir, config.split, **kw)
+    int8 = evaluate_split(quantize_int8(model), tokenizer, data_dir, config.split, **kw)
+    return data_dir, fp32, int8
+
+
+def machine_line():
+    cpu = platform.processor() or platform.machine()
+    if os.path.exists("/proc/cpuinfo"):
+        names = [line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")]
+        cpu = names[0] if names else cpu
+    load = f", load average {os.getloadavg()[0]:.1f}" if hasattr(os, "getloadavg") else ""
+    gpu = f", GPU {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ""
+    return (f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__} with {torch.get_num_threads()} threads"
+            f"{gpu}{load}")
+
+
+def main():
+    config = parse_config(BenchConfig)
+    if config.threads:
+        torch.set_num_threads(config.threads)
+    if config.new_tokens < 1 or config.prompt_tokens < 1 or config.repeats < 1:
+        raise UserError("--new_tokens, --prompt_tokens and --repeats must be at least 1")
+    model, description = bench_model(config)
+    print(f"machine: {machine_line()}")
+    print(f"model: {description}")
+    print(f"generating {config.new_tokens} tokens after a {config.prompt_tokens}-token prompt, greedy, batch 1, "
+          f"best of {config.repeats} (no cache: one run)\n", flush=True)
+    best = speed_table(config, model)
+    base, cached = best["cpu, no cache, float32"], best["cpu, KV cache, float32"]
+    print("| device, variant | tokens/s | vs no cache | vs KV cache float32 |")
+    print("| --- | ---: | ---: | ---: |")
+    for name, speed in best.items():
+        print(f"| {name} | {speed:,.1f} | {speed / base:.2f}x | {speed / cached:.2f}x |")
+    int8 = best["cpu, KV cache, int8"]
+    print(f"\ngoals: KV cache >= 5x no cache: {cached / base:.2f}x ({'met' if cached >= 5 * base else 'NOT met'}); "
+          f"int8 >= 1.5x float32: {int8 / cached:.2f}x ({'met' if int8 >= 1.5 * cached else 'NOT met'})")
+
+    if not config.out_dir:
+        print("\nperplexity: skipped (no --out_dir: give a trained checkpoint to measure what int8 costs)")
+        return
+    data_dir, fp32, q = perplexity_table(config)
+    change = q["perplexity"] / fp32["perplexity"] - 1
+    print(f"\nperplexity of {config.out_dir} on {data_dir} {config.split}, {fp32['tokens']:,} tokens scored:\n")
+    print("| weights | perplexity | bits per byte | change |")
+    print("| --- | ---: | ---: | ---: |")
+    print(f"| float32 | {fp32['perplexity']:.3f} | {fp32['bits_per_byte']:.4f} | |")
+    print(f"| int8 | {q['perplexity']:.3f} | {q['bits_per_byte']:.4f} | {change * 100:+.2f}% |")
+    print(f"\ngoal: int8 perplexity <= +2%: {'met' if change <= 0.02 else 'NOT met'}")
+
+
+if __name__ == "__main__":
+    run_main(main)

@@ -1,0 +1,213 @@
+"""
+Perplexity of a model on a split that prepare.py wrote, or on a text file: per token, per byte and per word.
+
+    python eval.py --out_dir=out-wikitext-small --split=test
+    python eval.py --out_dir=out-wikitext-small --text_file=some.txt --word_convention=whitespace --json
+    python eval.py --out_dir=gpt2 --data_dir=data/wikitext-2-raw-gpt2 --split=test     # GPT-2, on GPT-2 tokens
+
+Three numbers, so results compare across tokenizers and with published tables:
+- perplexity: exp(mean negative log-likelihood per token); it depends on the tokenizer;
+- bits per byte: the total negative log-likelihood in bits over the UTF-8 bytes of the text; it does not;
+- word perplexity: exp(total negative log-likelihood / words). Words are either whitespace-separated words
+  ('whitespace', lm-evaluation-harness's count for raw WikiText), or those plus one end-of-line per line
+  ('classic': 245,569 on the WikiText-2 test split, the count the classic tables divide by). A split uses the
+  convention its meta.json names, a text file 'whitespace'; --word_convention overrides, and the output says which.
+
+Text longer than the context is scored with sliding windows of block_size tokens, each starting `stride` tokens
+after the one before and scoring only the tokens not scored yet (Hugging Face's perplexity guide): every token is
+scored once, with at least block_size - stride tokens of context once the text is that long. A smaller stride means
+more context, a lower perplexity, and block_size / stride times the work.
+
+The first token of a text has no context: it is scored after an end-of-text token, which is how every document
+starts in the token files (a tokenizer without one leaves the first token unscored). In a split, the end-of-text
+tokens between documents are context only, never scored, so the score covers exactly the bytes of the text.
+"""
+
+import json
+import math
+import sys
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from cli import UserError, parse_config, run_main
+from prepare import Progress, count_words, load_meta, load_split
+from sample import encode_prompt, load_for_inference
+from tokenizer import load_tokenizer
+
+CONVENTIONS = {"whitespace": "whitespace-separated words",
+               "classic": "whitespace-separated words + one end-of-line per line, as the WikiText tables count"}
+
+
+@dataclass
+class EvalConfig:
+    out_dir: str = "out"            # a train.py checkpoint folder, or gpt2 / gpt2-medium / ... / a GPT-2 folder
+    split: str = "test"             # train | val | test
+    data_dir: str = ""              # folder of the split; default: the data_dir the checkpoint was trained on
+    text_file: str = ""             # score this UTF-8 text file instead of a split
+    word_convention: str = "auto"   # whitespace | classic; auto: the split's own (meta.json), whitespace for a file
+    stride: int = 0                 # tokens between window starts; 0: block_size // 2
+    batch_size: int = 8             # windows per forward pass
+    max_tokens: int = 0             # score only the first max_tokens tokens of the split (0: all), for a quick look
+    json: bool = False              # print one JSON object instead of a table
+    device: str = "auto"            # auto: cuda, then mps, then cpu
+    dtype: str = "auto"             # float32 | bfloat16 | float16; auto: bfloat16 (else float16) on a GPU, else float32
+    quantize: str = "none"          # none | int8 (CPU)
+
+
+# ----------------------------------------------------------------------------- scoring with sliding windows
+
+def window_spans(num_tokens, block_size, stride):
+    """[(start, first)] for the windows over num_tokens ids: a window reads ids[start:start + T] (T = block_size, or
+    less for a short text) and scores the targets ids[first:start + T + 1], those no earlier window scored.
+    The first window starts at 0; each later one scores `stride` new targets (the last one fewer)."""
+    T = min(block_size, num_tokens - 1)
+    spans, done = [], 0  # targets ids[1:done + 1] are scored
+    while done < num_tokens - 1:
+        end = min(done + stride if done else T, num_tokens - 1)  # the last target this window scores
+        spans.append((end - T, done + 1))
+        done = end
+    return spans
+
+
+@torch.no_grad()
+def score_tokens(model, ids, stride=0, batch_size=8, skip_id=None, progress=None):
+    """(total negative log-likelihood in nats, tokens scored) of ids[1:] under the model, by sliding windows.
+    ids: a 1-D sequence of token ids (a memmap is fine); targets equal to skip_id are context, never scored."""
+    block = model.config.block_size
+    stride = stride or max(1, block // 2)
+    if not 1 <= stride <= block:
+        raise UserError(f"--stride must be between 1 and block_size={block}, got {stride}")
+    if len(ids) < 2:
+        raise UserError("the text is too short to score: it needs at least one token")
+    spans = window_spans(len(ids), block, stride)
+    T = min(block, len(ids) - 1)
+    device = model.token_emb.weight.device
+    total, count = 0.0, 0
+    for b in range(0, len(spans), batch_size):
+        batch = spans[b:b + batch_size]
+        rows = np.stack([np.asarray(ids[start:start + T + 1], dtype=np.int64) for start, _ in batch])
+        rows = torch.from_numpy(rows).to(device)
+        x, y = rows[:, :-1], rows[:, 1:].clone()
+        for row, (start, first) in enumerate(batch):
+            y[row, :first - start - 1] = -100  # scored by an earlier window, with less context
+        if skip_id is not None:
+            y[y == skip_id] = -100
+        scored = y != -100
+        hidden = model.hidden_states(x)[scored]  # the output layer only where a token is scored
+        logits = model.lm_head(hidden)
+        logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # half precision: score in fp32
+        total += F.cross_entropy(logits, y[scored], reduction="sum").item()
+        count += int(scored.sum())
+        if progress is not None:
+            progress.update(batch[-1][0] + T)
+    if progress is not None:
+        progress.close(len(ids))
+    return total, count
+
+
+def report(nll, tokens, n_bytes, words, convention):
+    """The per-token, per-byte and per-word figures of a total negative log-likelihood (nats)."""
+    return {"tokens": tokens, "bytes": n_bytes, "words": words, "word_convention": convention,
+            "loss": nll / tokens, "perplexity": math.exp(nll / tokens),
+            "bits_per_byte": nll / math.log(2) / n_bytes, "word_perplexity": math.exp(nll / words)}
+
+
+# ----------------------------------------------------------------------------- what to score
+
+def evaluate_text(model, tokenizer, text, convention="whitespace", stride=0, batch_size=8, progress=True):
+    """Score a text: its tokens after an end-of-text token; bytes and words counted from the text itself."""
+    ids = encode_prompt(tokenizer, text)  # the same start as a document in the token files
+    bar = Progress("scoring", len(ids), "M tokens") if progress else None
+    nll, tokens = score_tokens(model, ids, stride, batch_size, progress=bar)
+    return report(nll, tokens, len(text.encode("utf-8")), count_words(text, convention), convention)
+
+
+def evaluate_split(model, tokenizer, data_dir, split, convention="auto", stride=0, batch_size=8, max_tokens=0,
+                   progress=True):
+    """Score a split of data_dir; bytes and words from meta.json (from the decoded tokens with max_tokens)."""
+    meta = load_meta(data_dir)
+    if split not in meta["splits"]:
+        raise UserError(f"{data_dir} has no {split} split (it has {', '.join(meta['splits'])}): pick another --split")
+    convention = meta.get("word_convention", "whitespace") if convention == "auto" else convention
+    check_convention(convention)
+    ids = load_split(data_dir, split)
+    eot = meta["eot_id"]
+    if max_tokens:
+        ids = ids[:max_tokens]
+        text = tokenizer.decode([t for t in ids.tolist() if t != eot])
+        n_bytes, words = len(text.encode("utf-8")), count_words(text, convention)
+    else:
+        stats = meta["splits"][split]
+        if f"words_{convention}" not in stats:
+            raise UserError(f"{data_dir}/meta.json has no '{convention}' word count for {split}: "
+                            f"use --word_convention=whitespace")
+        n_bytes, words = stats["bytes"], stats[f"words_{convention}"]
+    bar = Progress(f"scoring {split}", len(ids), "M tokens") if progress else None
+    nll, tokens = score_tokens(model, ids, stride, batch_size, skip_id=eot, progress=bar)
+    return report(nll, tokens, n_bytes, words, convention)
+
+
+def check_convention(convention):
+    if convention not in CONVENTIONS:
+        raise UserError(f"--word_convention must be auto, {' or '.join(CONVENTIONS)}, got '{convention}'")
+
+
+def check_same_tokenizer(tokenizer, data_dir):
+    """Token ids only mean something under the tokenizer that made them: refuse a data_dir tokenized differently."""
+    theirs = load_tokenizer(data_dir)
+    if (theirs.merges, theirs.token_ids, theirs.special_tokens) != (tokenizer.merges, tokenizer.token_ids,
+                                                                     tokenizer.special_tokens):
+        raise UserError(f"{data_dir} was tokenized with another tokenizer than the model's: give the --data_dir "
+                        f"it was trained on, or prepare the data with the model's tokenizer")
+
+
+# ----------------------------------------------------------------------------- command line
+
+def main():
+    config = parse_config(EvalConfig)
+    if config.word_convention != "auto":
+        check_convention(config.word_convention)
+    if config.batch_size < 1 or config.max_tokens < 0:
+        raise UserError("--batch_size must be at least 1 and --max_tokens at least 0")
+    model, tokenizer, checkpoint = load_for_inference(config.out_dir, config.device, config.dtype, config.quantize)
+    block = model.config.block_size
+    stride = config.stride or max(1, block // 2)
+    if config.text_file:
+        try:
+            with open(config.text_file, encoding="utf-8") as f:
+                text = f.read()
+        except (OSError, UnicodeDecodeError) as e:
+            raise UserError(f"cannot read {config.text_file} as UTF-8 text: {getattr(e, 'strerror', None) or e}")
+        convention = "whitespace" if config.word_convention == "auto" else config.word_convention
+        result = evaluate_text(model, tokenizer, text, convention, stride, config.batch_size)
+        source = config.text_file
+    else:
+        data_dir = config.data_dir or checkpoint.get("train_config", {}).get("data_dir")
+        if not data_dir:
+            raise UserError(f"{config.out_dir} does not say what data it was trained on: pass --data_dir=DIR")
+        check_same_tokenizer(tokenizer, data_dir)
+        result = evaluate_split(model, tokenizer, data_dir, config.split, config.word_convention, stride,
+                                config.batch_size, config.max_tokens)
+        source = f"{data_dir} {config.split} split" + (f", first {config.max_tokens:,} tokens" if config.max_tokens
+                                                        else "")
+    first = "scored after an end-of-text token" if tokenizer.eot_id is not None else "not scored (no end-of-text token)"
+    result = {"model": config.out_dir, "source": source, "block_size": block, "stride": stride,
+              "first_token": first, "quantize": config.quantize, **result}
+    if config.json:
+        print(json.dumps(result, indent=2))
+        return
+    print(f"{config.out_dir} on {source}")
+    print(f"  {result['tokens']:,} tokens, {result['bytes']:,} bytes, {result['words']:,} words "
+          f"({result['word_convention']}: {CONVENTIONS[result['word_convention']]})")
+    print(f"  windows of {block} tokens, stride {stride}: every token scored once, with >= {block - stride} tokens "
+          f"of context once the text is that long; the first token {first}")
+    print(f"  perplexity       {result['perplexity']:10.3f}   (per token; loss {result['loss']:.4f} nats)")
+    print(f"  bits per byte    {result['bits_per_byte']:10.4f}")
+    print(f"  word perplexity  {result['word_perplexity']:10.3f}")
+
+
+if __name__ == "__main__":
+    run_main(main)
