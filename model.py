@@ -38,6 +38,13 @@ class GPTConfig:
                 raise UserError(f"{name} must be at least 1, got {getattr(self, name)}")
 
 
+def pick_device(device="auto"):
+    """'auto' picks cuda, then mps (Apple), then cpu; any other value is used as given."""
+    if device != "auto":
+        return device
+    return "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
+
+
 # ----------------------------------------------------------------------------- attention
 
 class KVCache:

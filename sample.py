@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import torch
 
 from cli import UserError, parse_config, run_main
-from model import GPT2_MODELS, load_gpt2, load_model, quantize_int8
+from model import GPT2_MODELS, load_gpt2, load_model, quantize_int8, pick_device
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 SEPARATOR = "\n---------------\n"
@@ -48,12 +48,6 @@ class SampleConfig:
 
 
 # ----------------------------------------------------------------------------- loading a model for inference
-
-def pick_device(device="auto"):
-    if device != "auto":
-        return device
-    return "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
-
 
 def pick_dtype(dtype, device):
     if dtype == "auto":

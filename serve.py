@@ -35,7 +35,8 @@ from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
 import cli
 from finetune_classifier import classify, load_classifier
-from sample import SampleConfig, load_for_inference, pick_device, stream_text
+from model import pick_device
+from sample import SampleConfig, load_for_inference, stream_text
 
 
 @dataclass

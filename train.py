@@ -25,7 +25,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from cli import UserError, config_to_dict, parse_config
-from model import GPT, GPTConfig, read_checkpoint, save_checkpoint
+from model import GPT, GPTConfig, pick_device, read_checkpoint, save_checkpoint
 from prepare import load_meta, load_split
 
 
@@ -81,10 +81,7 @@ else:
     rank, world_size, local_rank = 0, 1, 0
 master = rank == 0  # only one process logs and writes checkpoints
 
-if config.device == "auto":
-    device = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
-else:
-    device = config.device
+device = pick_device(config.device)
 if device == "cuda" and ddp:
     device = f"cuda:{local_rank}"
 device_type = device.split(":")[0]
