@@ -77,7 +77,7 @@ class Config:
     # training
     num_epochs: int = 5
     batch_size: int = 8
-    learning_rate: float = 1e-4
+    learning_rate: float = 3e-4
     weight_decay: float = 0.1
     grad_clip: float = 1.0            # 0 turns clipping off
     seed: int = 123
