@@ -15,14 +15,19 @@ the text column 1, as in the SMS file. The labels are whatever the file holds. E
 the rarest one (747 spam + 747 ham), then each label is split 70/10/20 into train/val/test, seeded: every split is
 balanced, so chance is 50% and accuracy means something.
 
---trainable picks what learns (the new head always does):
-    all         every weight. The best accuracy; costs gradients and two AdamW moments for every parameter.
-    last_block  the last transformer block and the final LayerNorm: the backward pass stops there, so it is
-                faster, and the optimizer state is one block's worth.
-    head        only the head: the fastest, but the pretrained features are used as they are.
-    lora        low-rank adapters (--lora_rank, --lora_alpha) on every attention and MLP projection: a few percent
-                of the parameters train, the full backward pass still runs. Merged into the weights when saved, so
-                the saved model is a plain GPT and costs nothing extra at inference.
+--trainable picks what learns (the new head always does). Measured on 2 CPU cores, one training step of 8 x 64 tokens;
+memory is gradients + AdamW's two moments (weights are the same for all: 20 MiB ours, 475 MiB GPT-2 small); accuracy
+is the SMS test split from our 5M-parameter WikiText-2 model (learning rate 3e-4 for all, 1e-3 for the others):
+                trains                       ours: step  grads+AdamW  test acc   GPT-2 small: step  grads+AdamW
+    all         every weight                       173 ms     60 MiB    97.0%                4.4 s     1424 MiB
+    last_block  the last block + final norm         86 ms      9 MiB    94.0%                1.3 s       81 MiB
+    lora        adapters on every attention and    147 ms    1.5 MiB    95.0%                2.4 s       14 MiB
+                MLP projection (rank 8)
+    head        the head alone                      62 ms      0 MiB    92.7%                1.2 s        0 MiB
+lora trains a few percent of the weights but still runs the whole backward pass, so it saves memory (optimizer state,
+and one copy of the weights per task), not much time. The adapters are merged into the weights when saved: the saved
+model is a plain GPT and costs nothing extra at inference. On a model this small, training everything is cheap and
+clearly the most accurate.
 
 out_dir receives ckpt.pt (the epoch with the best val accuracy, ties to the lower val loss), the tokenizer files, and
 results.json (test accuracy and the per-epoch figures). `load_classifier` and `classify` serve other programs.
@@ -31,6 +36,7 @@ results.json (test accuracy and the per-epoch figures). `load_classifier` and `c
 import csv
 import hashlib
 import json
+import math
 import os
 import random
 import time
@@ -57,7 +63,7 @@ class Config:
     label_column: str = ""            # a header name or a 0-based index; empty: a 'label' header, else column 0
     text_column: str = ""             # likewise: a 'text' / 'message' header, else column 1
     balance: bool = True              # cut every label to the rarest one's count (False: keep all, split per label)
-    max_length: int = 0               # tokens read per text, the rest cut off; 0: the longest train text, up to block_size
+    max_length: int = 0               # tokens read per text, the rest cut; 0: the longest train text (<= block)
     # the model to start from: a train.py checkpoint folder, gpt2[-medium|-large|-xl], a folder with
     # model.safetensors + config.json (Hugging Face format), or scratch (random weights of the shape below)
     init_from: str = "out-wikitext-tiny"
@@ -246,8 +252,7 @@ def set_trainable(gpt, mode, lora_rank=8, lora_alpha=16.0, modes=TRAINABLE):
         param.requires_grad = (mode == "all" or (mode == "last_block" and name.startswith((last, "ln_f.")))
                                or (mode == "lora" and "lora_" in name))
 
-
-# ----------------------------------------------------------------------------- training, shared with finetune_instruct.py
+# ----------------------------------------------------------------------------- training (finetune_instruct.py too)
 
 
 def run_epoch(model, batches, loss_fn, optimizer=None, grad_clip=1.0):
@@ -288,6 +293,8 @@ def fit(model, cfg, train_set, val_set, collate, loss_fn, score, save):
         order = torch.randperm(len(train_set), generator=generator).tolist()
         train_batches = (collate([train_set[j] for j in order[i:i + size]]) for i in range(0, len(order), size))
         train = run_epoch(model, train_batches, loss_fn, optimizer, cfg.grad_clip)
+        if not math.isfinite(train["loss"]):
+            raise UserError(f"the loss is {train['loss']} in epoch {epoch}: training diverged; lower --learning_rate")
         val = run_epoch(model, val_batches, loss_fn)
         row = {"epoch": epoch, "train_loss": train["loss"], "train_accuracy": train["accuracy"],
                "val_loss": val["loss"], "val_accuracy": val["accuracy"], "seconds": time.time() - t0}

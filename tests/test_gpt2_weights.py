@@ -15,6 +15,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import finetune_classifier as fc
+import finetune_instruct as fi
 import model
 from cli import UserError, run_main
 from tokenizer import BPETokenizer
@@ -27,7 +28,8 @@ def hf(tmp_path_factory):
     """A folder as save_pretrained leaves it (config.json, model.safetensors) plus a tokenizer; inputs; HF logits."""
     transformers = pytest.importorskip("transformers")
     folder = tmp_path_factory.mktemp("tiny-gpt2")
-    tokenizer = BPETokenizer.train(" ".join(WORDS * 20), vocab_size=300)
+    template = fi.format_prompt({"instruction": "", "input": "x"})
+    tokenizer = BPETokenizer.train(" ".join(WORDS * 20 + [template] * 20), vocab_size=400)
     config = transformers.GPT2Config(n_layer=2, n_head=2, n_embd=32, vocab_size=tokenizer.vocab_size, n_positions=64)
     torch.manual_seed(0)
     gpt2 = transformers.GPT2LMHeadModel(config).eval()
@@ -152,18 +154,33 @@ def test_cached_copy_works_offline(hf, tmp_path, monkeypatch):
         model.load_gpt2("gpt2-medium", cache_dir=tmp_path)
 
 
+def run_cli(module, *args):
+    argv, sys.argv = sys.argv, [module.__name__ + ".py", *map(str, args)]
+    try:
+        with contextlib.redirect_stdout(io.StringIO()) as out:
+            run_main(module.main)
+    finally:
+        sys.argv = argv
+    return out.getvalue()
+
+
 def test_classifier_fine_tunes_from_a_gpt2_folder(hf, tmp_path):
     rows = [f"ham\t{' '.join(WORDS[i:i + 5])} {i}" for i in range(12)] + \
            [f"spam\tfree cash prize call now {i}" for i in range(12)]
     (tmp_path / "data.tsv").write_text("\n".join(rows) + "\n")
-    argv, sys.argv = sys.argv, ["finetune_classifier.py", f"--init_from={hf.folder}", f"--data={tmp_path / 'data.tsv'}",
-                                f"--out_dir={tmp_path / 'out'}", "--trainable=last_block", "--num_epochs=1"]
-    try:
-        with contextlib.redirect_stdout(io.StringIO()) as out:
-            run_main(fc.main)
-    finally:
-        sys.argv = argv
-    assert "test accuracy" in out.getvalue()
+    out = run_cli(fc, f"--init_from={hf.folder}", f"--data={tmp_path / 'data.tsv'}", f"--out_dir={tmp_path / 'out'}",
+                  "--trainable=last_block", "--num_epochs=1")
+    assert "test accuracy" in out
     classifier, tokenizer = fc.load_classifier(tmp_path / "out")
     assert classifier.gpt.config.bias and classifier.labels == ["ham", "spam"]
     assert len(fc.classify(classifier, tokenizer, ["free cash", "the cat"])) == 2
+
+
+def test_instruct_fine_tunes_from_a_gpt2_folder(hf, tmp_path):
+    records = [{"instruction": f"say {w}", "input": "", "output": f"{w} {w}"} for w in WORDS * 2]
+    (tmp_path / "records.json").write_text(json.dumps(records))
+    out = run_cli(fi, f"--init_from={hf.folder}", f"--data={tmp_path / 'records.json'}",
+                  f"--out_dir={tmp_path / 'out'}", "--trainable=lora", "--num_epochs=1", "--max_new_tokens=3")
+    assert "perplexity" in out
+    answers = json.loads((tmp_path / "out" / "test_responses.json").read_text())
+    assert len(answers) == len(fi.split_records(records, seed=123)[2])
