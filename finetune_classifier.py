@@ -340,6 +340,14 @@ def classify(model, tokenizer, texts, batch_size=32):
     return results
 
 
+def check_training_settings(cfg, modes=TRAINABLE):
+    """The settings both fine-tuning scripts share, checked before any work."""
+    if cfg.trainable not in modes:
+        raise UserError(f"--trainable={cfg.trainable}: choose one of {', '.join(modes)}")
+    if cfg.num_epochs < 1 or cfg.batch_size < 1:
+        raise UserError("--num_epochs and --batch_size must be at least 1")
+
+
 def write_json(path, data):
     tmp = Path(str(path) + ".tmp")
     tmp.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
@@ -356,10 +364,7 @@ def main():
         label, probability = classify(model, tokenizer, [cfg.classify])[0]
         print(f"{label} ({probability:.1%})")
         return
-    if cfg.trainable not in TRAINABLE:
-        raise UserError(f"--trainable={cfg.trainable}: choose one of {', '.join(TRAINABLE)}")
-    if cfg.num_epochs < 1 or cfg.batch_size < 1:
-        raise UserError("--num_epochs and --batch_size must be at least 1")
+    check_training_settings(cfg)
 
     t0 = time.time()
     examples = read_labelled(cfg.data or download_sms_spam(cfg.cache_dir), cfg.label_column, cfg.text_column)

@@ -26,7 +26,8 @@ import torch
 
 import prepare
 from cli import UserError, config_to_dict, parse_config, run_main
-from finetune_classifier import fit, load_base_model, run_epoch, set_trainable, write_json
+from finetune_classifier import (check_training_settings, fit, load_base_model, run_epoch, set_trainable,
+                                 write_json)
 from model import load_model, merged_state_dict, pick_device, save_checkpoint
 
 
@@ -169,10 +170,7 @@ def main():
         print(respond(model, tokenizer, {"instruction": cfg.prompt, "input": cfg.input}, cfg.max_new_tokens,
                       cfg.temperature, cfg.top_k))
         return
-    if cfg.trainable not in TRAINABLE:
-        raise UserError(f"--trainable={cfg.trainable}: choose one of {', '.join(TRAINABLE)}")
-    if cfg.num_epochs < 1 or cfg.batch_size < 1:
-        raise UserError("--num_epochs and --batch_size must be at least 1")
+    check_training_settings(cfg, TRAINABLE)
 
     t0 = time.time()
     data = cfg.data or prepare.download(DATA_URL, Path(cfg.cache_dir) / "instruction-data.json", DATA_SHA256,

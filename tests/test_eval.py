@@ -13,15 +13,10 @@ import eval as evaluation
 import sample
 from cli import UserError
 from prepare import load_meta
-from test_sample import build_tiny_checkpoint, one_thread, random_model, run  # noqa: F401 (a fixture)
+from test_sample import one_thread, random_model, run, tiny_ckpt  # noqa: F401 (fixtures)
 from tokenizer import BPETokenizer
 
 GPT2_DIR = Path(__file__).resolve().parents[2] / "shared" / "data" / "gpt2"
-
-
-@pytest.fixture(scope="session")
-def tiny_ckpt(tmp_path_factory):
-    return build_tiny_checkpoint(tmp_path_factory.getbasetemp())
 
 
 @pytest.fixture(scope="session")
