@@ -45,6 +45,19 @@ def pick_device(device="auto"):
     return "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
 
 
+def has_fast_bf16(device_type):
+    """True where bfloat16 matmuls run in hardware: GPUs from Ampere on, CPUs with AVX512-BF16 or AMX (Linux)."""
+    if device_type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    if device_type != "cpu":
+        return False
+    try:  # without these instructions bf16 is emulated on the CPU and slower than fp32
+        flags = set(open("/proc/cpuinfo").read().split())
+    except OSError:
+        return False
+    return bool(flags & {"avx512_bf16", "amx_bf16"})
+
+
 # ----------------------------------------------------------------------------- attention
 
 class KVCache:
@@ -89,9 +102,10 @@ class MultiHeadAttention(nn.Module):
             k, v = kv_cache.update(layer, k, v)
         dropout = self.dropout if self.training else 0.0
         if self.use_flash:
-            # with a cache the T new queries sit at positions past..past+T-1: an explicit mask says so
-            mask = None if past == 0 else causal_mask(T, past + T, x.device)
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, is_causal=mask is None)
+            # with a cache the T new queries sit at positions past..past+T-1: an explicit mask says so,
+            # except for a single new query, which may see every key
+            mask = None if past == 0 or T == 1 else causal_mask(T, past + T, x.device)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, is_causal=past == 0)
         else:
             y = self.attention_written_out(q, k, v, past, dropout)
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # merge the heads back
@@ -234,10 +248,11 @@ class GPT(nn.Module):
                 if cache is None or cache.length + next_input.size(1) > block:
                     next_input = idx[:, -(block // 2 or 1):] if cache is not None else idx[:, -block:]
                     cache = KVCache(self.config, idx.size(0), idx.device, self.token_emb.weight.dtype)
-                logits, _ = self(next_input, kv_cache=cache)
+                hidden = self.hidden_states(next_input, kv_cache=cache)
             else:
-                logits, _ = self(idx[:, -block:])
-            next_id = sample_next_token(logits[:, -1, :], temperature, top_k, top_p, generator)
+                hidden = self.hidden_states(idx[:, -block:])
+            logits = self.lm_head(hidden[:, -1, :])  # only the last position's prediction is needed
+            next_id = sample_next_token(logits, temperature, top_k, top_p, generator)
             idx = torch.cat([idx, next_id[:, None]], dim=1)
             next_input = next_id[:, None]
             yield next_id

@@ -76,13 +76,14 @@ GPT2_FILES = {"encoder.json": "196139668be63f3b5d6574427317ae82f612a97c5d1cdaf36
 
 
 class Progress:
-    """A one-line progress report on stderr, redrawn at most 5 times a second."""
+    """A one-line progress report on stderr, redrawn at most 5 times a second (every 30 s into a log file)."""
 
     def __init__(self, desc, total, unit_name="MB"):
         self.desc, self.total, self.unit_name, self.last, self.shown = desc, total, unit_name, 0.0, None
+        self.interval = 0.2 if sys.stderr.isatty() else 30.0
 
     def update(self, done, force=False):
-        if (force and done != self.shown) or time.time() - self.last > 0.2:
+        if (force and done != self.shown) or time.time() - self.last > self.interval:
             self.last, self.shown = time.time(), done
             size = f"{done / 1e6:.1f}" + (f"/{self.total / 1e6:.1f}" if self.total else "")
             pct = f"{100 * done / self.total:3.0f}% " if self.total else ""

@@ -25,7 +25,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from cli import UserError, config_to_dict, parse_config
-from model import GPT, GPTConfig, pick_device, read_checkpoint, save_checkpoint
+from model import GPT, GPTConfig, has_fast_bf16, pick_device, read_checkpoint, save_checkpoint
 from prepare import load_meta, load_split
 
 
@@ -64,7 +64,7 @@ class TrainConfig:
     min_lr: float = 1e-4                  # usually learning_rate / 10
     # system
     device: str = "auto"                  # auto picks cuda, then mps, then cpu
-    dtype: str = "auto"                   # bfloat16 | float16 | float32; auto: bf16 where the GPU has it, else fp16 on GPU, fp32 on CPU
+    dtype: str = "auto"                   # bfloat16 | float16 | float32; auto: bf16 where the hardware has it
     compile: str = "auto"                 # torch.compile: auto = on for CUDA only
     peak_flops: float = 0.0               # device peak FLOP/s for MFU; 0 = known GPUs only
     seed: int = 1337
@@ -92,10 +92,10 @@ if ddp:
 
 dtype = config.dtype
 if dtype == "auto":
-    if device_type == "cuda":
-        dtype = "bfloat16" if torch.cuda.is_bf16_supported() else "float16"  # fp16 needs the GradScaler below
+    if has_fast_bf16(device_type):
+        dtype = "bfloat16"  # measured on CPU too: faster, with the same loss curve as fp32 (README)
     else:
-        dtype = "float32"
+        dtype = "float16" if device_type == "cuda" else "float32"  # fp16 needs the GradScaler below
 if dtype not in ("float32", "bfloat16", "float16"):
     raise UserError(f"--dtype must be auto, float32, bfloat16 or float16, got '{dtype}'")
 if dtype == "bfloat16" and device_type == "cuda" and not torch.cuda.is_bf16_supported():
@@ -382,4 +382,5 @@ while True:
 if master:
     print(f"done: {iter_num} iterations in {time.time() - run_start:.0f}s, best val loss {best_val_loss:.4f}")
 if ddp:
+    dist.barrier()  # no process tears the group down while another still writes the last checkpoint
     dist.destroy_process_group()

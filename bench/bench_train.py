@@ -5,7 +5,8 @@ Training throughput: our train.py against nanoGPT's, same shape, same memmaps, s
     python bench/bench_train.py --data_dir=data/wikitext-2 --device=cuda --shape=gpt2_124m
 
 Runs each variant as a subprocess for `iters` steps and takes the median ms/iter over steps >= 10 (compilation
-and warm-up excluded). nanoGPT runs through ../shared/baselines/nanogpt/run.sh when it is there.
+and warm-up excluded), and with --repeats the median over interleaved rounds. nanoGPT runs through
+../shared/baselines/nanogpt/run.sh when it is there.
 """
 
 import json
@@ -35,6 +36,7 @@ class BenchConfig:
     shape: str = "nanogpt_default"
     device: str = "cpu"
     iters: int = 40
+    repeats: int = 1                      # rounds of all the runs, interleaved
     variants: str = "float32:False,bfloat16:False,float32:True,bfloat16:True"  # dtype:compile pairs
     nanogpt: str = str(ROOT.parent / "shared" / "baselines" / "nanogpt" / "run.sh")
 
@@ -74,21 +76,24 @@ def main():
     meta = load_meta(cfg.data_dir)
     shape = SHAPES[cfg.shape]
     tokens_per_iter = shape["batch_size"] * shape["block_size"]
-    rows = []
-    if os.path.exists(cfg.nanogpt):
-        ms = run_nanogpt(cfg, meta["vocab_size"])
-        rows.append(("nanoGPT train.py (its defaults for this device)", ms, None, None))
-        print(f"nanoGPT: {ms:.1f} ms/iter", file=sys.stderr)
-    for variant in cfg.variants.split(","):
-        dtype, compile_ = variant.split(":")
-        with tempfile.TemporaryDirectory() as out_dir:
-            ms, loss, mfu = run_ours(cfg, dtype, compile_, out_dir)
-        rows.append((f"ours, {dtype}, compile={compile_}", ms, loss, mfu))
-        print(f"{variant}: {ms:.1f} ms/iter, last loss {loss:.3f}", file=sys.stderr)
+    runs = {}  # name -> [(ms, loss, mfu)], one per round
+    for round_ in range(1, cfg.repeats + 1):  # rounds interleave the runs, so a slow spell hits them all alike
+        if os.path.exists(cfg.nanogpt):
+            ms = run_nanogpt(cfg, meta["vocab_size"])
+            runs.setdefault("nanoGPT train.py (its defaults for this device)", []).append((ms, None, None))
+            print(f"round {round_}, nanoGPT: {ms:.1f} ms/iter", file=sys.stderr)
+        for variant in cfg.variants.split(","):
+            dtype, compile_ = variant.split(":")
+            with tempfile.TemporaryDirectory() as out_dir:
+                ms, loss, mfu = run_ours(cfg, dtype, compile_, out_dir)
+            runs.setdefault(f"ours, {dtype}, compile={compile_}", []).append((ms, loss, mfu))
+            print(f"round {round_}, {variant}: {ms:.1f} ms/iter, last loss {loss:.3f}", file=sys.stderr)
+    rows = [(name, statistics.median(r[0] for r in results), *results[-1][1:]) for name, results in runs.items()]
 
     base = rows[0][1] if rows[0][0].startswith("nanoGPT") else None
     print(f"\nshape {cfg.shape} ({shape}), vocab {meta['vocab_size']}, device {cfg.device}, "
-          f"{tokens_per_iter} tokens/iter, median over iterations 11..{cfg.iters}\n")
+          f"{tokens_per_iter} tokens/iter; per run the median ms over iterations 11..{cfg.iters}, then the median "
+          f"over {cfg.repeats} interleaved round(s)\n")
     print("| run | ms/iter | tokens/s | vs nanoGPT | MFU | loss at last iter |")
     print("|---|---:|---:|---:|---:|---:|")
     for name, ms, loss, mfu in rows:

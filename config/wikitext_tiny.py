@@ -1,4 +1,4 @@
-"""A model that trains on 2 CPU cores in about 10 minutes and already writes recognisable English.
+"""A model that trains on 2 CPU cores in about 11 minutes (bf16) and already writes recognisable English.
 
     python prepare.py --dataset=wikitext-2 && python train.py config/wikitext_tiny.py
 """
@@ -12,7 +12,7 @@ num_attention_heads = 4
 hidden_size = 256
 block_size = 128
 batch_size = 16
-dropout = 0.1     # WikiText-2 is small (about 2.4M tokens): even a tiny model starts to overfit
+dropout = 0.0     # 1500 x 2,048 tokens is about one pass over the 2.7M train tokens: too short to overfit
 
 learning_rate = 2e-3   # small models take a large step size
 max_iters = 1500

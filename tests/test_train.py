@@ -17,7 +17,7 @@ from cli import UserError
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["--eval_iters=2", "--log_interval=1", "--batch_size=4", "--block_size=32", "--hidden_size=32",
         "--num_hidden_layers=2", "--num_attention_heads=2", "--warmup_iters=2", "--lr_decay_iters=20",
-        "--learning_rate=3e-3", "--device=cpu", "--compile=False"]
+        "--learning_rate=3e-3", "--device=cpu", "--compile=False", "--dtype=float32"]  # fp32: exact comparisons
 
 
 def run(script, *args, check=True, **kw):
@@ -82,6 +82,14 @@ def test_resume_is_exact(data_dir, tmp_path):
     train(data_dir, halves, *args, "--init_from=resume")
     a, b = weights(straight), weights(halves)
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_bf16_autocast_on_cpu_tracks_fp32(data_dir, tmp_path):
+    args = ["--max_iters=20", "--eval_interval=10", "--dropout=0"]
+    train(data_dir, tmp_path / "fp32", *args)
+    train(data_dir, tmp_path / "bf16", *args, "--dtype=bfloat16")
+    fp32, bf16 = ([r["val_loss"] for r in log_rows(tmp_path / run, "val_loss")] for run in ("fp32", "bf16"))
+    assert bf16[-1] < bf16[0] - 1.0 and bf16 == pytest.approx(fp32, abs=0.05)
 
 
 def test_gradient_accumulation_matches_the_big_batch(data_dir, tmp_path):
