@@ -51,7 +51,7 @@ import torch.nn.functional as F
 
 import prepare
 from cli import UserError, config_to_dict, parse_config, run_main
-from model import (CHECKPOINT_NAME, GPT, GPT2_MODELS, GPTConfig, add_lora, has_fast_bf16, load_gpt2,
+from model import (CHECKPOINT_NAME, GPT, GPT2_MODELS, GPTConfig, add_lora, has_fast_bf16, is_gpt2, load_gpt2,
                    merged_state_dict, pick_device, read_checkpoint, save_checkpoint)
 from tokenizer import load_tokenizer
 
@@ -226,6 +226,8 @@ def load_base_model(cfg, device):
                             num_hidden_layers=cfg.num_hidden_layers, num_attention_heads=cfg.num_attention_heads,
                             dropout=cfg.dropout, bias=False))
         return gpt.to(device), tokenizer
+    if is_gpt2(init):
+        return load_gpt2(init, cfg.cache_dir, cfg.gpt2_dir, cfg.dropout, device)
     if os.path.isfile(os.path.join(init, CHECKPOINT_NAME)):
         checkpoint = read_checkpoint(init, device)
         if "labels" in checkpoint:
@@ -233,8 +235,6 @@ def load_base_model(cfg, device):
         gpt = GPT(GPTConfig(**{**checkpoint["model_config"], "dropout": cfg.dropout}))
         gpt.load_state_dict(checkpoint["model"])
         return gpt.to(device), load_tokenizer(init)
-    if init in GPT2_MODELS or os.path.isfile(os.path.join(init, "model.safetensors")):
-        return load_gpt2(init, cfg.cache_dir, cfg.gpt2_dir, cfg.dropout, device)
     raise UserError(f"--init_from={init}: no {os.path.join(init, CHECKPOINT_NAME)} (train one: python train.py "
                     f"config/wikitext_tiny.py), and not {', '.join(GPT2_MODELS)}, a folder with model.safetensors, "
                     f"or scratch")

@@ -9,13 +9,26 @@ Read top to bottom: the config, attention, the block, the model, generation with
 checkpoint format that train.py writes and every other script loads.
 """
 
+import functools
+import json
 import math
 import os
+import re
+import warnings
 from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import urljoin
 
+import requests
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from safetensors import SafetensorError
+from safetensors.torch import load_file
+
+import prepare
+from cli import UserError
+from tokenizer import load_tokenizer
 
 
 @dataclass
@@ -29,7 +42,6 @@ class GPTConfig:
     bias: bool = True               # biases in Linear layers and LayerNorms, as GPT-2 has them
 
     def __post_init__(self):
-        from cli import UserError
         if self.hidden_size % self.num_attention_heads != 0:
             raise UserError(f"hidden_size={self.hidden_size} is not divisible by "
                             f"num_attention_heads={self.num_attention_heads}; pick sizes where it is")
@@ -45,6 +57,7 @@ def pick_device(device="auto"):
     return "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
 
 
+@functools.cache  # reads /proc/cpuinfo once, though fine-tuning asks every epoch
 def has_fast_bf16(device_type):
     """True where bfloat16 matmuls run in hardware: GPUs from Ampere on, CPUs with AVX512-BF16 or AMX (Linux)."""
     if device_type == "cuda":
@@ -300,7 +313,6 @@ def save_checkpoint(checkpoint, out_dir):
 
 def read_checkpoint(out_dir, map_location="cpu"):
     """The checkpoint dict of out_dir, loaded without unpickling arbitrary objects."""
-    from cli import UserError
     path = os.path.join(out_dir, CHECKPOINT_NAME)
     if not os.path.exists(path):
         raise UserError(f"no checkpoint at {path}: train one first (python train.py ...) or fix --out_dir")
@@ -312,13 +324,11 @@ def read_checkpoint(out_dir, map_location="cpu"):
 
 def load_model(out_dir, device="cpu"):
     """Load a checkpoint folder: (model in eval mode, its tokenizer, the checkpoint dict)."""
-    from tokenizer import load_tokenizer
     checkpoint = read_checkpoint(out_dir, map_location=device)
     model = GPT(GPTConfig(**checkpoint["model_config"]))
     model.load_state_dict(checkpoint["model"])
     model.to(device).eval()
     return model, load_tokenizer(out_dir), checkpoint
-
 
 
 # ----------------------------------------------------------------------------- pretrained GPT-2 weights
@@ -340,8 +350,6 @@ GPT2_CONV1D = ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")
 def hub_sha256(url):
     """The sha256 the Hugging Face Hub publishes for a large (LFS) file, or None (offline, or a small file).
     The Hub answers HEAD with it in X-Linked-Etag before redirecting to its CDN."""
-    import requests
-    from urllib.parse import urljoin
     try:
         for _ in range(5):  # a renamed repo (gpt2 -> openai-community/gpt2) redirects within the Hub first
             r = requests.head(url, allow_redirects=False, timeout=10)
@@ -358,9 +366,6 @@ def hub_sha256(url):
 
 def download_gpt2(name, cache_dir="data/cache", files=GPT2_FILES):
     """Fetch GPT-2 `name` from the Hugging Face Hub into cache_dir/name (kept for next time); returns that folder."""
-    from pathlib import Path
-    from cli import UserError
-    import prepare
     if name not in GPT2_MODELS:
         raise UserError(f"unknown model '{name}': use one of {', '.join(GPT2_MODELS)}, a checkpoint folder, or a "
                         f"folder holding model.safetensors + config.json")
@@ -375,7 +380,6 @@ def download_gpt2(name, cache_dir="data/cache", files=GPT2_FILES):
 
 def gpt2_config(hf_config, dropout=0.0):
     """Our GPTConfig for a Hugging Face GPT-2 config.json: GPT-2 has biases, tanh-GELU and learned positions."""
-    from cli import UserError
     if hf_config.get("activation_function", "gelu_new") not in ("gelu_new", "gelu_pytorch_tanh"):
         raise UserError(f"this GPT-2 uses activation {hf_config['activation_function']}; only tanh-GELU is built in")
     return GPTConfig(vocab_size=hf_config["vocab_size"], block_size=hf_config["n_positions"],
@@ -385,7 +389,6 @@ def gpt2_config(hf_config, dropout=0.0):
 
 def gpt2_state_dict(tensors):
     """Rename a Hugging Face GPT-2 state dict to ours, transposing the Conv1D weights."""
-    import re
     ours = {}
     for name, tensor in tensors.items():
         name = name.removeprefix("transformer.")  # GPT2LMHeadModel files have the prefix, the original ones not
@@ -402,6 +405,13 @@ def gpt2_state_dict(tensors):
     return ours
 
 
+def is_gpt2(name_or_dir):
+    """A GPT-2 model name, or a Hugging Face folder (model.safetensors) rather than a train.py checkpoint."""
+    if os.path.isfile(os.path.join(name_or_dir, CHECKPOINT_NAME)):
+        return False
+    return name_or_dir in GPT2_MODELS or os.path.isfile(os.path.join(name_or_dir, "model.safetensors"))
+
+
 def load_gpt2(name_or_dir, cache_dir="data/cache", tokenizer_dir="", dropout=0.0, device="cpu"):
     """GPT-2 in Hugging Face's format (model.safetensors + config.json; no pickle) as our GPT, with its tokenizer.
 
@@ -409,12 +419,6 @@ def load_gpt2(name_or_dir, cache_dir="data/cache", tokenizer_dir="", dropout=0.0
     The tokenizer comes from tokenizer_dir, else the folder itself, else GPT-2's files are downloaded.
     Returns (model in eval mode, tokenizer).
     """
-    import json
-    from pathlib import Path
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-    from cli import UserError
-    from tokenizer import load_tokenizer
     folder = Path(name_or_dir)
     if not folder.is_dir():
         folder = download_gpt2(str(name_or_dir), cache_dir)
@@ -512,7 +516,6 @@ class Int8Linear(nn.Module):
 
     def __init__(self, linear):
         super().__init__()
-        import warnings
         weight = linear.weight.detach().float()
         scale = weight.abs().amax(dim=1).clamp(min=1e-8) / 127  # symmetric: a row's largest weight maps to 127
         zero = torch.zeros(weight.size(0), dtype=torch.long)

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import torch
 
 from cli import UserError, parse_config, run_main
-from model import GPT2_MODELS, load_gpt2, load_model, quantize_int8, pick_device
+from model import is_gpt2, load_gpt2, load_model, pick_device, quantize_int8
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 SEPARATOR = "\n---------------\n"
@@ -57,13 +57,6 @@ def pick_dtype(dtype, device):
     if dtype not in DTYPES:
         raise UserError(f"--dtype must be auto, float32, bfloat16 or float16, got '{dtype}'")
     return DTYPES[dtype]
-
-
-def is_gpt2(out_dir):
-    """A GPT-2 model name, or a Hugging Face folder (model.safetensors) rather than a train.py checkpoint."""
-    if os.path.isfile(os.path.join(out_dir, "ckpt.pt")):
-        return False
-    return out_dir in GPT2_MODELS or os.path.isfile(os.path.join(out_dir, "model.safetensors"))
 
 
 def load_for_inference(out_dir, device="auto", dtype="auto", quantize="none", compile=False):
