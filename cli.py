@@ -1,14 +1,16 @@
 """
-Configuration and error handling shared by every script.
+The command line every script shares: settings, and errors that a user can fix.
 
-Each script describes its settings as a dataclass of typed defaults, then calls `parse_config`:
+Each script describes its settings as a dataclass of typed defaults, a comment beside each one, then calls
+`parse_config`:
 
     python train.py config/wikitext_small.py --batch_size=8 --compile=False
 
 A config file is a plain Python file of `name = value` assignments. It is read with `ast`, never executed:
 values may be literals, arithmetic on literals, or names assigned earlier in the same file. `--name=value`
 flags come after the file and win. Every value is checked against the type of its default, and an unknown
-name is an error that suggests the nearest real one.
+name is an error that suggests the nearest real one. `--help` prints every setting with its type, its default
+and the comment written beside it.
 
 Errors a user can fix are raised as `UserError`; `run_main` prints them as one line, without a traceback.
 """
@@ -16,10 +18,16 @@ Errors a user can fix are raised as `UserError`; `run_main` prints them as one l
 import ast
 import dataclasses
 import difflib
+import inspect
+import io
 import operator
+import os
 import sys
+import textwrap
+import tokenize
 import types
 import typing
+from pathlib import Path
 
 
 class UserError(Exception):
@@ -35,15 +43,34 @@ def run_main(main):
         sys.exit(2)
 
 
-def _excepthook(kind, value, tb, _default=sys.excepthook):
-    """Scripts written top to bottom (like train.py) get the same one-line errors without a wrapper."""
-    if issubclass(kind, UserError):
-        print(f"error: {value}", file=sys.stderr)
-    else:
-        _default(kind, value, tb)
+def print_user_errors_as_one_line():
+    """For a script written top to bottom without a main() (train.py): an uncaught UserError prints as one line."""
+    default = sys.excepthook
+
+    def hook(kind, value, tb):
+        if issubclass(kind, UserError):
+            print(f"error: {value}", file=sys.stderr)
+        else:
+            default(kind, value, tb)
+
+    sys.excepthook = hook
 
 
-sys.excepthook = _excepthook
+def decode_utf8(data, name):
+    """bytes -> str, or a UserError naming the file: b'caf\\xc3\\xa9' -> 'café'."""
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise UserError(f"{name} is not UTF-8 text (byte {e.start}); convert it first")
+
+
+def read_utf8(path, what="file"):
+    """The text of a UTF-8 file the user named, or a UserError that says what is wrong with it."""
+    try:
+        data = Path(path).read_bytes()
+    except OSError as e:
+        raise UserError(f"cannot read {what} {path}: {e.strerror}")
+    return decode_utf8(data, f"{what} {path}")
 
 
 # ----------------------------------------------------------------------------- reading values
@@ -71,10 +98,7 @@ def _safe_eval(node, names):
 
 def read_config_file(path):
     """Return the {name: value} assignments of a config file, without executing it."""
-    try:
-        source = open(path, encoding="utf-8").read()
-    except OSError as e:
-        raise UserError(f"cannot read config file {path}: {e.strerror}")
+    source = read_utf8(path, "config file")
     try:
         tree = ast.parse(source, filename=path)
     except SyntaxError as e:
@@ -100,6 +124,13 @@ def _parse_flag_value(text):
         return ast.literal_eval(text)
     except (ValueError, SyntaxError):
         return text
+
+
+def type_name(hint):
+    """int -> 'int'; tuple[str, ...] -> 'tuple[str, ...]'; Optional[int] -> 'Optional[int]'."""
+    if isinstance(hint, type) and not typing.get_args(hint):
+        return hint.__name__
+    return str(hint).replace("typing.", "")
 
 
 def _coerce(name, value, hint, default):
@@ -132,6 +163,74 @@ def _coerce(name, value, hint, default):
     raise UserError(f"--{name} must be {getattr(hint, '__name__', hint)}, got {value!r} (default is {default!r})")
 
 
+# ----------------------------------------------------------------------------- --help from the dataclass's comments
+
+def setting_comments(config_class):
+    """{field: the comment written beside it} and [(field before which a section starts, section comment)],
+    read from the source of the class and of the dataclasses it extends. A comment line that continues the one
+    above it (same column) joins it:
+
+        lr: float = 1e-3     # the peak learning rate,
+                             # reached after warmup_iters        -> {'lr': 'the peak learning rate, reached ...'}
+    """
+    helps, sections = {}, []
+    for cls in reversed(config_class.__mro__):
+        if dataclasses.is_dataclass(cls):
+            class_helps, class_sections = _comments_of_one_class(cls)
+            helps.update(class_helps)  # a subclass that redefines a field redefines its comment
+            sections += class_sections
+    return helps, sections
+
+
+def _comments_of_one_class(cls):
+    try:
+        lines, _ = inspect.getsourcelines(cls)
+    except (OSError, TypeError):  # no source (an interactive session, a frozen program): names and types only
+        return {}, []
+    comments = {}  # line index -> (column, text)
+    for token in tokenize.generate_tokens(io.StringIO("".join(lines)).readline):
+        if token.type == tokenize.COMMENT:
+            comments[token.start[0] - 1] = (token.start[1], token.string.lstrip("#").strip())
+    body = ast.parse(textwrap.dedent("".join(lines))).body[0].body
+    field_lines = {node.end_lineno - 1: node.target.id for node in body if isinstance(node, ast.AnnAssign)}
+    helps, sections, current, column = {}, [], None, None  # current: the field whose comment may go on below
+    for i, line in enumerate(lines):
+        if i in field_lines:
+            current = field_lines[i] if i in comments else None
+            if current is not None:
+                helps[current], column = comments[i][1], comments[i][0]
+        elif i in comments and not line[:comments[i][0]].strip():  # a line holding only a comment
+            if current is not None and comments[i][0] == column:
+                helps[current] += " " + comments[i][1]
+                continue
+            current = None
+            following = next((field_lines[j] for j in sorted(field_lines) if j > i), None)
+            if following is not None:
+                sections.append((following, comments[i][1]))
+        else:
+            current = None
+    return helps, sections
+
+
+def print_help(config_class, defaults, hints):
+    print(f"usage: {Path(sys.argv[0]).name} [config_file.py] [--name=value ...]\n\n"
+          "Settings: the defaults below, then a config file (name = value lines), then --name=value flags.")
+    helps, sections = setting_comments(config_class)
+    section_starts = {}
+    for field, text in sections:
+        section_starts.setdefault(field, []).append(text)
+    rows = [(f"--{n}={v}" if isinstance(v, str) and v else f"--{n}={v!r}", type_name(hints[n]), n)
+            for n, v in defaults.items()]
+    flag_width = min(36, max(len(flag) for flag, _, _ in rows))
+    type_width = max(len(kind) for _, kind, _ in rows)
+    indent = " " * (2 + flag_width + 2 + type_width + 2)
+    for flag, kind, name in rows:
+        for text in section_starts.get(name, []):
+            print(f"\n{text}")
+        line = f"  {flag:<{flag_width}}  {kind:<{type_width}}  {helps.get(name, '')}"
+        print(textwrap.fill(line, width=max(len(indent) + 40, 118), subsequent_indent=indent).rstrip())
+
+
 # ----------------------------------------------------------------------------- the one entry point
 
 def parse_config(config_class, argv=None):
@@ -143,9 +242,10 @@ def parse_config(config_class, argv=None):
                 for n, f in fields.items()}
 
     if argv and argv[0] in ("-h", "--help"):
-        print(f"usage: {sys.argv[0]} [config_file.py] [--name=value ...]\n\nsettings and their defaults:")
-        for n, v in defaults.items():
-            print(f"  --{n}={v!r}")
+        try:
+            print_help(config_class, defaults, hints)
+        except BrokenPipeError:  # `--help | head` closed the pipe: nothing more to say
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         sys.exit(0)
 
     overrides = []

@@ -24,44 +24,25 @@ from pathlib import Path
 
 import torch
 
-import prepare
-from cli import UserError, config_to_dict, parse_config, run_main
-from finetune_classifier import (check_training_settings, fit, load_base_model, run_epoch, set_trainable,
-                                 write_json)
-from model import load_model, merged_state_dict, pick_device, save_checkpoint
+from checkpoint import load_model, save_checkpoint
+from cli import UserError, config_to_dict, parse_config, read_utf8, run_main
+from common import download, write_json
+from finetune import (FinetuneConfig, check_training_settings, count_parameters, fit, load_base_model, run_epoch,
+                      set_trainable)
+from lora import merged_state_dict
+from runtime import pick_device
 
 
 @dataclass
-class Config:
+class FinetuneInstructConfig(FinetuneConfig):  # the settings of finetune.py, then these
+    out_dir: str = "out-instruct"     # the model, its tokenizer, test_responses.json and results.json go here
+    trainable: str = "all"            # all | last_block | lora (see finetune_classifier.py)
     # data
     data: str = ""                    # a JSON list of Alpaca-style records; empty: the 1,100-record set, downloaded
     mask_prompt: bool = True          # train on the response tokens only
     max_length: int = 0               # tokens per record (prompt + response + end-of-text), the rest cut; 0: block_size
-    # the model to start from: a train.py checkpoint folder, gpt2[-medium|-large|-xl], a folder with
-    # model.safetensors + config.json (Hugging Face format), or scratch (random weights of the shape below)
-    init_from: str = "out-wikitext-tiny"
-    out_dir: str = "out-instruct"
-    trainable: str = "all"            # all | last_block | lora (see finetune_classifier.py)
-    lora_rank: int = 8
-    lora_alpha: float = 16.0
-    dropout: float = 0.1
-    gpt2_dir: str = ""                # GPT-2's tokenizer files (vocab.json + merges.txt, or encoder.json + vocab.bpe)
-    cache_dir: str = "data/cache"
-    tokenizer_dir: str = "data/wikitext-2"   # --init_from=scratch: its tokenizer and shape
-    block_size: int = 128
-    hidden_size: int = 256
-    num_hidden_layers: int = 4
-    num_attention_heads: int = 4
-    # training
-    num_epochs: int = 5               # about 4 minutes on 2 CPU cores for the 5M-parameter model
-    batch_size: int = 8
-    learning_rate: float = 3e-4       # for our small models; GPT-2 wants about 5e-5
-    weight_decay: float = 0.1
-    grad_clip: float = 1.0
-    seed: int = 123
-    device: str = "auto"
     # answering
-    max_new_tokens: int = 200
+    max_new_tokens: int = 200         # the longest answer, in tokens
     temperature: float = 0.0          # 0: greedy, the most likely token at every step
     top_k: int = 0                    # sample from the k most likely tokens only (0: all)
     prompt: str = ""                  # answer this instruction with the model in out_dir (no training)
@@ -83,9 +64,9 @@ def load_records(path):
         raise UserError(f"--data={path}: no such file (give a JSON list of instruction/input/output records, or "
                         f"leave --data empty to download the 1,100-record set)")
     try:
-        records = json.loads(path.read_text(encoding="utf-8"))
-    except (ValueError, UnicodeDecodeError) as e:
-        raise UserError(f"{path} is not UTF-8 JSON: {e}")
+        records = json.loads(read_utf8(path))
+    except ValueError as e:
+        raise UserError(f"{path} is not JSON: {e}")
     if not isinstance(records, list) or len(records) < 20:
         raise UserError(f"{path} must hold a JSON list of at least 20 records (enough for train, val and test)")
     for i, record in enumerate(records):
@@ -162,74 +143,89 @@ def respond(model, tokenizer, record, max_new_tokens=200, temperature=0.0, top_k
 # ----------------------------------------------------------------------------- main
 
 
-def main():
-    cfg = parse_config(Config)
-    device = pick_device(cfg.device)
-    if cfg.prompt:
-        model, tokenizer, _ = load_model(cfg.out_dir, device)
-        print(respond(model, tokenizer, {"instruction": cfg.prompt, "input": cfg.input}, cfg.max_new_tokens,
-                      cfg.temperature, cfg.top_k))
-        return
-    check_training_settings(cfg, TRAINABLE)
-
-    t0 = time.time()
-    data = cfg.data or prepare.download(DATA_URL, Path(cfg.cache_dir) / "instruction-data.json", DATA_SHA256,
-                                        offline_hint="download it yourself and pass --data=PATH")
-    train_records, val_records, test_records = split_records(load_records(data), cfg.seed)
-    torch.manual_seed(cfg.seed)  # the adapters' initial weights, dropout
-    model, tokenizer = load_base_model(cfg, device)
-    set_trainable(model, cfg.trainable, cfg.lora_rank, cfg.lora_alpha, modes=TRAINABLE)
-    if cfg.max_length > model.config.block_size:
-        raise UserError(f"--max_length={cfg.max_length} is beyond the model's block_size={model.config.block_size}")
-    max_length = cfg.max_length or model.config.block_size
-
-    def encode(records):  # a record whose prompt alone fills max_length has nothing left to learn from
+def encode_splits(tokenizer, splits, max_length):
+    """[(ids, prompt length)] per split. A record whose prompt alone fills max_length has nothing left to learn
+    from: it is dropped."""
+    encoded = []
+    for records in splits:
         items = [encode_record(tokenizer, record, max_length) for record in records]
-        return [item for item in items if item[1] < len(item[0])]
-
-    train_set, val_set, test_set = encode(train_records), encode(val_records), encode(test_records)
-    if not (train_set and val_set and test_set):
+        encoded.append([item for item in items if item[1] < len(item[0])])
+    if not all(encoded):
         raise UserError(f"the prompts fill all {max_length} tokens of a split's records: raise --max_length "
                         f"(up to the model's block_size) or use shorter instructions")
-    cut = sum(len(ids) == max_length + 1 for ids, _ in train_set)
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    print(f"{len(train_records)} train, {len(val_records)} val, {len(test_records)} test records; "
+    cut = sum(len(ids) == max_length + 1 for ids, _ in encoded[0])
+    print(f"{len(splits[0])} train, {len(splits[1])} val, {len(splits[2])} test records; "
           f"{cut} train records cut to {max_length} tokens")
-    print(f"init from {cfg.init_from}: {model.num_params(False) / 1e6:.2f}M parameters, {trainable / 1e6:.3f}M "
-          f"trainable ({cfg.trainable}); device {device}")
+    return encoded
 
-    def collate(items, mask_prompt=cfg.mask_prompt):
+
+def answer_test_records(model, tokenizer, records, config):
+    """The test records, each with the model's answer under "model_response"."""
+    answers, t0 = [], time.time()
+    for i, record in enumerate(records):
+        answers.append({**record, "model_response": respond(model, tokenizer, record, config.max_new_tokens,
+                                                            config.temperature, config.top_k)})
+        if (i + 1) % 25 == 0 or i + 1 == len(records):
+            print(f"answered {i + 1}/{len(records)} test instructions ({time.time() - t0:.0f}s)", flush=True)
+    return answers
+
+
+def train_instruct(config, device):
+    """Fine-tune, keep the best val epoch in out_dir, grade it on the test responses, answer the test instructions."""
+    t0 = time.time()
+    data = config.data or download(DATA_URL, Path(config.cache_dir) / "instruction-data.json", DATA_SHA256,
+                                   offline_hint="download it yourself and pass --data=PATH")
+    splits = split_records(load_records(data), config.seed)
+    torch.manual_seed(config.seed)  # the adapters' initial weights, dropout
+    model, tokenizer = load_base_model(config, device)
+    set_trainable(model, config.trainable, config.lora_rank, config.lora_alpha, TRAINABLE)
+    if config.max_length > model.config.block_size:
+        raise UserError(f"--max_length={config.max_length} is beyond the model's block_size={model.config.block_size}")
+    train_set, val_set, test_set = encode_splits(tokenizer, splits, config.max_length or model.config.block_size)
+    trainable, total = count_parameters(model)
+    print(f"init from {config.init_from}: {total / 1e6:.2f}M parameters, {trainable / 1e6:.3f}M "
+          f"trainable ({config.trainable}); device {device}")
+
+    def collate(items, mask_prompt=config.mask_prompt):
         inputs, targets = make_batch(items, tokenizer.eot_id, mask_prompt)
         return inputs.to(device), targets.to(device)
 
     def save(epoch, row):
         save_checkpoint({"model": merged_state_dict(model), "model_config": asdict(model.config),
-                         "finetune_config": config_to_dict(cfg), "epoch": epoch, "val_loss": row["val_loss"]},
-                        cfg.out_dir)
+                         "finetune_config": config_to_dict(config), "epoch": epoch, "val_loss": row["val_loss"]},
+                        config.out_dir)
 
-    os.makedirs(cfg.out_dir, exist_ok=True)
-    tokenizer.save(cfg.out_dir)
-    rows = fit(model, cfg, train_set, val_set, collate, lm_loss, lambda val: -val["loss"], save)
+    os.makedirs(config.out_dir, exist_ok=True)
+    tokenizer.save(config.out_dir)
+    rows = fit(model, config, train_set, val_set, collate, lm_loss, lambda val: -val["loss"], save)
 
-    best, tokenizer, checkpoint = load_model(cfg.out_dir, device)
+    best, tokenizer, checkpoint = load_model(config.out_dir, device)
     # the response perplexity grades the response whatever mask_prompt was
-    test = run_epoch(best, [collate(test_set[i:i + 16], True) for i in range(0, len(test_set), 16)], lm_loss)
+    test = run_epoch(best, [collate(test_set[i:i + 16], True) for i in range(0, len(test_set), 16)], lm_loss,
+                     dtype=config.dtype)
     print(f"test response loss {test['loss']:.4f}, perplexity {math.exp(test['loss']):.2f}, next-token accuracy "
           f"{test['accuracy']:.2%} (best epoch {checkpoint['epoch']})")
-    answers, t1 = [], time.time()
-    for i, record in enumerate(test_records):
-        answers.append({**record, "model_response": respond(best, tokenizer, record, cfg.max_new_tokens,
-                                                            cfg.temperature, cfg.top_k)})
-        if (i + 1) % 25 == 0 or i + 1 == len(test_records):
-            print(f"answered {i + 1}/{len(test_records)} test instructions ({time.time() - t1:.0f}s)", flush=True)
-    write_json(Path(cfg.out_dir) / "test_responses.json", answers)
-    write_json(Path(cfg.out_dir) / "results.json", {
+    answers = answer_test_records(best, tokenizer, splits[2], config)
+    write_json(Path(config.out_dir) / "test_responses.json", answers)
+    write_json(Path(config.out_dir) / "results.json", {
         "test_response_loss": test["loss"], "test_response_perplexity": math.exp(test["loss"]),
-        "test_token_accuracy": test["accuracy"], "best_epoch": checkpoint["epoch"], "init_from": cfg.init_from,
-        "trainable": cfg.trainable, "trainable_parameters": trainable, "seconds": time.time() - t0, "epochs": rows,
-        "config": config_to_dict(cfg)})
+        "test_token_accuracy": test["accuracy"], "best_epoch": checkpoint["epoch"], "init_from": config.init_from,
+        "trainable": config.trainable, "trainable_parameters": trainable, "seconds": time.time() - t0, "epochs": rows,
+        "config": config_to_dict(config)})
     print(f"example: {answers[0]['instruction']!r} -> {answers[0]['model_response']!r}")
-    print(f"answers in {os.path.join(cfg.out_dir, 'test_responses.json')}; {time.time() - t0:.0f}s in all")
+    print(f"answers in {os.path.join(config.out_dir, 'test_responses.json')}; {time.time() - t0:.0f}s in all")
+
+
+def main():
+    config = parse_config(FinetuneInstructConfig)
+    device = pick_device(config.device)
+    if config.prompt:
+        model, tokenizer, _ = load_model(config.out_dir, device)
+        print(respond(model, tokenizer, {"instruction": config.prompt, "input": config.input}, config.max_new_tokens,
+                      config.temperature, config.top_k))
+        return
+    check_training_settings(config, TRAINABLE)
+    train_instruct(config, device)
 
 
 if __name__ == "__main__":

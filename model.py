@@ -1,34 +1,23 @@
 """
-A GPT language model, written out from scratch.
+A GPT language model, written out from scratch. Imports nothing but torch: copy this file alone into a project.
 
     token ids -> token embedding + position embedding
               -> num_hidden_layers x TransformerBlock (pre-norm: x + attn(ln(x)), x + mlp(ln(x)))
               -> final LayerNorm -> linear head tied to the token embedding -> next-token logits
 
-Read top to bottom: the config, attention, the block, the model, generation with a KV cache, and the
-checkpoint format that train.py writes and every other script loads.
+Read top to bottom: the config, attention (with its KV cache), the block, the model, generation.
+
+    model = GPT(GPTConfig(vocab_size=8192, block_size=256, hidden_size=384, num_hidden_layers=6, num_attention_heads=6))
+    logits, loss = model(idx, targets)           # idx, targets: (B, T) token ids
+    new = model.generate(idx, max_new_tokens=50, temperature=0.8, top_k=200)
 """
 
-import functools
-import json
 import math
-import os
-import re
-import warnings
 from dataclasses import dataclass
-from pathlib import Path
-from urllib.parse import urljoin
 
-import requests
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from safetensors import SafetensorError
-from safetensors.torch import load_file
-
-import prepare
-from cli import UserError
-from tokenizer import load_tokenizer
 
 
 @dataclass
@@ -43,32 +32,11 @@ class GPTConfig:
 
     def __post_init__(self):
         if self.hidden_size % self.num_attention_heads != 0:
-            raise UserError(f"hidden_size={self.hidden_size} is not divisible by "
-                            f"num_attention_heads={self.num_attention_heads}; pick sizes where it is")
+            raise ValueError(f"hidden_size={self.hidden_size} is not divisible by "
+                             f"num_attention_heads={self.num_attention_heads}; pick sizes where it is")
         for name in ("vocab_size", "block_size", "hidden_size", "num_hidden_layers", "num_attention_heads"):
             if getattr(self, name) < 1:
-                raise UserError(f"{name} must be at least 1, got {getattr(self, name)}")
-
-
-def pick_device(device="auto"):
-    """'auto' picks cuda, then mps (Apple), then cpu; any other value is used as given."""
-    if device != "auto":
-        return device
-    return "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
-
-
-@functools.cache  # reads /proc/cpuinfo once, though fine-tuning asks every epoch
-def has_fast_bf16(device_type):
-    """True where bfloat16 matmuls run in hardware: GPUs from Ampere on, CPUs with AVX512-BF16 or AMX (Linux)."""
-    if device_type == "cuda":
-        return torch.cuda.is_bf16_supported()
-    if device_type != "cpu":
-        return False
-    try:  # without these instructions bf16 is emulated on the CPU and slower than fp32
-        flags = set(open("/proc/cpuinfo").read().split())
-    except OSError:
-        return False
-    return bool(flags & {"avx512_bf16", "amx_bf16"})
+                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
 
 
 # ----------------------------------------------------------------------------- attention
@@ -294,252 +262,3 @@ def sample_next_token(logits, temperature=1.0, top_k=None, top_p=None, generator
         logits = logits.masked_fill(remove, float("-inf"))
     probs = logits.softmax(dim=-1)
     return torch.multinomial(probs, num_samples=1, generator=generator).squeeze(-1)
-
-
-# ----------------------------------------------------------------------------- checkpoints
-
-CHECKPOINT_NAME = "ckpt.pt"
-
-
-def save_checkpoint(checkpoint, out_dir):
-    """Write atomically: a crash mid-save leaves the previous checkpoint intact."""
-    os.makedirs(out_dir, exist_ok=True)
-    path = os.path.join(out_dir, CHECKPOINT_NAME)
-    tmp = path + ".tmp"
-    torch.save(checkpoint, tmp)
-    os.replace(tmp, path)  # atomic on POSIX and Windows
-    return path
-
-
-def read_checkpoint(out_dir, map_location="cpu"):
-    """The checkpoint dict of out_dir, loaded without unpickling arbitrary objects."""
-    path = os.path.join(out_dir, CHECKPOINT_NAME)
-    if not os.path.exists(path):
-        raise UserError(f"no checkpoint at {path}: train one first (python train.py ...) or fix --out_dir")
-    try:
-        return torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as e:  # weights_only refuses anything but tensors and plain containers
-        raise UserError(f"cannot read checkpoint {path}: {str(e).splitlines()[0]}")
-
-
-def load_model(out_dir, device="cpu"):
-    """Load a checkpoint folder: (model in eval mode, its tokenizer, the checkpoint dict)."""
-    checkpoint = read_checkpoint(out_dir, map_location=device)
-    model = GPT(GPTConfig(**checkpoint["model_config"]))
-    model.load_state_dict(checkpoint["model"])
-    model.to(device).eval()
-    return model, load_tokenizer(out_dir), checkpoint
-
-
-# ----------------------------------------------------------------------------- pretrained GPT-2 weights
-
-GPT2_MODELS = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")  # 124M, 355M, 774M, 1558M parameters
-HF_URL = "https://huggingface.co/{name}/resolve/main/{file}"
-GPT2_FILES = ("config.json", "model.safetensors", "vocab.json", "merges.txt")
-# GPT-2's tokenizer: the same bytes for every size, and the same as OpenAI's encoder.json / vocab.bpe
-GPT2_TOKENIZER_SHA256 = {"vocab.json": "196139668be63f3b5d6574427317ae82f612a97c5d1cdaf36ed2256dbf636783",
-                         "merges.txt": "1ce1664773c50f3e0cc8842619a93edc4624525b728b188a9e0be33b7726adc5"}
-# Hugging Face's names -> ours. Their Conv1D layers store weights as (in, out); nn.Linear wants (out, in).
-GPT2_NAMES = {"wte.weight": "token_emb.weight", "wpe.weight": "pos_emb.weight",
-              "ln_f.weight": "ln_f.weight", "ln_f.bias": "ln_f.bias"}
-GPT2_BLOCK_NAMES = {"ln_1": "ln_1", "attn.c_attn": "attn.qkv_proj", "attn.c_proj": "attn.out_proj",
-                    "ln_2": "ln_2", "mlp.c_fc": "mlp.up_proj", "mlp.c_proj": "mlp.down_proj"}
-GPT2_CONV1D = ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")
-
-
-def hub_sha256(url):
-    """The sha256 the Hugging Face Hub publishes for a large (LFS) file, or None (offline, or a small file).
-    The Hub answers HEAD with it in X-Linked-Etag before redirecting to its CDN."""
-    try:
-        for _ in range(5):  # a renamed repo (gpt2 -> openai-community/gpt2) redirects within the Hub first
-            r = requests.head(url, allow_redirects=False, timeout=10)
-            etag = r.headers.get("X-Linked-Etag", "").strip('"')
-            if len(etag) == 64 and all(c in "0123456789abcdef" for c in etag):
-                return etag
-            if not r.is_redirect:
-                return None
-            url = urljoin(url, r.headers["Location"])
-    except requests.RequestException:
-        return None  # offline: a cached copy is used as it is
-    return None
-
-
-def download_gpt2(name, cache_dir="data/cache", files=GPT2_FILES):
-    """Fetch GPT-2 `name` from the Hugging Face Hub into cache_dir/name (kept for next time); returns that folder."""
-    if name not in GPT2_MODELS:
-        raise UserError(f"unknown model '{name}': use one of {', '.join(GPT2_MODELS)}, a checkpoint folder, or a "
-                        f"folder holding model.safetensors + config.json")
-    folder = Path(cache_dir) / name
-    for file in files:
-        url = HF_URL.format(name=name, file=file)
-        sha256 = GPT2_TOKENIZER_SHA256.get(file) or (hub_sha256(url) if file.endswith(".safetensors") else None)
-        prepare.download(url, folder / file, sha256, desc=f"{name} {file}", offline_hint=(
-            f"without the network, put {', '.join(files)} of {name} in a folder and pass that folder instead"))
-    return folder
-
-
-def gpt2_config(hf_config, dropout=0.0):
-    """Our GPTConfig for a Hugging Face GPT-2 config.json: GPT-2 has biases, tanh-GELU and learned positions."""
-    if hf_config.get("activation_function", "gelu_new") not in ("gelu_new", "gelu_pytorch_tanh"):
-        raise UserError(f"this GPT-2 uses activation {hf_config['activation_function']}; only tanh-GELU is built in")
-    return GPTConfig(vocab_size=hf_config["vocab_size"], block_size=hf_config["n_positions"],
-                     hidden_size=hf_config["n_embd"], num_hidden_layers=hf_config["n_layer"],
-                     num_attention_heads=hf_config["n_head"], dropout=dropout, bias=True)
-
-
-def gpt2_state_dict(tensors):
-    """Rename a Hugging Face GPT-2 state dict to ours, transposing the Conv1D weights."""
-    ours = {}
-    for name, tensor in tensors.items():
-        name = name.removeprefix("transformer.")  # GPT2LMHeadModel files have the prefix, the original ones not
-        if name in GPT2_NAMES:
-            ours[GPT2_NAMES[name]] = tensor
-            continue
-        m = re.fullmatch(r"h\.(\d+)\.(.+)\.(weight|bias)", name)
-        if m and m[2] in GPT2_BLOCK_NAMES:
-            transpose = m[2] in GPT2_CONV1D and m[3] == "weight"
-            ours[f"blocks.{m[1]}.{GPT2_BLOCK_NAMES[m[2]]}.{m[3]}"] = tensor.t() if transpose else tensor
-        # anything else is lm_head.weight (tied to wte) or attn.bias / attn.masked_bias (causal-mask buffers)
-    if "token_emb.weight" in ours:
-        ours["lm_head.weight"] = ours["token_emb.weight"]
-    return ours
-
-
-def is_gpt2(name_or_dir):
-    """A GPT-2 model name, or a Hugging Face folder (model.safetensors) rather than a train.py checkpoint."""
-    if os.path.isfile(os.path.join(name_or_dir, CHECKPOINT_NAME)):
-        return False
-    return name_or_dir in GPT2_MODELS or os.path.isfile(os.path.join(name_or_dir, "model.safetensors"))
-
-
-def load_gpt2(name_or_dir, cache_dir="data/cache", tokenizer_dir="", dropout=0.0, device="cpu"):
-    """GPT-2 in Hugging Face's format (model.safetensors + config.json; no pickle) as our GPT, with its tokenizer.
-
-    name_or_dir: gpt2 | gpt2-medium | gpt2-large | gpt2-xl (downloaded once into cache_dir), or a local folder.
-    The tokenizer comes from tokenizer_dir, else the folder itself, else GPT-2's files are downloaded.
-    Returns (model in eval mode, tokenizer).
-    """
-    folder = Path(name_or_dir)
-    if not folder.is_dir():
-        folder = download_gpt2(str(name_or_dir), cache_dir)
-    for file in ("config.json", "model.safetensors"):
-        if not (folder / file).is_file():
-            raise UserError(f"{folder} has no {file}: a GPT-2 folder holds Hugging Face's config.json and "
-                            f"model.safetensors (save_pretrained(dir, safe_serialization=True) writes them)")
-    model = GPT(gpt2_config(json.loads((folder / "config.json").read_text()), dropout))
-    try:
-        tensors = load_file(folder / "model.safetensors")
-    except (SafetensorError, OSError) as e:
-        raise UserError(f"cannot read {folder / 'model.safetensors'} ({e}); delete it to download it again")
-    try:
-        missing, unexpected = model.load_state_dict(gpt2_state_dict(tensors), strict=False)
-    except RuntimeError as e:  # a tensor of the wrong shape
-        raise UserError(f"{folder / 'model.safetensors'} does not match config.json: {str(e).splitlines()[-1].strip()}")
-    if missing or unexpected:
-        raise UserError(f"{folder / 'model.safetensors'} does not match config.json: missing "
-                        f"{missing[:3]}, unexpected {unexpected[:3]}")
-    has_tokenizer = any((folder / f).is_file() for f in ("vocab.json", "encoder.json"))
-    if not tokenizer_dir:
-        tokenizer_dir = folder if has_tokenizer else download_gpt2("gpt2", cache_dir, ("vocab.json", "merges.txt"))
-    return model.to(device).eval(), load_tokenizer(tokenizer_dir)
-
-
-# ----------------------------------------------------------------------------- LoRA
-
-class LoRALinear(nn.Module):
-    """A frozen nn.Linear plus a trainable low-rank update: y = W x + b + (alpha / rank) * B A x.
-
-    A is (rank, in) and B is (out, rank), so a 768 x 768 layer trains 2 * 768 * rank numbers instead of 768 * 768.
-    B starts at zero: training starts exactly from the pretrained model.
-    """
-
-    def __init__(self, base, rank, alpha):
-        super().__init__()
-        self.base = base.requires_grad_(False)
-        self.lora_A = nn.Parameter(torch.empty(rank, base.in_features))
-        self.lora_B = nn.Parameter(torch.zeros(base.out_features, rank))
-        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))  # what nn.Linear uses for its own weight
-        self.scale = alpha / rank
-
-    def forward(self, x):
-        return self.base(x) + (x @ self.lora_A.t() @ self.lora_B.t()) * self.scale
-
-    def merged(self):
-        """The plain nn.Linear with the update folded into its weight: no extra cost at inference."""
-        with torch.no_grad():
-            self.base.weight += self.scale * (self.lora_B @ self.lora_A)
-        return self.base
-
-
-LORA_TARGETS = ("qkv_proj", "out_proj", "up_proj", "down_proj")  # attention and MLP projections of every block
-
-
-def add_lora(model, rank=8, alpha=16):
-    """Wrap every attention and MLP projection of model.blocks in a LoRALinear; returns the model."""
-    for block in model.blocks:
-        for parent in (block.attn, block.mlp):
-            for name in LORA_TARGETS:
-                if isinstance(getattr(parent, name, None), nn.Linear):
-                    setattr(parent, name, LoRALinear(getattr(parent, name), rank, alpha))
-    return model
-
-
-def merge_lora(model):
-    """Fold every LoRALinear back into a plain nn.Linear, in place; returns the model."""
-    for module in list(model.modules()):
-        for name, child in list(module.named_children()):
-            if isinstance(child, LoRALinear):
-                setattr(module, name, child.merged())
-    return model
-
-
-def merged_state_dict(model):
-    """model.state_dict() with each LoRA update folded into its weight, under the plain layers' names: it loads
-    into a model without LoRA, and the training model keeps its adapters."""
-    state = model.state_dict()
-    for name, module in model.named_modules():
-        if isinstance(module, LoRALinear):
-            delta = module.scale * (module.lora_B @ module.lora_A).detach()
-            state[f"{name}.weight"] = state.pop(f"{name}.base.weight") + delta
-            if f"{name}.base.bias" in state:
-                state[f"{name}.bias"] = state.pop(f"{name}.base.bias")
-            del state[f"{name}.lora_A"], state[f"{name}.lora_B"]
-    return state
-
-
-# ----------------------------------------------------------------------------- inference optimization
-
-class Int8Linear(nn.Module):
-    """An nn.Linear for CPU inference with int8 weights (one scale per output row). Each call quantizes its input
-    on the fly (one scale per call), multiplies in int8 (fbgemm / oneDNN) and returns float32: a quarter of the
-    weight memory to stream per token, which is what bounds the speed of generating one token at a time."""
-
-    def __init__(self, linear):
-        super().__init__()
-        weight = linear.weight.detach().float()
-        scale = weight.abs().amax(dim=1).clamp(min=1e-8) / 127  # symmetric: a row's largest weight maps to 127
-        zero = torch.zeros(weight.size(0), dtype=torch.long)
-        with warnings.catch_warnings():  # quantized tensors are marked deprecated, yet remain the way to reach the kernels
-            warnings.filterwarnings("ignore", message=".*quantize_per_channel.*deprecated", category=UserWarning)
-            qweight = torch.quantize_per_channel(weight, scale.double(), zero, axis=0, dtype=torch.qint8)
-        bias = None if linear.bias is None else linear.bias.detach().float()
-        self.packed = torch.ops.quantized.linear_prepack(qweight, bias)
-        self.in_features, self.out_features = linear.in_features, linear.out_features
-
-    def forward(self, x):
-        # reduce_range: 7-bit activations, so 16-bit pair sums cannot overflow on x86 CPUs without VNNI
-        return torch.ops.quantized.linear_dynamic(x.float(), self.packed, True)
-
-
-def quantize_int8(model):
-    """Replace every nn.Linear of a float32 model by an Int8Linear, in place, for CPU inference; returns the model.
-
-    The output head is tied to the token embedding. It gets its own int8 copy: in a small model it is the largest
-    matrix, so most of the gain. The input lookup keeps the float table (a lookup costs nothing to speed up), so
-    the tie is broken and the model is for inference only.
-    """
-    for module in list(model.modules()):
-        for name, child in list(module.named_children()):
-            if isinstance(child, nn.Linear):
-                setattr(module, name, Int8Linear(child))
-    return model

@@ -26,15 +26,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import requests
 
-import cli
-from cli import UserError
-from tokenizer import BPETokenizer
+from cli import UserError, decode_utf8, parse_config, read_utf8, run_main
+from common import Progress, atomic_write, download, sha256_of, write_json
+from tokenizer import GPT2_MERGES_SHA256, GPT2_VOCAB_SHA256, BPETokenizer
 
 
 @dataclass
-class Config:
+class PrepareConfig:
     dataset: str = "wikitext-2-raw"     # wikitext-2-raw (plain text) or wikitext-2 (the tokenized release)
     source: str = ""                    # folder (or the upstream .zip) holding the WikiText files: no download
     input: str = ""                     # your own UTF-8 text file(s), comma-separated, instead of WikiText
@@ -43,10 +42,10 @@ class Config:
     out_dir: str = ""                   # default: data/<dataset>
     cache_dir: str = "data/cache"       # where downloads are kept
     tokenizer: str = "bpe"              # bpe (train our own on the train split) or gpt2 (GPT-2's 50,257 ids)
-    # 8192 ids: the embedding table stays small next to a ~10M-parameter model, yet most words are one token
-    vocab_size: int = 8192
+    vocab_size: int = 8192              # bpe: ids in all; 8192 keeps the embedding table small next to a
+                                        # ~10M-parameter model, yet most words are one token
     min_frequency: int = 2              # a pair must occur this often to become a merge
-    special_tokens: tuple[str, ...] = ("<|endoftext|>",)
+    special_tokens: tuple[str, ...] = ("<|endoftext|>",)   # bpe: ids after the merges; <|endoftext|> is required
     gpt2_dir: str = ""                  # folder with GPT-2's encoder.json + vocab.bpe (else downloaded)
     check_sha256: bool = True           # refuse WikiText/GPT-2 files that differ from the published ones
 
@@ -69,115 +68,9 @@ WIKITEXT = {
                    "test": "d790b833ef8cf03a90db7bf1271b7520b83c45ce07ba3c1a9699df81e239eca0"},
 }
 GPT2_URL = "https://openaipublic.blob.core.windows.net/gpt-2/encodings/main/"
-GPT2_FILES = {"encoder.json": "196139668be63f3b5d6574427317ae82f612a97c5d1cdaf36ed2256dbf636783",
-              "vocab.bpe": "1ce1664773c50f3e0cc8842619a93edc4624525b728b188a9e0be33b7726adc5"}
-
-# ----------------------------------------------------------------------------- downloads
-
-
-class Progress:
-    """A one-line progress report on stderr, redrawn at most 5 times a second (every 30 s into a log file)."""
-
-    def __init__(self, desc, total, unit_name="MB"):
-        self.desc, self.total, self.unit_name, self.last, self.shown = desc, total, unit_name, 0.0, None
-        self.interval = 0.2 if sys.stderr.isatty() else 30.0
-
-    def update(self, done, force=False):
-        if (force and done != self.shown) or time.time() - self.last > self.interval:
-            self.last, self.shown = time.time(), done
-            size = f"{done / 1e6:.1f}" + (f"/{self.total / 1e6:.1f}" if self.total else "")
-            pct = f"{100 * done / self.total:3.0f}% " if self.total else ""
-            print(f"\r{self.desc}: {pct}({size} {self.unit_name})", end="", file=sys.stderr, flush=True)
-
-    def close(self, done):
-        self.update(done, force=True)
-        print(file=sys.stderr)
-
-
-def sha256_of(path):
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
-def _fetch(url, part, desc):
-    """Stream url into `part`, continuing an existing partial file with an HTTP Range request if the server can."""
-    have = part.stat().st_size if part.exists() else 0
-    headers = {"Accept-Encoding": "identity"}  # byte ranges and lengths must refer to the file itself
-    if have:
-        headers["Range"] = f"bytes={have}-"
-    with requests.get(url, headers=headers, stream=True, timeout=30) as r:
-        if have and r.status_code == 416:  # nothing left to send: the .part is complete (the checksum decides)
-            return
-        resumed = have > 0 and r.status_code == 206 and r.headers.get("Content-Range", "").startswith(f"bytes {have}-")
-        if not resumed and r.status_code != 200:
-            raise requests.HTTPError(f"HTTP {r.status_code} {r.reason}")
-        have = have if resumed else 0
-        length = r.headers.get("Content-Length")
-        total = have + int(length) if length else None
-        progress = Progress(desc, total)
-        with open(part, "ab" if resumed else "wb") as f:
-            for block in r.iter_content(1 << 16):
-                f.write(block)
-                have += len(block)
-                progress.update(have)
-        progress.close(have)
-        if total and have < total:
-            raise requests.ConnectionError(f"connection closed after {have:,} of {total:,} bytes")
-
-
-def _reason(e):
-    text = str(e)
-    return text if len(text) < 100 else type(e).__name__  # urllib3's messages run to several hundred characters
-
-
-def download(url_or_urls, dest, sha256=None, desc=None, offline_hint=""):
-    """Fetch a file to `dest`, trying mirror URLs in order; check its sha256, then rename it into place. Returns dest.
-
-    A file already at dest with the right checksum is reused, one with the wrong checksum is fetched again. Bytes go to
-    dest + ".part" first, so an interrupted download resumes next time and dest never holds a partial file.
-    `offline_hint` tells the user how to do without the network (e.g. "pass --source=DIR ...").
-    """
-    urls = [url_or_urls] if isinstance(url_or_urls, str) else list(url_or_urls)
-    dest, desc = Path(dest), desc or Path(dest).name
-    if dest.exists():
-        if sha256 is None or sha256_of(dest) == sha256:
-            return dest
-        print(f"{dest} fails its sha256 check: fetching it again", file=sys.stderr)
-        dest.unlink()
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    part = dest.with_name(dest.name + ".part")
-    problems = []
-    for url in urls:
-        for _ in range(2):  # the second try resumes an interrupted transfer, or restarts after a stale .part
-            had = part.stat().st_size if part.exists() else 0
-            try:
-                _fetch(url, part, desc)
-            except requests.RequestException as e:
-                problems.append(f"{url}: {_reason(e)}")
-                if part.exists() and part.stat().st_size > had:
-                    continue  # it was making progress: pick up where it stopped
-                break
-            if sha256 is None or sha256_of(part) == sha256:
-                os.replace(part, dest)
-                return dest
-            part.unlink()
-            problems.append(f"{url}: sha256 mismatch")
-            if not had:
-                break  # a fresh copy was wrong: this mirror serves another file
-    raise UserError(f"could not download {desc} ({'; '.join(problems)}); "
-                    f"{offline_hint or f'download it yourself to {dest}'}")
+GPT2_FILES = {"encoder.json": GPT2_VOCAB_SHA256, "vocab.bpe": GPT2_MERGES_SHA256}
 
 # ----------------------------------------------------------------------------- the text of each split
-
-
-def _utf8(data, name):
-    try:
-        return data.decode("utf-8")
-    except UnicodeDecodeError as e:
-        raise UserError(f"{name} is not UTF-8 text (byte {e.start}); convert it first")
 
 
 _ARTICLE = re.compile(r"^ = [^=].* = $", re.M)  # ' = Title = ' opens an article; ' = = Section = = ' does not
@@ -194,17 +87,17 @@ def wikitext_articles(text):
     return [text[a:b] for a, b in zip(starts, starts[1:] + [len(text)])]
 
 
-def wikitext_splits(cfg):
+def wikitext_splits(config):
     """{split: text} of WikiText-2: from --source (a folder or the upstream zip), else downloaded and cached."""
-    spec = WIKITEXT[cfg.dataset]
+    spec = WIKITEXT[config.dataset]
     names = {split: f"wiki.{theirs}.{spec['ext']}" for split, theirs in zip(SPLITS, ("train", "valid", "test"))}
-    if cfg.source:
-        source = Path(cfg.source)
+    if config.source:
+        source = Path(config.source)
         if not source.exists():
             raise UserError(f"--source={source} does not exist")
     else:
         urls = [mirror + spec["zip"] for mirror in WIKITEXT_MIRRORS]
-        source = download(urls, Path(cfg.cache_dir) / spec["zip"], spec["sha256"], offline_hint=(
+        source = download(urls, Path(config.cache_dir) / spec["zip"], spec["sha256"], offline_hint=(
             f"get {spec['zip']} or its {', '.join(names.values())} and pass --source=PATH"))
     if source.is_dir():
         listing = {path.name: path for path in source.iterdir()}
@@ -217,7 +110,7 @@ def wikitext_splits(cfg):
         raise UserError(f"--source={source} is neither a folder nor a zip file")
     missing = [name for name in names.values() if name not in listing]
     if missing:
-        other = next(d for d in WIKITEXT if d != cfg.dataset)
+        other = next(d for d in WIKITEXT if d != config.dataset)
         looks_other = any(n.endswith("." + WIKITEXT[other]["ext"]) for n in listing)
         hint = f"; it looks like --dataset={other}" if looks_other else ""
         raise UserError(f"{source} has no {', '.join(missing)} (files of {spec['zip']}; without --source they are "
@@ -225,14 +118,14 @@ def wikitext_splits(cfg):
     texts = {}
     for split, name in names.items():
         data = read(name)
-        if cfg.check_sha256 and hashlib.sha256(data).hexdigest() != spec[name.split(".")[1]]:
+        if config.check_sha256 and hashlib.sha256(data).hexdigest() != spec[name.split(".")[1]]:
             raise UserError(f"{name} in {source} differs from the published WikiText file (sha256); use a fresh "
                             f"copy, or --check_sha256=False to use it as it is")
-        texts[split] = _utf8(data, f"{source}/{name}")
+        texts[split] = decode_utf8(data, f"{source}/{name}")
     return texts
 
 
-def _cut(docs, at):
+def split_at_line(docs, at):
     """Split a list of documents at character offset `at`, moved to a line start; returns (head, tail)."""
     head, tail = [], []
     for doc in docs:
@@ -249,18 +142,18 @@ def _cut(docs, at):
     return head, tail
 
 
-def input_splits(cfg):
+def input_splits(config):
     """{split: [documents]} from --input files: each file a document; the text's tail becomes val (then test)."""
     docs = []
-    for name in cfg.input.split(","):
+    for name in config.input.split(","):
         path = Path(name.strip())
         if not path.is_file():
             raise UserError(f"--input: no file {path}")
-        docs.append(_utf8(path.read_bytes(), path))
+        docs.append(read_utf8(path, "--input file"))
     total = sum(map(len, docs))
-    rest, test = _cut(docs, round(total * (1 - cfg.test_fraction)))
-    train, val = _cut(rest, round(total * (1 - cfg.test_fraction - cfg.val_fraction)))
-    splits = {"train": train, "val": val} | ({"test": test} if cfg.test_fraction else {})
+    rest, test = split_at_line(docs, round(total * (1 - config.test_fraction)))
+    train, val = split_at_line(rest, round(total * (1 - config.test_fraction - config.val_fraction)))
+    splits = {"train": train, "val": val} | ({"test": test} if config.test_fraction else {})
     empty = [split for split, part in splits.items() if not "".join(part).strip()]
     if empty:
         raise UserError(f"--input leaves the {' and '.join(empty)} split empty: give more text (more lines) "
@@ -286,23 +179,23 @@ def check_vocab_fits(vocab_size):
                         f"lower --vocab_size")
 
 
-def get_tokenizer(cfg, train_docs):
+def get_tokenizer(config, train_docs):
     """GPT-2's tokenizer (from --gpt2_dir, else downloaded), or a BPE tokenizer trained on the train split only."""
-    if cfg.tokenizer == "gpt2":
-        folder = Path(cfg.gpt2_dir or Path(cfg.cache_dir) / "gpt2")
+    if config.tokenizer == "gpt2":
+        folder = Path(config.gpt2_dir or Path(config.cache_dir) / "gpt2")
         for name, sha in GPT2_FILES.items():
-            if not cfg.gpt2_dir:
+            if not config.gpt2_dir:
                 download(GPT2_URL + name, folder / name, sha, desc=f"GPT-2 {name}",
                          offline_hint="pass --gpt2_dir=DIR with GPT-2's encoder.json and vocab.bpe")
             elif not (folder / name).is_file():
                 raise UserError(f"--gpt2_dir={folder} has no {name} (GPT-2's encoder.json and vocab.bpe go there)")
-            elif cfg.check_sha256 and sha256_of(folder / name) != sha:
+            elif config.check_sha256 and sha256_of(folder / name) != sha:
                 raise UserError(f"{folder / name} is not GPT-2's (sha256); use the published file, "
                                 f"or --check_sha256=False to use it as it is")
         return BPETokenizer.load(folder / "encoder.json", folder / "vocab.bpe")
-    print(f"training a BPE tokenizer ({cfg.vocab_size:,} ids) on the train split ...", file=sys.stderr)
-    return BPETokenizer.train(train_docs, vocab_size=cfg.vocab_size, min_frequency=cfg.min_frequency,
-                              special_tokens=cfg.special_tokens)
+    print(f"training a BPE tokenizer ({config.vocab_size:,} ids) on the train split ...", file=sys.stderr)
+    return BPETokenizer.train(train_docs, vocab_size=config.vocab_size, min_frequency=config.min_frequency,
+                              special_tokens=config.special_tokens)
 
 
 CHUNK_CHARS = 1 << 20
@@ -368,52 +261,46 @@ def load_split(data_dir, split):
 # ----------------------------------------------------------------------------- main
 
 
-def _write_atomic(path, write):
-    tmp = path.with_name(path.name + ".tmp")
-    write(tmp)
-    os.replace(tmp, path)  # readers see the old file or the new one, never half of one
-
-
-def check_config(cfg):
+def check_config(config):
     """Everything that can be refused before any download or training."""
-    if not cfg.input and cfg.dataset not in WIKITEXT:
-        raise UserError(f"unknown --dataset={cfg.dataset}: choose {' or '.join(WIKITEXT)}, or give --input=FILE")
-    if cfg.input and cfg.source:
+    if not config.input and config.dataset not in WIKITEXT:
+        raise UserError(f"unknown --dataset={config.dataset}: choose {' or '.join(WIKITEXT)}, or give --input=FILE")
+    if config.input and config.source:
         raise UserError("--source is for WikiText files; your own files go in --input alone")
-    if cfg.tokenizer not in ("bpe", "gpt2"):
-        raise UserError(f"unknown --tokenizer={cfg.tokenizer}: choose bpe or gpt2")
-    if not (0 < cfg.val_fraction and 0 <= cfg.test_fraction and cfg.val_fraction + cfg.test_fraction < 1):
+    if config.tokenizer not in ("bpe", "gpt2"):
+        raise UserError(f"unknown --tokenizer={config.tokenizer}: choose bpe or gpt2")
+    if not (0 < config.val_fraction and 0 <= config.test_fraction and config.val_fraction + config.test_fraction < 1):
         raise UserError("--val_fraction must be > 0, --test_fraction >= 0, and together below 1")
-    if cfg.tokenizer == "bpe":
-        check_vocab_fits(cfg.vocab_size)
-        if "<|endoftext|>" not in cfg.special_tokens:
+    if config.tokenizer == "bpe":
+        check_vocab_fits(config.vocab_size)
+        if "<|endoftext|>" not in config.special_tokens:
             raise UserError("--special_tokens must include <|endoftext|>: it marks where each document starts")
-        if cfg.vocab_size < 256 + len(cfg.special_tokens):
-            raise UserError(f"--vocab_size must be at least {256 + len(cfg.special_tokens)} "
+        if config.vocab_size < 256 + len(config.special_tokens):
+            raise UserError(f"--vocab_size must be at least {256 + len(config.special_tokens)} "
                             f"(256 bytes + the special tokens)")
 
 
-def prepare_data(cfg):
+def prepare_data(config):
     """Write out_dir/{train,val,test}.bin, the tokenizer files and meta.json; returns the meta dict."""
     t0 = time.time()
-    check_config(cfg)
-    if cfg.input:
-        name = "+".join(Path(f.strip()).stem for f in cfg.input.split(","))
-        splits = input_splits(cfg)
+    check_config(config)
+    if config.input:
+        name = "+".join(Path(f.strip()).stem for f in config.input.split(","))
+        splits = input_splits(config)
     else:
-        name = cfg.dataset
-        splits = {split: wikitext_articles(text) for split, text in wikitext_splits(cfg).items()}
+        name = config.dataset
+        splits = {split: wikitext_articles(text) for split, text in wikitext_splits(config).items()}
     convention = "classic" if name == "wikitext-2" else "whitespace"
-    out_dir = Path(cfg.out_dir or f"data/{name}")
+    out_dir = Path(config.out_dir or f"data/{name}")
 
-    tok = get_tokenizer(cfg, splits["train"])
+    tok = get_tokenizer(config, splits["train"])
     check_vocab_fits(tok.vocab_size)
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "meta.json").unlink(missing_ok=True)  # until the new one is written, this is no finished dataset
     stats = {}
     for split, docs in splits.items():
         ids = encode_split(tok, docs, split)
-        _write_atomic(out_dir / f"{split}.bin", ids.tofile)
+        atomic_write(out_dir / f"{split}.bin", ids.tofile)
         text = "".join(docs)
         stats[split] = {"documents": len(docs), "tokens": len(ids), "bytes": len(text.encode("utf-8")),
                         "words_whitespace": count_words(text, "whitespace")}
@@ -428,8 +315,8 @@ def prepare_data(cfg):
             os.replace(Path(tmp) / f, out_dir / f)
     meta = {
         "dataset": name,
-        "tokenizer": {"kind": cfg.tokenizer, "files": files} | (
-            {"min_frequency": cfg.min_frequency} if cfg.tokenizer == "bpe" else {}),
+        "tokenizer": {"kind": config.tokenizer, "files": files} | (
+            {"min_frequency": config.min_frequency} if config.tokenizer == "bpe" else {}),
         "vocab_size": tok.vocab_size,
         "special_tokens": tok.special_tokens,
         "eot_id": tok.eot_id,
@@ -438,9 +325,9 @@ def prepare_data(cfg):
         "word_convention": convention,  # word-level perplexity divides by splits[...]["words_" + word_convention]
         "splits": stats,
     }
-    _write_atomic(out_dir / "meta.json", lambda p: p.write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8"))
+    write_json(out_dir / "meta.json", meta)
 
-    print(f"{name}, {cfg.tokenizer} tokenizer with {tok.vocab_size:,} ids -> {out_dir} in {time.time() - t0:.1f} s")
+    print(f"{name}, {config.tokenizer} tokenizer with {tok.vocab_size:,} ids -> {out_dir} in {time.time() - t0:.1f} s")
     for split, s in stats.items():
         print(f"  {split + '.bin':9s} {s['tokens']:>11,} tokens ({2 * s['tokens'] / 1e6:6.2f} MB) from "
               f"{s['documents']:,} documents, {s['bytes']:,} bytes ({s['bytes'] / s['tokens']:.2f} bytes/token)")
@@ -448,8 +335,8 @@ def prepare_data(cfg):
 
 
 def main():
-    prepare_data(cli.parse_config(Config))
+    prepare_data(parse_config(PrepareConfig))
 
 
 if __name__ == "__main__":
-    cli.run_main(main)
+    run_main(main)

@@ -11,5 +11,5 @@ py=.venv/bin/python
 $py -m pip install -q --disable-pip-version-check -r requirements.txt
 $py prepare.py --dataset=wikitext-2 "$@"
 $py train.py config/wikitext_tiny.py
-$py eval.py --out_dir=out-wikitext-tiny --split=test
+$py evaluate.py --out_dir=out-wikitext-tiny --split=test
 $py sample.py --out_dir=out-wikitext-tiny --start="The history of" --max_new_tokens=100 --seed=1

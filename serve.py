@@ -12,7 +12,7 @@ fine-tuned classifier, and try generation from a small page in the browser.
 
 POST /v1/generate {prompt, max_new_tokens, temperature, top_k, top_p, seed, stream} -> {"text": ..., "model": ...};
 with "stream": true, a `data: {"text": piece}` event per piece of text, then `event: done`. POST /v1/classify {text}
--> {"label": ..., "probability": ...}. GET /health -> the model, its parameter count, the device, the limits.
+-> {"label": ..., "probability": ...}. GET /health -> the model, its parameter count, the device and dtype, the limits.
 Bad input gets a 4xx and {"error": what is wrong, "field": which field}.
 
 Set GPT_API_TOKEN to require `Authorization: Bearer <token>` on every request (except the page itself, which holds
@@ -33,10 +33,11 @@ from dataclasses import dataclass
 from flask import Flask, Response, jsonify, request
 from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
-import cli
-from finetune_classifier import classify, load_classifier
-from model import pick_device
-from sample import SampleConfig, load_for_inference, stream_text
+from checkpoint import load_for_inference
+from cli import UserError, parse_config, run_main
+from finetune import classify, load_classifier
+from generate import stream_text
+from runtime import pick_device
 
 
 @dataclass
@@ -44,9 +45,9 @@ class ServeConfig:
     out_dir: str = "out-wikitext-small"   # a train.py checkpoint folder (or gpt2, ... as sample.py takes them)
     classifier_dir: str = ""              # a finetune_classifier.py folder; empty: /v1/classify answers 404
     host: str = "127.0.0.1"               # 0.0.0.0 would answer the whole network: set GPT_API_TOKEN first
-    port: int = 8000
+    port: int = 8000                      # TCP port to listen on
     device: str = "auto"                  # auto: cuda, then mps, then cpu
-    dtype: str = "auto"                   # float32 | bfloat16 | float16; auto: bfloat16 (else float16) on a GPU
+    dtype: str = "auto"                   # float32 | bfloat16 | float16; auto: bf16 where the hardware has it
     max_new_tokens_limit: int = 500       # the most tokens one request may ask for
     max_prompt_chars: int = 10_000        # longest prompt (or text to classify), in characters
     max_body_bytes: int = 64 * 1024       # larger request bodies are refused unread
@@ -58,24 +59,24 @@ TYPE_NAMES = {str: "a string", int: "an integer", float: "a number", bool: "true
 NULLABLE = ("top_k", "top_p", "seed")  # null: no top-k / top-p filter, a random seed
 
 
-def generate_fields(cfg):
+def generate_fields(config):
     """/v1/generate's body: name -> (JSON type, default, test of the value, what the test asks). The defaults are
     sample.py's, but for the seed: a fresh one per request unless the client sets it."""
-    limit, chars, defaults = cfg.max_new_tokens_limit, cfg.max_prompt_chars, SampleConfig()
+    limit, chars = config.max_new_tokens_limit, config.max_prompt_chars
     return {
         "prompt": (str, REQUIRED, lambda s: 0 < len(s) <= chars, f"must be 1 to {chars} characters long"),
-        "max_new_tokens": (int, min(defaults.max_new_tokens, limit), lambda n: 1 <= n <= limit,
+        "max_new_tokens": (int, min(200, limit), lambda n: 1 <= n <= limit,
                            f"must be 1 to {limit} (the server's limit)"),
-        "temperature": (float, defaults.temperature, lambda t: t >= 0, "must be >= 0 (0: the likeliest token)"),
-        "top_k": (int, defaults.top_k, lambda k: k >= 1, "must be >= 1, or null to keep every token"),
-        "top_p": (float, defaults.top_p, lambda p: 0 < p <= 1, "must be > 0 and <= 1, or null to keep every token"),
+        "temperature": (float, 0.8, lambda t: t >= 0, "must be >= 0 (0: the likeliest token)"),
+        "top_k": (int, 200, lambda k: k >= 1, "must be >= 1, or null to keep every token"),
+        "top_p": (float, 1.0, lambda p: 0 < p <= 1, "must be > 0 and <= 1, or null to keep every token"),
         "seed": (int, None, lambda s: 0 <= s < 2**63, "must be 0 to 2**63 - 1, or null for a random one"),
         "stream": (bool, False, None, ""),
     }
 
 
-def classify_fields(cfg):
-    chars = cfg.max_prompt_chars
+def classify_fields(config):
+    chars = config.max_prompt_chars
     return {"text": (str, REQUIRED, lambda s: 0 < len(s) <= chars, f"must be 1 to {chars} characters long")}
 
 
@@ -94,7 +95,7 @@ def error_response(status, message, field=None):
 # ----------------------------------------------------------------------------- reading a request
 
 
-def shown(value):
+def excerpt(value):
     """A value as the client wrote it, cut short: error messages echo input, never much of it."""
     text = json.dumps(value)
     if len(text) <= 40:
@@ -102,7 +103,8 @@ def shown(value):
     return f"a string of {len(value)} characters" if isinstance(value, str) else text[:37] + "..."
 
 
-def is_a(value, kind):
+def is_json_type(value, kind):
+    """Whether a JSON value is of the Python type a field wants: 1 is a float, True is not an int, NaN no float."""
     if kind is float:  # an integer is a number too; NaN and Infinity (which Python's json accepts) are not
         return isinstance(value, (int, float)) and not isinstance(value, bool) and abs(value) < float("inf")
     return isinstance(value, kind) and (kind is bool or not isinstance(value, bool))  # in Python, True is an int
@@ -132,11 +134,11 @@ def read_body(fields, max_bytes):
         if value is None and name in NULLABLE:
             values[name] = None
             continue
-        if not is_a(value, kind):
+        if not is_json_type(value, kind):
             null = ", or null" if name in NULLABLE else ""
-            raise ApiError(f"{name} must be {TYPE_NAMES[kind]}{null}, got {shown(value)}", name)
+            raise ApiError(f"{name} must be {TYPE_NAMES[kind]}{null}, got {excerpt(value)}", name)
         if test is not None and not test(value):
-            raise ApiError(f"{name} {rule}, got {shown(value)}", name)
+            raise ApiError(f"{name} {rule}, got {excerpt(value)}", name)
         values[name] = float(value) if kind is float else value
     return values
 
@@ -177,27 +179,21 @@ def event_stream(pieces, logger):
 # ----------------------------------------------------------------------------- the app
 
 
-def create_app(cfg=None, **settings):
-    """The Flask app, with the model(s) loaded. cfg: a ServeConfig, or an out_dir; settings: ServeConfig fields by
-    name. For a WSGI server: gunicorn 'serve:create_app(out_dir="out-wikitext-small", classifier_dir="out-spam")'."""
-    if isinstance(cfg, str):
-        cfg, settings = None, {"out_dir": cfg, **settings}
-    if cfg is None:  # the command line's checks and messages, for settings given in Python
-        cfg = cli.parse_config(ServeConfig, [f"--{name}={value}" for name, value in settings.items()])
+def serve_config(config, settings):
+    """A ServeConfig from one (returned as it is), an out_dir string, or ServeConfig fields by name, checked as the
+    command line checks them."""
+    if isinstance(config, str):
+        config, settings = None, {"out_dir": config, **settings}
+    if config is None:  # the command line's checks and messages, for settings given in Python
+        config = parse_config(ServeConfig, [f"--{name}={value}" for name, value in settings.items()])
     for name in ("max_new_tokens_limit", "max_prompt_chars", "max_body_bytes"):
-        if getattr(cfg, name) < 1:
-            raise cli.UserError(f"--{name} must be at least 1, got {getattr(cfg, name)}")
+        if getattr(config, name) < 1:
+            raise UserError(f"--{name} must be at least 1, got {getattr(config, name)}")
+    return config
 
-    device = pick_device(cfg.device)
-    model, tokenizer, _ = load_for_inference(cfg.out_dir, device, cfg.dtype)
-    classifier = load_classifier(cfg.classifier_dir, device) if cfg.classifier_dir else None
-    model_lock, classifier_lock = threading.Lock(), threading.Lock()  # one request at a time on each model
-    token = os.environ.get(TOKEN_ENV, "")
-    name = os.path.basename(os.path.abspath(cfg.out_dir))
-    gen_fields, cls_fields = generate_fields(cfg), classify_fields(cfg)
 
-    app = Flask(__name__)
-    app.config["MAX_CONTENT_LENGTH"] = cfg.max_body_bytes
+def require_token(app, token):
+    """Every request but the page's must carry `Authorization: Bearer <token>` (none needed if token is empty)."""
 
     @app.before_request
     def check_token():
@@ -207,36 +203,9 @@ def create_app(cfg=None, **settings):
             response.headers["WWW-Authenticate"] = "Bearer"
             return response, status
 
-    @app.get("/")
-    def page():
-        return Response(PAGE, mimetype="text/html")
 
-    @app.get("/health")
-    def health():
-        labels = classifier[0].labels if classifier else None
-        return jsonify(status="ok", model=name, parameters=model.num_params(non_embedding=False), device=device,
-                       block_size=model.config.block_size, vocab_size=model.config.vocab_size,
-                       classifier={"labels": labels} if classifier else None,
-                       limits={"max_new_tokens": cfg.max_new_tokens_limit, "prompt_chars": cfg.max_prompt_chars,
-                               "body_bytes": cfg.max_body_bytes})
-
-    @app.post("/v1/generate")
-    def generate():
-        req = read_body(gen_fields, cfg.max_body_bytes)
-        pieces = generation(model, tokenizer, model_lock, req)
-        if req["stream"]:  # no-cache and X-Accel-Buffering: proxies pass each event on as it comes
-            return Response(event_stream(pieces, app.logger), mimetype="text/event-stream",
-                            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-        return jsonify(text="".join(pieces), model=name)
-
-    @app.post("/v1/classify")
-    def classify_text():
-        if classifier is None:
-            raise ApiError("no classifier is loaded: start the server with --classifier_dir=DIR", status=404)
-        req = read_body(cls_fields, cfg.max_body_bytes)
-        with classifier_lock:
-            label, probability = classify(*classifier, [req["text"]])[0]
-        return jsonify(label=label, probability=probability)
+def answer_errors_in_json(app):
+    """ApiError -> its 4xx; Flask's own 404, 405, 413 -> the same JSON shape; anything else -> a bare 500."""
 
     @app.errorhandler(ApiError)
     def api_error(e):
@@ -252,6 +221,55 @@ def create_app(cfg=None, **settings):
     def internal_error(e):
         app.logger.exception("internal error")
         return error_response(500, "internal error")
+
+
+def create_app(config=None, **settings):
+    """The Flask app, with the model(s) loaded. config: a ServeConfig, or an out_dir; settings: ServeConfig fields by
+    name. For a WSGI server: gunicorn 'serve:create_app(out_dir="out-wikitext-small", classifier_dir="out-spam")'."""
+    config = serve_config(config, settings)
+    device = pick_device(config.device)
+    model, tokenizer, _ = load_for_inference(config.out_dir, device, config.dtype)
+    classifier = load_classifier(config.classifier_dir, device) if config.classifier_dir else None
+    model_lock, classifier_lock = threading.Lock(), threading.Lock()  # one request at a time on each model
+    name = os.path.basename(os.path.abspath(config.out_dir))
+    gen_fields, cls_fields = generate_fields(config), classify_fields(config)
+
+    app = Flask(__name__)
+    app.config["MAX_CONTENT_LENGTH"] = config.max_body_bytes
+    require_token(app, os.environ.get(TOKEN_ENV, ""))
+    answer_errors_in_json(app)
+
+    @app.get("/")
+    def page():
+        return Response(PAGE, mimetype="text/html")
+
+    @app.get("/health")
+    def health():
+        labels = classifier[0].labels if classifier else None
+        return jsonify(status="ok", model=name, parameters=model.num_params(non_embedding=False), device=device,
+                       dtype=str(model.token_emb.weight.dtype).removeprefix("torch."),
+                       block_size=model.config.block_size, vocab_size=model.config.vocab_size,
+                       classifier={"labels": labels} if classifier else None,
+                       limits={"max_new_tokens": config.max_new_tokens_limit, "prompt_chars": config.max_prompt_chars,
+                               "body_bytes": config.max_body_bytes})
+
+    @app.post("/v1/generate")
+    def generate():
+        req = read_body(gen_fields, config.max_body_bytes)
+        pieces = generation(model, tokenizer, model_lock, req)
+        if req["stream"]:  # no-cache and X-Accel-Buffering: proxies pass each event on as it comes
+            return Response(event_stream(pieces, app.logger), mimetype="text/event-stream",
+                            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        return jsonify(text="".join(pieces), model=name)
+
+    @app.post("/v1/classify")
+    def classify_text():
+        if classifier is None:
+            raise ApiError("no classifier is loaded: start the server with --classifier_dir=DIR", status=404)
+        req = read_body(cls_fields, config.max_body_bytes)
+        with classifier_lock:
+            label, probability = classify(*classifier, [req["text"]])[0]
+        return jsonify(label=label, probability=probability)
 
     return app
 
@@ -319,13 +337,13 @@ if (query.has("prompt")) { $("prompt").value = query.get("prompt"); generate(); 
 
 
 def main():
-    cfg = cli.parse_config(ServeConfig)
-    app = create_app(cfg)
-    if cfg.host not in ("127.0.0.1", "localhost", "::1") and not os.environ.get(TOKEN_ENV):
-        print(f"warning: listening on {cfg.host} without {TOKEN_ENV}: anyone who can reach it can use the model")
-    print(f"serving {cfg.out_dir} on http://{cfg.host}:{cfg.port}/", flush=True)
-    app.run(cfg.host, cfg.port, debug=False, use_reloader=False, threaded=True)
+    config = parse_config(ServeConfig)
+    app = create_app(config)
+    if config.host not in ("127.0.0.1", "localhost", "::1") and not os.environ.get(TOKEN_ENV):
+        print(f"warning: listening on {config.host} without {TOKEN_ENV}: anyone who can reach it can use the model")
+    print(f"serving {config.out_dir} on http://{config.host}:{config.port}/", flush=True)
+    app.run(config.host, config.port, debug=False, use_reloader=False, threaded=True)
 
 
 if __name__ == "__main__":
-    cli.run_main(main)
+    run_main(main)

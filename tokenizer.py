@@ -37,6 +37,10 @@ import cli
 GPT2_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
 GPT2_REGEX = regex.compile(GPT2_PATTERN)
 ENDOFTEXT = "<|endoftext|>"
+# GPT-2's tokenizer files: OpenAI's encoder.json and vocab.bpe are, byte for byte, Hugging Face's vocab.json and
+# merges.txt (the same for every GPT-2 size)
+GPT2_VOCAB_SHA256 = "196139668be63f3b5d6574427317ae82f612a97c5d1cdaf36ed2256dbf636783"
+GPT2_MERGES_SHA256 = "1ce1664773c50f3e0cc8842619a93edc4624525b728b188a9e0be33b7726adc5"
 
 
 def bytes_to_unicode():
@@ -47,7 +51,7 @@ def bytes_to_unicode():
     return {**{b: chr(b) for b in keep}, **{b: chr(256 + n) for n, b in enumerate(moved)}}
 
 
-# ----------------------------------------------------------------------------- pre-tokenization: counting words
+# ----------------------------------------------------------------------------- pre-tokenization: counting the pieces
 
 # GPT-2's regex always starts a new word at a space followed by a non-space (" the"): the word before cannot run
 # across it (a run of whitespace gives the last space up, by `\s+(?!\S)`) and no part of the pattern looks back. So
@@ -57,8 +61,11 @@ def bytes_to_unicode():
 SAFE_CUT = re.compile(r" (?=[!-~])")
 
 
-def count_words(texts):
-    """{word: count} over all texts: exactly Counter(GPT2_REGEX.findall(text)), summed over the texts."""
+def count_pretokens(texts):
+    """{pre-token: count} over all texts: exactly Counter(GPT2_REGEX.findall(text)), summed over the texts.
+
+        count_pretokens(["the cat, the hat"]) -> {'the': 1, ' cat': 1, ',': 1, ' the': 1, ' hat': 1}
+    """
     pieces, words = Counter(), Counter()
     for text in texts:
         parts = SAFE_CUT.split(text)  # every part but the first lost its leading space to the cut
@@ -72,13 +79,13 @@ def count_words(texts):
     return words
 
 
-def count_words_parallel(texts, min_chars=1 << 20):
-    """count_words, shared out over the CPU cores when the input is big (processes: the regex holds the GIL)."""
+def count_pretokens_parallel(texts, min_chars=1 << 20):
+    """count_pretokens, shared out over the CPU cores when the input is big (processes: the regex holds the GIL)."""
     texts = list(texts)
     n_procs = min(8, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
     if (n_procs < 2 or sum(map(len, texts)) < min_chars or "fork" not in multiprocessing.get_all_start_methods()
             or multiprocessing.current_process().daemon):  # (a daemon process may not start processes)
-        return count_words(texts)
+        return count_pretokens(texts)
     if len(texts) < n_procs:  # a few long texts: cut them so that every process gets a share
         texts = [piece for text in texts for piece in cut_text(text, len(text) // n_procs + 1)]
     ctx = multiprocessing.get_context("fork")  # forked, a worker sees its texts without a copy through a pipe
@@ -108,7 +115,7 @@ def cut_text(text, size):
 
 def _count_and_send(texts, connection):
     with connection:
-        connection.send(count_words(texts))
+        connection.send(count_pretokens(texts))
 
 
 # ----------------------------------------------------------------------------- training: learning the merges
@@ -254,7 +261,7 @@ class BPETokenizer(Tokenizer):
         is_path = isinstance(source, os.PathLike) or (isinstance(source, str) and "\n" not in source
                                                        and os.path.isfile(source))
         if is_path:
-            texts = [Path(source).read_text(encoding="utf-8")]
+            texts = [cli.read_utf8(source, "training file")]
         else:
             texts = [source] if isinstance(source, str) else source
         special_tokens = list(dict.fromkeys(special_tokens or ()))  # unique, in the order given
@@ -262,7 +269,7 @@ class BPETokenizer(Tokenizer):
         if n_merges < 0:
             raise ValueError(f"vocab_size={vocab_size} leaves no room for the 256 bytes and {special_tokens}")
         t0 = time.time()
-        words = count_words_parallel(texts)
+        words = count_pretokens_parallel(texts)
         t1 = time.time()
         merges = learn_merges(words, n_merges, min_frequency)
         if verbose:
@@ -348,8 +355,8 @@ def load_tokenizer(directory):
 # ----------------------------------------------------------------------------- command line
 
 @dataclass
-class Config:
-    train: str = ""                                  # text file (UTF-8) to train on
+class TokenizerConfig:
+    train: str = ""                                  # UTF-8 text file to train on
     vocab_size: int = 8192                           # ids in all: 256 bytes + merges + special tokens
     min_frequency: int = 2                           # a pair must occur this often to become a merge
     special_tokens: tuple[str, ...] = (ENDOFTEXT,)   # added after the merges, in this order
@@ -357,23 +364,19 @@ class Config:
 
 
 def main():
-    cfg = cli.parse_config(Config)
-    if not cfg.train:
+    config = cli.parse_config(TokenizerConfig)
+    if not config.train:
         raise cli.UserError("give a text file to train on: --train=FILE")
-    if not os.path.isfile(cfg.train):
-        raise cli.UserError(f"training file not found: {cfg.train}")
-    if cfg.vocab_size < 256 + len(cfg.special_tokens):
-        raise cli.UserError(f"--vocab_size must be at least {256 + len(cfg.special_tokens)} "
-                            f"(256 bytes + {len(cfg.special_tokens)} special tokens)")
+    if config.vocab_size < 256 + len(config.special_tokens):
+        raise cli.UserError(f"--vocab_size must be at least {256 + len(config.special_tokens)} "
+                            f"(256 bytes + {len(config.special_tokens)} special tokens)")
     t0 = time.time()
-    try:
-        tok = BPETokenizer.train(Path(cfg.train), cfg.vocab_size, cfg.min_frequency, cfg.special_tokens, verbose=True)
-    except UnicodeDecodeError as e:
-        raise cli.UserError(f"{cfg.train} is not UTF-8 text ({e.reason} at byte {e.start})")
+    tok = BPETokenizer.train(Path(config.train), config.vocab_size, config.min_frequency, config.special_tokens,
+                             verbose=True)
     seconds = time.time() - t0
-    files = tok.save(cfg.out)
+    files = tok.save(config.out)
     print(f"trained in {seconds:.2f} s: vocab size {tok.vocab_size:,} (256 bytes + {len(tok.merges):,} merges + "
-          f"{len(tok.special_tokens)} special) -> {', '.join(os.path.join(cfg.out, f) for f in files)}")
+          f"{len(tok.special_tokens)} special) -> {', '.join(os.path.join(config.out, f) for f in files)}")
 
 
 if __name__ == "__main__":

@@ -15,7 +15,6 @@ import math
 import os
 import shutil
 import signal
-import sys
 import time
 from dataclasses import asdict, dataclass
 
@@ -24,52 +23,56 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from cli import UserError, config_to_dict, parse_config
-from model import GPT, GPTConfig, has_fast_bf16, pick_device, read_checkpoint, save_checkpoint
+from checkpoint import read_checkpoint, save_checkpoint
+from cli import UserError, config_to_dict, parse_config, print_user_errors_as_one_line
+from common import atomic_write, write_json
+from model import GPT, GPTConfig
 from prepare import load_meta, load_split
+from runtime import autocast, compile_or_eager, peak_flops, pick_device, pick_dtype
 
 
 @dataclass
 class TrainConfig:
     # I/O
     data_dir: str = "data/wikitext-2"     # a folder written by prepare.py
-    out_dir: str = "out"
+    out_dir: str = "out"                  # checkpoint, log.jsonl, loss.png, config.json and the tokenizer go here
     init_from: str = "scratch"            # 'scratch' or 'resume' (from out_dir/ckpt.pt)
-    eval_interval: int = 250
+    eval_interval: int = 250              # iterations between evaluations (and checkpoints)
     eval_iters: int = 50                  # batches per evaluation
-    log_interval: int = 10
+    log_interval: int = 10                # iterations between log lines
     always_save_checkpoint: bool = True   # False: save only when val loss improves
-    wandb_log: bool = False
-    wandb_project: str = "gpt"
-    wandb_run_name: str = "run"
+    wandb_log: bool = False               # also log to wandb (pip install wandb)
+    wandb_project: str = "gpt"            # wandb project name
+    wandb_run_name: str = "run"           # wandb run name
     # data
     batch_size: int = 16                  # sequences per micro-step per process
-    block_size: int = 256
+    block_size: int = 256                 # tokens per sequence: the model's context
     gradient_accumulation_steps: int = 1  # micro-steps per optimizer step, summed over all processes
     # model
-    hidden_size: int = 384
-    num_hidden_layers: int = 6
-    num_attention_heads: int = 6
-    dropout: float = 0.1
-    bias: bool = False
+    hidden_size: int = 384                # width of the residual stream
+    num_hidden_layers: int = 6            # transformer blocks
+    num_attention_heads: int = 6          # must divide hidden_size
+    dropout: float = 0.1                  # on attention weights, residual branches and embeddings while training
+    bias: bool = False                    # biases in Linear layers and LayerNorms (GPT-2 has them)
     # AdamW and the learning-rate schedule (linear warmup, then cosine decay to min_lr)
-    learning_rate: float = 1e-3
-    max_iters: int = 5000
-    weight_decay: float = 0.1
-    beta1: float = 0.9
-    beta2: float = 0.99
-    grad_clip: float = 1.0                # 0 turns clipping off
-    warmup_iters: int = 100
-    lr_decay_iters: int = 5000            # usually = max_iters
-    min_lr: float = 1e-4                  # usually learning_rate / 10
+    learning_rate: float = 1e-3           # the peak, reached after warmup_iters
+    max_iters: int = 5000                 # optimizer steps in all
+    weight_decay: float = 0.1             # on matrices only
+    beta1: float = 0.9                    # AdamW's first-moment decay
+    beta2: float = 0.99                   # AdamW's second-moment decay
+    grad_clip: float = 1.0                # clip the gradient norm to this; 0 turns clipping off
+    warmup_iters: int = 100               # linear warmup from ~0 to learning_rate
+    lr_decay_iters: int = 5000            # cosine decay ends here; usually = max_iters
+    min_lr: float = 1e-4                  # the rate after lr_decay_iters; usually learning_rate / 10
     # system
     device: str = "auto"                  # auto picks cuda, then mps, then cpu
     dtype: str = "auto"                   # bfloat16 | float16 | float32; auto: bf16 where the hardware has it
     compile: str = "auto"                 # torch.compile: auto = on for CUDA only
     peak_flops: float = 0.0               # device peak FLOP/s for MFU; 0 = known GPUs only
-    seed: int = 1337
+    seed: int = 1337                      # model init, data order and dropout
 
 
+print_user_errors_as_one_line()
 config = parse_config(TrainConfig)
 
 # ----------------------------------------------------------------------------- processes, device, precision
@@ -90,20 +93,11 @@ if ddp:
         torch.cuda.set_device(device)
     dist.init_process_group(backend="nccl" if device_type == "cuda" else "gloo")
 
-dtype = config.dtype
-if dtype == "auto":
-    if has_fast_bf16(device_type):
-        dtype = "bfloat16"  # measured on CPU too: faster, with the same loss curve as fp32 (README)
-    else:
-        dtype = "float16" if device_type == "cuda" else "float32"  # fp16 needs the GradScaler below
-if dtype not in ("float32", "bfloat16", "float16"):
-    raise UserError(f"--dtype must be auto, float32, bfloat16 or float16, got '{dtype}'")
-if dtype == "bfloat16" and device_type == "cuda" and not torch.cuda.is_bf16_supported():
-    raise UserError("this GPU has no bfloat16: use --dtype=float16 (with loss scaling) or --dtype=float32")
-ptdtype = getattr(torch, dtype)
+ptdtype = pick_dtype(config.dtype, device)  # auto: bf16 where the hardware has it, on CPUs too (README)
+dtype = str(ptdtype).removeprefix("torch.")
 # autocast runs matmuls in low precision while keeping weights and reductions in fp32
-autocast = contextlib.nullcontext() if dtype == "float32" else torch.autocast(device_type=device_type, dtype=ptdtype)
-scaler = torch.amp.GradScaler(device_type, enabled=dtype == "float16")  # fp16 gradients underflow without scaling
+amp = autocast(device, ptdtype)
+scaler = torch.amp.GradScaler(device_type, enabled=ptdtype == torch.float16)  # fp16 gradients underflow unscaled
 
 compile_setting = config.compile.lower()
 if compile_setting not in ("auto", "true", "false"):
@@ -153,9 +147,12 @@ def get_batch(split_data, generator, micro_step_count):
 
 # ----------------------------------------------------------------------------- model, optimizer, checkpoint
 
-model_config = GPTConfig(vocab_size=meta["vocab_size"], block_size=config.block_size, hidden_size=config.hidden_size,
-                         num_hidden_layers=config.num_hidden_layers, num_attention_heads=config.num_attention_heads,
-                         dropout=config.dropout, bias=config.bias)
+try:
+    model_config = GPTConfig(vocab_size=meta["vocab_size"], block_size=config.block_size,
+                             hidden_size=config.hidden_size, num_hidden_layers=config.num_hidden_layers,
+                             num_attention_heads=config.num_attention_heads, dropout=config.dropout, bias=config.bias)
+except ValueError as e:  # a shape that cannot be built: the settings say so
+    raise UserError(str(e))
 iter_num, best_val_loss, checkpoint = 0, float("inf"), None
 if config.init_from == "resume":
     checkpoint = read_checkpoint(config.out_dir)
@@ -184,16 +181,17 @@ if checkpoint is not None:
     train_gen.set_state(checkpoint["rng"]["data"])
 raw_model = model  # the plain module: what checkpoints hold (no '_orig_mod.' or 'module.' prefixes)
 
+
+def compile_step(compiled):
+    """One forward and backward pass, so that compilation happens (or fails) now."""
+    x, y = get_batch(train_data, torch.Generator().manual_seed(0), 1)
+    with amp:
+        compiled(x[0], y[0])[1].backward()
+
+
 if use_compile:
-    try:
-        model = torch.compile(model)
-        x, y = get_batch(train_data, torch.Generator().manual_seed(0), 1)  # compile now, to fall back if it fails
-        with autocast:
-            model(x[0], y[0])[1].backward()
-        optimizer.zero_grad(set_to_none=True)
-    except Exception as e:
-        print(f"warning: torch.compile failed ({str(e).splitlines()[0][:120]}); running eagerly", file=sys.stderr)
-        model = raw_model
+    model = compile_or_eager(model, compile_step)
+    optimizer.zero_grad(set_to_none=True)  # the warm-up's gradients
 if ddp:
     model = DDP(model, device_ids=[local_rank] if device_type == "cuda" else None)
 if checkpoint is not None:  # restored last, so set-up work (compile warm-up) cannot shift the random streams
@@ -222,7 +220,7 @@ def estimate_loss():
         total = torch.zeros((), device=device)
         for _ in range(config.eval_iters):
             x, y = get_batch(data, gen, 1)
-            with autocast:
+            with amp:
                 total += raw_model(x[0], y[0])[1].float()
         losses[name] = total.item() / config.eval_iters
     model.train()
@@ -257,9 +255,8 @@ def plot_losses(log_path, png_path):
             ax.plot(*zip(*points), style, label=key.replace("_", " "), markersize=3)
     ax.set_xlabel("iteration"), ax.set_ylabel("loss"), ax.legend(), ax.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(png_path + ".tmp.png", dpi=100)
+    atomic_write(png_path, lambda tmp: fig.savefig(tmp, dpi=100, format="png"))
     plt.close(fig)
-    os.replace(png_path + ".tmp.png", png_path)
 
 
 # ----------------------------------------------------------------------------- logging set-up
@@ -268,8 +265,7 @@ if master:
     os.makedirs(config.out_dir, exist_ok=True)
     for name in ["meta.json"] + meta["tokenizer"]["files"]:  # the out_dir alone is enough to sample from
         shutil.copy(os.path.join(config.data_dir, name), os.path.join(config.out_dir, name))
-    with open(os.path.join(config.out_dir, "config.json"), "w") as f:
-        json.dump(config_to_dict(config), f, indent=2)
+    write_json(os.path.join(config.out_dir, "config.json"), config_to_dict(config))
     print("config:", json.dumps(config_to_dict(config)))
     print(f"parameters: {raw_model.num_params(non_embedding=False) / 1e6:.2f}M "
           f"({raw_model.num_params() / 1e6:.2f}M without the position table)")
@@ -296,11 +292,7 @@ def log(row):
             wandb.log(row, step=row["iter"])
 
 
-peak_flops = config.peak_flops
-if peak_flops == 0 and device_type == "cuda":
-    name = torch.cuda.get_device_name()  # dense bf16 peaks from the data sheets
-    peak_flops = next((v for k, v in (("H100", 989e12), ("H200", 989e12), ("A100", 312e12), ("L4", 121e12),
-                                      ("4090", 165e12), ("A10", 125e12)) if k in name), 0.0)
+device_peak_flops = config.peak_flops or peak_flops(device)
 
 # Ctrl-C: finish the current step, save, exit. A second Ctrl-C stops at once.
 stop_requested = False
@@ -345,7 +337,7 @@ while True:
         # DDP averages gradients across processes on backward; only the last micro-step needs to
         sync = contextlib.nullcontext() if not ddp or micro == micro_steps - 1 else model.no_sync()
         with sync:
-            with autocast:
+            with amp:
                 _, loss = model(x[micro], y[micro])
             loss = loss / micro_steps  # the mean over micro-steps equals the loss of one big batch
             scaler.scale(loss).backward()
@@ -370,7 +362,7 @@ while True:
         dt = (time.time() - t0) / steps
         t0 = time.time()
         tokens_per_sec = tokens_per_iter / dt
-        mfu = raw_model.estimate_mfu(tokens_per_sec, peak_flops) if peak_flops else None
+        mfu = raw_model.estimate_mfu(tokens_per_sec, device_peak_flops) if device_peak_flops else None
         eta = (config.max_iters - iter_num) * dt
         if master:
             print(f"iter {iter_num}/{config.max_iters}: loss {train_loss:.4f}, lr {lr:.2e}, {dt * 1000:.1f} ms/iter, "

@@ -19,22 +19,22 @@ import tempfile
 from dataclasses import dataclass
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)  # run from anywhere: the scripts import each other by name
+sys.path.insert(0, ROOT)  # run from anywhere: import the repo's modules by name
 
 from bench_inference import machine_line  # noqa: E402
 from cli import UserError, parse_config, run_main  # noqa: E402
 
 
 @dataclass
-class BenchConfig:
+class BenchFinetuneConfig:
     init_from: str = "out-wikitext-tiny"   # the pretrained checkpoint to compare with random init
     data: str = ""                         # labelled texts (empty: the SMS Spam Collection, downloaded)
-    modes: str = "all,last_block,lora,head"
+    modes: str = "all,last_block,lora,head"  # --trainable modes to run, comma-separated
     scratch: bool = True                   # also train --trainable=all from random weights of the same shape
-    seeds: str = "1,2,3"
+    seeds: str = "1,2,3"                   # one run per seed and mode, comma-separated
     learning_rate: float = 3e-4            # for all (and scratch)
     frozen_learning_rate: float = 1e-3     # for last_block, lora, head: fewer weights learn, and can take bigger steps
-    num_epochs: int = 5
+    num_epochs: int = 5                    # per run
 
 
 def finetune(config, init_from, mode, seed, out_dir):
@@ -53,7 +53,7 @@ def finetune(config, init_from, mode, seed, out_dir):
 
 
 def main():
-    config = parse_config(BenchConfig)
+    config = parse_config(BenchFinetuneConfig)
     seeds = [int(s) for s in config.seeds.split(",")]
     runs = [(config.init_from, mode) for mode in config.modes.split(",")]
     runs += [("scratch", "all")] if config.scratch else []

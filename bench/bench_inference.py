@@ -23,27 +23,28 @@ import time
 from dataclasses import dataclass
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)  # run from anywhere: the scripts import each other by name
+sys.path.insert(0, ROOT)  # run from anywhere: import the repo's modules by name
 
 import torch  # noqa: E402
 
 from cli import UserError, parse_config, read_config_file, run_main  # noqa: E402
-from eval import evaluate_split  # noqa: E402
-from model import GPT, GPTConfig, quantize_int8  # noqa: E402
-from sample import load_for_inference  # noqa: E402
+from evaluate import evaluate_split  # noqa: E402
+from model import GPT, GPTConfig  # noqa: E402
+from quantize import quantize_int8  # noqa: E402
+from checkpoint import load_for_inference  # noqa: E402
 
 SHAPE_KEYS = ("block_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "bias")
 
 
 @dataclass
-class BenchConfig:
+class BenchInferenceConfig:
     out_dir: str = ""           # a trained checkpoint: adds the perplexity table (none: speed only)
     shape: str = "small"        # small | tiny (config/wikitext_<shape>.py) | checkpoint (--out_dir's own model)
     vocab_size: int = 8192      # of the random model (prepare.py's default tokenizer size)
-    new_tokens: int = 512
-    prompt_tokens: int = 16
-    repeats: int = 3
-    split: str = "val"
+    new_tokens: int = 512       # tokens generated per timed run
+    prompt_tokens: int = 16     # random prompt tokens before them
+    repeats: int = 3            # interleaved runs per variant; the best counts
+    split: str = "val"          # of the checkpoint's data, for the perplexity table
     eval_tokens: int = 50_000   # tokens of the split to score twice (0: all of it)
     threads: int = 0            # torch CPU threads; 0: torch's default
 
@@ -136,7 +137,7 @@ def machine_line():
 
 
 def main():
-    config = parse_config(BenchConfig)
+    config = parse_config(BenchInferenceConfig)
     if config.threads:
         torch.set_num_threads(config.threads)
     if config.new_tokens < 1 or config.prompt_tokens < 1 or config.repeats < 1:

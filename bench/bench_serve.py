@@ -30,11 +30,11 @@ import cli  # noqa: E402
 
 
 @dataclass
-class Config:
+class BenchServeConfig:
     out_dir: str = ""            # the model to serve; empty: train a tiny one (and a classifier) in a temp folder
     classifier_dir: str = ""     # empty: no classification requests (unless the tiny one is trained)
-    requests: int = 200
-    concurrency: int = 16
+    requests: int = 200          # in all, the five kinds in turn
+    concurrency: int = 16        # requests in flight at once
     max_new_tokens: int = 32     # per generation request
     threads: int = 1             # torch threads in the server (OMP_NUM_THREADS); 0: torch's default
 
@@ -134,9 +134,9 @@ def percentile(values, p):
     return values[max(0, math.ceil(p / 100 * len(values)) - 1)]
 
 
-def report(results, seconds, cfg):
-    print(f"\n{len(results)} requests, {cfg.concurrency} at a time, in {seconds:.1f} s "
-          f"({len(results) / seconds:.1f} requests/s); max_new_tokens={cfg.max_new_tokens}\n")
+def report(results, seconds, config):
+    print(f"\n{len(results)} requests, {config.concurrency} at a time, in {seconds:.1f} s "
+          f"({len(results) / seconds:.1f} requests/s); max_new_tokens={config.max_new_tokens}\n")
     print("| kind | requests | status codes | p50 ms | p95 ms | first event p50 / p95 ms |")
     print("|---|---:|---|---:|---:|---:|")
     by_kind = defaultdict(list)
@@ -154,33 +154,33 @@ def report(results, seconds, cfg):
 
 
 def main():
-    cfg = cli.parse_config(Config)
-    if cfg.requests < 1 or cfg.concurrency < 1:
+    config = cli.parse_config(BenchServeConfig)
+    if config.requests < 1 or config.concurrency < 1:
         raise cli.UserError("--requests and --concurrency must be at least 1")
     with tempfile.TemporaryDirectory(prefix="bench_serve_") as tmp:
-        out_dir, classifier_dir = cfg.out_dir, cfg.classifier_dir
+        out_dir, classifier_dir = config.out_dir, config.classifier_dir
         if not out_dir:
             t0 = time.time()
             out_dir, classifier_dir = train_tiny(tmp)
             print(f"trained a tiny model and classifier in {time.time() - t0:.0f} s")
         with open(Path(tmp) / "server.log", "w") as log:
-            process, url = start_server(out_dir, classifier_dir, cfg.threads, log)
+            process, url = start_server(out_dir, classifier_dir, config.threads, log)
             try:
                 health = requests.get(f"{url}/health", timeout=10).json()
                 print(f"serving {health['model']} ({health['parameters']:,} parameters) on {health['device']}, "
-                      f"{cfg.threads or 'default'} torch thread(s); client and server share {os.cpu_count()} CPUs")
-                kinds = request_kinds(cfg.max_new_tokens, bool(classifier_dir))
+                      f"{config.threads or 'default'} torch thread(s); client and server share {os.cpu_count()} CPUs")
+                kinds = request_kinds(config.max_new_tokens, bool(classifier_dir))
                 for kind, spec in kinds.items():  # warm up: first calls pay one-off costs
                     send(url, kind, *spec)
-                order = [list(kinds)[i % len(kinds)] for i in range(cfg.requests)]
+                order = [list(kinds)[i % len(kinds)] for i in range(config.requests)]
                 t0 = time.perf_counter()
-                with ThreadPoolExecutor(cfg.concurrency) as pool:
+                with ThreadPoolExecutor(config.concurrency) as pool:
                     results = list(pool.map(lambda kind: send(url, kind, *kinds[kind]), order))
                 seconds = time.perf_counter() - t0
             finally:
                 process.terminate()
                 process.wait(timeout=30)
-    report(results, seconds, cfg)
+    report(results, seconds, config)
     problems = [(kind, problem) for kind, status, _, _, problem in results if problem or status >= 500]
     for kind, problem in problems[:10]:
         print(f"problem ({kind}): {problem}")

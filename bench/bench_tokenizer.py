@@ -31,13 +31,13 @@ DATA = REPO.parent / "shared" / "data"
 
 
 @dataclass
-class Config:
+class BenchTokenizerConfig:
     corpus: str = str(DATA / "wikitext-2" / "wiki.train.tokens")      # training text
     encode_text: str = str(DATA / "wikitext-2-raw" / "wiki.valid.raw")  # text for throughput and agreement
     gpt2_dir: str = str(DATA / "gpt2")                                  # encoder.json + vocab.bpe
-    vocab_size: int = 8192
-    min_frequency: int = 2
-    repeats: int = 3
+    vocab_size: int = 8192           # ids in all, for both trainers
+    min_frequency: int = 2           # a pair must occur this often to become a merge
+    repeats: int = 3                 # trainings per tokenizer; the best counts
     reference_chars: int = 200_000   # the pure-Python encoder is timed on this much text
     child: str = ""                  # internal: "ours" or "hf" trains once in this process and prints JSON
     child_out: str = ""              # internal: where that child saves its files
@@ -50,18 +50,18 @@ def peak_rss_mb():
     return own, children
 
 
-def train_once(cfg, out_dir):
+def train_once(config, out_dir):
     """One training run in this process; prints {seconds, rss} as JSON for the parent."""
     os.makedirs(out_dir, exist_ok=True)
     t0 = time.perf_counter()
-    if cfg.child == "ours":
-        tok = BPETokenizer.train(Path(cfg.corpus), cfg.vocab_size, cfg.min_frequency)
+    if config.child == "ours":
+        tok = BPETokenizer.train(Path(config.corpus), config.vocab_size, config.min_frequency)
         seconds, vocab_size = time.perf_counter() - t0, tok.vocab_size
         tok.save(out_dir)
     else:
         from tokenizers import ByteLevelBPETokenizer
         tok = ByteLevelBPETokenizer()
-        tok.train([cfg.corpus], vocab_size=cfg.vocab_size, min_frequency=cfg.min_frequency,
+        tok.train([config.corpus], vocab_size=config.vocab_size, min_frequency=config.min_frequency,
                   special_tokens=["<|endoftext|>"], show_progress=False)
         seconds, vocab_size = time.perf_counter() - t0, tok.get_vocab_size()
         tok.save_model(out_dir)
@@ -69,9 +69,9 @@ def train_once(cfg, out_dir):
     print(json.dumps({"seconds": seconds, "vocab_size": vocab_size, "rss_mb": own, "child_rss_mb": children}))
 
 
-def run_child(cfg, which, out_dir):
-    cmd = [sys.executable, __file__, f"--child={which}", f"--corpus={cfg.corpus}", f"--vocab_size={cfg.vocab_size}",
-           f"--min_frequency={cfg.min_frequency}", f"--child_out={out_dir}"]
+def run_child(config, which, out_dir):
+    cmd = [sys.executable, __file__, f"--child={which}", f"--corpus={config.corpus}", f"--vocab_size={config.vocab_size}",
+           f"--min_frequency={config.min_frequency}", f"--child_out={out_dir}"]
     result = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO)
     if result.returncode != 0:
         raise cli.UserError(f"{which} training failed:\n{result.stderr}")
@@ -102,67 +102,67 @@ def gpt2_tiktoken(gpt2_dir):
                              special_tokens={"<|endoftext|>": 50256})
 
 
-def bench_training(cfg, out_dir):
+def bench_training(config, out_dir):
     """Train ours and HF alternately (so both see the same machine load); returns each one's list of runs."""
     runs = {"ours": [], "hf": []}
-    for i in range(cfg.repeats):
+    for i in range(config.repeats):
         for which in runs:
-            runs[which].append(run_child(cfg, which, out_dir / which))
+            runs[which].append(run_child(config, which, out_dir / which))
             r = runs[which][-1]
             print(f"  run {i + 1} {which:4s}: {r['seconds']:.2f} s, vocab {r['vocab_size']}, "
                   f"peak RSS {r['rss_mb']:.0f} MB (largest worker process {r['child_rss_mb']:.0f} MB)")
     return runs
 
 
-def bench_encoding(cfg, tok, hf_tok, text):
+def bench_encoding(config, tok, hf_tok, text):
     """MB/s of each encoder: (one call on the whole text, one batch call on pieces of 100 lines)."""
     lines = text.splitlines(keepends=True)
     pieces = ["".join(lines[i:i + 100]) for i in range(0, len(lines), 100)]
-    gpt2 = gpt2_tiktoken(cfg.gpt2_dir)
+    gpt2 = gpt2_tiktoken(config.gpt2_dir)
     encoders = {
         "ours (tiktoken core, our merges)": (tok.encode, tok.encode_batch),
         "tiktoken GPT-2": (gpt2.encode_ordinary, gpt2.encode_ordinary_batch),
         "HF tokenizers (our files loaded in HF)": (lambda t: hf_tok.encode(t).ids, hf_tok.encode_batch),
     }
-    speeds = {name: (throughput(one, text, cfg.repeats), throughput(lambda _: batch(pieces), text, cfg.repeats))
+    speeds = {name: (throughput(one, text, config.repeats), throughput(lambda _: batch(pieces), text, config.repeats))
               for name, (one, batch) in encoders.items()}
-    sample = text[:cfg.reference_chars]
+    sample = text[:config.reference_chars]
     speeds[f"ours, pure-Python reference (first {len(sample) // 1000} k chars)"] = (
         throughput(tok.encode_reference, sample, 1), None)
     return speeds
 
 
 def main():
-    cfg = cli.parse_config(Config)
-    if cfg.child:
-        return train_once(cfg, cfg.child_out)
-    for path in (cfg.corpus, cfg.encode_text):
+    config = cli.parse_config(BenchTokenizerConfig)
+    if config.child:
+        return train_once(config, config.child_out)
+    for path in (config.corpus, config.encode_text):
         if not Path(path).is_file():
             raise cli.UserError(f"file not found: {path}")
     from tokenizers import ByteLevelBPETokenizer
 
     cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    corpus, text_name = Path(cfg.corpus), Path(cfg.encode_text).name
-    print(f"training on {corpus} ({corpus.stat().st_size / 1e6:.1f} MB), vocab {cfg.vocab_size}, "
-          f"min_frequency {cfg.min_frequency}, {cpus} CPUs")
+    corpus, text_name = Path(config.corpus), Path(config.encode_text).name
+    print(f"training on {corpus} ({corpus.stat().st_size / 1e6:.1f} MB), vocab {config.vocab_size}, "
+          f"min_frequency {config.min_frequency}, {cpus} CPUs")
     with tempfile.TemporaryDirectory(prefix="bench_tokenizer_") as tmp:
-        runs = bench_training(cfg, Path(tmp))
+        runs = bench_training(config, Path(tmp))
         tok = BPETokenizer.load(Path(tmp) / "ours")
         hf_tok = ByteLevelBPETokenizer(str(Path(tmp) / "ours" / "vocab.json"), str(Path(tmp) / "ours" / "merges.txt"))
     ours, hf = (min(r["seconds"] for r in runs[which]) for which in ("ours", "hf"))
     rss, child_rss = (max(r[key] for r in runs["ours"]) for key in ("rss_mb", "child_rss_mb"))
-    print(f"best of {cfg.repeats}: ours {ours:.2f} s, HF {hf:.2f} s, ratio ours/HF {ours / hf:.2f}")
+    print(f"best of {config.repeats}: ours {ours:.2f} s, HF {hf:.2f} s, ratio ours/HF {ours / hf:.2f}")
 
-    text = Path(cfg.encode_text).read_text(encoding="utf-8")
-    speeds = bench_encoding(cfg, tok, hf_tok, text)
+    text = Path(config.encode_text).read_text(encoding="utf-8")
+    speeds = bench_encoding(config, tok, hf_tok, text)
     t0 = time.perf_counter()
     fast = tok.encode(text)
     agree, hf_agree = fast == tok.encode_reference(text), fast == hf_tok.encode(text).ids
     print(f"fast == reference on all of {text_name} ({len(fast):,} tokens): {agree}; fast == HF: {hf_agree} "
           f"({time.perf_counter() - t0:.1f} s)")
 
-    print(f"\n| training on {corpus.name}, vocab {cfg.vocab_size}, min_frequency {cfg.min_frequency}, {cpus} CPUs "
-          f"| best of {cfg.repeats} |")
+    print(f"\n| training on {corpus.name}, vocab {config.vocab_size}, min_frequency {config.min_frequency}, {cpus} CPUs "
+          f"| best of {config.repeats} |")
     print("| --- | ---: |")
     print(f"| tokenizer.py (Python; pre-tokenization on {min(8, cpus)} processes) | {ours:.2f} s |")
     print(f"| HF tokenizers ByteLevelBPETokenizer (Rust, multi-threaded) | {hf:.2f} s |")

@@ -31,21 +31,21 @@ SHAPES = {  # the baseline script's default shape, and GPT-2 small's
 
 
 @dataclass
-class BenchConfig:
-    data_dir: str = "data/wikitext-2"
-    shape: str = "nanogpt_default"
-    device: str = "cpu"
-    iters: int = 40
+class BenchTrainConfig:
+    data_dir: str = "data/wikitext-2"     # memmaps from prepare.py, for both loops
+    shape: str = "nanogpt_default"        # nanogpt_default | gpt2_124m (SHAPES above)
+    device: str = "cpu"                   # cpu | cuda
+    iters: int = 40                       # steps per run; the median over steps > 10 counts
     repeats: int = 1                      # rounds of all the runs, interleaved
     variants: str = "float32:False,bfloat16:False,float32:True,bfloat16:True"  # dtype:compile pairs
-    nanogpt: str = str(ROOT.parent / "shared" / "baselines" / "nanogpt" / "run.sh")
+    nanogpt: str = str(ROOT.parent / "shared" / "baselines" / "nanogpt" / "run.sh")  # nanoGPT's runner; empty: skip
 
 
-def run_ours(cfg, dtype, compile_, out_dir):
-    shape = SHAPES[cfg.shape]
+def run_ours(config, dtype, compile_, out_dir):
+    shape = SHAPES[config.shape]
     args = [f"--{k}={v}" for k, v in shape.items()] + [
-        f"--data_dir={cfg.data_dir}", f"--out_dir={out_dir}", f"--device={cfg.device}", f"--dtype={dtype}",
-        f"--compile={compile_}", f"--max_iters={cfg.iters}", "--eval_interval=100000", "--eval_iters=1",
+        f"--data_dir={config.data_dir}", f"--out_dir={out_dir}", f"--device={config.device}", f"--dtype={dtype}",
+        f"--compile={compile_}", f"--max_iters={config.iters}", "--eval_interval=100000", "--eval_iters=1",
         "--log_interval=1", "--dropout=0.0", "--bias=False", "--gradient_accumulation_steps=1"]
     result = subprocess.run([sys.executable, str(ROOT / "train.py"), *args], capture_output=True, text=True)
     if result.returncode != 0:
@@ -57,14 +57,14 @@ def run_ours(cfg, dtype, compile_, out_dir):
     return statistics.median(ms), losses[-1], (statistics.median(mfu) if mfu else None)
 
 
-def run_nanogpt(cfg, vocab_size):
-    shape = SHAPES[cfg.shape]
+def run_nanogpt(config, vocab_size):
+    shape = SHAPES[config.shape]
     extra = [f"--n_layer={shape['num_hidden_layers']}", f"--n_head={shape['num_attention_heads']}",
              f"--n_embd={shape['hidden_size']}", f"--block_size={shape['block_size']}",
-             f"--batch_size={shape['batch_size']}", f"--max_iters={cfg.iters}", f"--device={cfg.device}"]
-    if cfg.device != "cpu":  # nanoGPT's best GPU settings: bf16 + compile
+             f"--batch_size={shape['batch_size']}", f"--max_iters={config.iters}", f"--device={config.device}"]
+    if config.device != "cpu":  # nanoGPT's best GPU settings: bf16 + compile
         extra += ["--dtype=bfloat16", "--compile=True"]
-    result = subprocess.run(["bash", cfg.nanogpt, cfg.data_dir, str(vocab_size), *extra], capture_output=True, text=True)
+    result = subprocess.run(["bash", config.nanogpt, config.data_dir, str(vocab_size), *extra], capture_output=True, text=True)
     found = re.search(r"nanoGPT median ms/iter: ([\d.]+)", result.stdout)
     if not found:
         raise SystemExit(f"nanoGPT run failed:\n{result.stdout[-1500:]}\n{result.stderr[-1500:]}")
@@ -72,28 +72,28 @@ def run_nanogpt(cfg, vocab_size):
 
 
 def main():
-    cfg = parse_config(BenchConfig)
-    meta = load_meta(cfg.data_dir)
-    shape = SHAPES[cfg.shape]
+    config = parse_config(BenchTrainConfig)
+    meta = load_meta(config.data_dir)
+    shape = SHAPES[config.shape]
     tokens_per_iter = shape["batch_size"] * shape["block_size"]
     runs = {}  # name -> [(ms, loss, mfu)], one per round
-    for round_ in range(1, cfg.repeats + 1):  # rounds interleave the runs, so a slow spell hits them all alike
-        if os.path.exists(cfg.nanogpt):
-            ms = run_nanogpt(cfg, meta["vocab_size"])
+    for round_ in range(1, config.repeats + 1):  # rounds interleave the runs, so a slow spell hits them all alike
+        if os.path.exists(config.nanogpt):
+            ms = run_nanogpt(config, meta["vocab_size"])
             runs.setdefault("nanoGPT train.py (its defaults for this device)", []).append((ms, None, None))
             print(f"round {round_}, nanoGPT: {ms:.1f} ms/iter", file=sys.stderr)
-        for variant in cfg.variants.split(","):
+        for variant in config.variants.split(","):
             dtype, compile_ = variant.split(":")
             with tempfile.TemporaryDirectory() as out_dir:
-                ms, loss, mfu = run_ours(cfg, dtype, compile_, out_dir)
+                ms, loss, mfu = run_ours(config, dtype, compile_, out_dir)
             runs.setdefault(f"ours, {dtype}, compile={compile_}", []).append((ms, loss, mfu))
             print(f"round {round_}, {variant}: {ms:.1f} ms/iter, last loss {loss:.3f}", file=sys.stderr)
     rows = [(name, statistics.median(r[0] for r in results), *results[-1][1:]) for name, results in runs.items()]
 
     base = rows[0][1] if rows[0][0].startswith("nanoGPT") else None
-    print(f"\nshape {cfg.shape} ({shape}), vocab {meta['vocab_size']}, device {cfg.device}, "
-          f"{tokens_per_iter} tokens/iter; per run the median ms over iterations 11..{cfg.iters}, then the median "
-          f"over {cfg.repeats} interleaved round(s)\n")
+    print(f"\nshape {config.shape} ({shape}), vocab {meta['vocab_size']}, device {config.device}, "
+          f"{tokens_per_iter} tokens/iter; per run the median ms over iterations 11..{config.iters}, then the median "
+          f"over {config.repeats} interleaved round(s)\n")
     print("| run | ms/iter | tokens/s | vs nanoGPT | MFU | loss at last iter |")
     print("|---|---:|---:|---:|---:|---:|")
     for name, ms, loss, mfu in rows:

@@ -17,28 +17,28 @@ class Settings:
 
 
 def test_defaults_then_file_then_flags(tmp_path):
-    cfg = tmp_path / "c.py"
-    cfg.write_text('"""doc"""\nbatch_size = 2 * 8\nlearning_rate = 6e-4\nname = "from-file"\n')
-    s = parse_config(Settings, [str(cfg), "--name=flag", "--compile=False", "--seed=3"])
+    config = tmp_path / "c.py"
+    config.write_text('"""doc"""\nbatch_size = 2 * 8\nlearning_rate = 6e-4\nname = "from-file"\n')
+    s = parse_config(Settings, [str(config), "--name=flag", "--compile=False", "--seed=3"])
     assert s == Settings(batch_size=16, learning_rate=6e-4, compile=False, name="flag", seed=3)
 
 
 def test_names_assigned_earlier_in_the_file_can_be_used(tmp_path):
-    cfg = tmp_path / "c.py"
-    cfg.write_text("learning_rate = 1e-3\nbatch_size = 10\nname = 'x'\n")
-    assert read_config_file(str(cfg)) == {"learning_rate": 1e-3, "batch_size": 10, "name": "x"}
-    cfg.write_text("batch_size = 10\nlearning_rate = batch_size / 4\n")
-    assert parse_config(Settings, [str(cfg)]).learning_rate == 2.5
+    config = tmp_path / "c.py"
+    config.write_text("learning_rate = 1e-3\nbatch_size = 10\nname = 'x'\n")
+    assert read_config_file(str(config)) == {"learning_rate": 1e-3, "batch_size": 10, "name": "x"}
+    config.write_text("batch_size = 10\nlearning_rate = batch_size / 4\n")
+    assert parse_config(Settings, [str(config)]).learning_rate == 2.5
 
 
 def test_config_file_code_is_never_run(tmp_path):
-    cfg = tmp_path / "c.py"
-    cfg.write_text("import os\nbatch_size = 2\n")
+    config = tmp_path / "c.py"
+    config.write_text("import os\nbatch_size = 2\n")
     with pytest.raises(UserError, match="only 'name = value' assignments"):
-        parse_config(Settings, [str(cfg)])
-    cfg.write_text("batch_size = __import__('os').getpid()\n")
+        parse_config(Settings, [str(config)])
+    config.write_text("batch_size = __import__('os').getpid()\n")
     with pytest.raises(UserError, match="unsupported expression"):
-        parse_config(Settings, [str(cfg)])
+        parse_config(Settings, [str(config)])
 
 
 def test_unknown_key_suggests_the_nearest():

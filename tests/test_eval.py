@@ -1,27 +1,24 @@
-"""Tests for eval.py: sliding windows, the per-token / per-byte / per-word figures, splits and text files, the CLI."""
+"""Tests for evaluate.py: sliding windows, the per-token / per-byte / per-word figures, splits and text files, the CLI."""
 
 import json
 import math
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 
-import eval as evaluation
-import sample
+import evaluate
+from checkpoint import load_for_inference
 from cli import UserError
+from generate import encode_prompt
 from prepare import load_meta
-from test_sample import one_thread, random_model, run, tiny_ckpt  # noqa: F401 (fixtures)
 from tokenizer import BPETokenizer
 
-GPT2_DIR = Path(__file__).resolve().parents[2] / "shared" / "data" / "gpt2"
 
-
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def loaded(tiny_ckpt):
-    model, tokenizer, checkpoint = sample.load_for_inference(str(tiny_ckpt), device="cpu")
+    model, tokenizer, checkpoint = load_for_inference(str(tiny_ckpt), device="cpu")
     return model, tokenizer, checkpoint["train_config"]["data_dir"]
 
 
@@ -29,13 +26,11 @@ def nll_of_each_target(model, ids, stride):
     """{position: negative log-likelihood} of each target, scored alone with exactly the context its window gives."""
     T = min(model.config.block_size, len(ids) - 1)
     nll = {}
-    for start, first in evaluation.window_spans(len(ids), model.config.block_size, stride):
+    for start, first in evaluate.window_spans(len(ids), model.config.block_size, stride):
         for p in range(first, start + T + 1):
             logits = model(torch.tensor([ids[start:p]]))[0][0, -1]
             nll[p] = -F.log_softmax(logits, -1)[ids[p]].item()
     return nll
-
-
 
 
 # ----------------------------------------------------------------------------- sliding windows
@@ -43,7 +38,7 @@ def nll_of_each_target(model, ids, stride):
 @pytest.mark.parametrize("n, block, stride", [(2, 8, 4), (9, 8, 4), (10, 8, 4), (100, 8, 3), (100, 8, 8),
                                               (100, 8, 1), (57, 16, 16), (5, 16, 7)])
 def test_windows_score_every_target_once_with_enough_context(n, block, stride):
-    spans = evaluation.window_spans(n, block, stride)
+    spans = evaluate.window_spans(n, block, stride)
     T = min(block, n - 1)
     scored = []
     for start, first in spans:
@@ -55,27 +50,27 @@ def test_windows_score_every_target_once_with_enough_context(n, block, stride):
     assert len(spans) == 1 + max(0, math.ceil((n - 1 - T) / stride))
 
 
-def test_sliding_window_equals_full_context_when_the_text_fits():
+def test_sliding_window_equals_full_context_when_the_text_fits(random_model):
     model = random_model(block_size=32)
     ids = torch.randint(97, (30,), generator=torch.Generator().manual_seed(0))
     logits = model(ids[None, :-1])[0][0]
     full = F.cross_entropy(logits, ids[1:], reduction="sum").item()
     for stride in (1, 7, 16, 32):
-        nll, count = evaluation.score_tokens(model, ids.numpy(), stride=stride)
+        nll, count = evaluate.score_tokens(model, ids.numpy(), stride=stride)
         assert count == 29 and nll == pytest.approx(full, rel=1e-12)
 
 
-def test_sliding_window_matches_scoring_each_token_alone():
+def test_sliding_window_matches_scoring_each_token_alone(random_model):
     model = random_model(block_size=16)
     ids = torch.randint(97, (60,), generator=torch.Generator().manual_seed(1)).tolist()
     each = nll_of_each_target(model, ids, stride=5)
     for skip_id in (None, ids[40]):
         kept = [nll for p, nll in each.items() if ids[p] != skip_id]
         for batch_size in (1, 3, 100):
-            nll, count = evaluation.score_tokens(model, np.array(ids), 5, batch_size, skip_id=skip_id)
+            nll, count = evaluate.score_tokens(model, np.array(ids), 5, batch_size, skip_id=skip_id)
             assert (nll, count) == (pytest.approx(sum(kept), rel=1e-10), len(kept))
     assert len(kept) < 59  # the skipped id occurs among the targets
-    nll_wide, _ = evaluation.score_tokens(model, np.array(ids), stride=16)
+    nll_wide, _ = evaluate.score_tokens(model, np.array(ids), stride=16)
     assert nll_wide != pytest.approx(sum(each.values()), rel=1e-6)  # another stride, other contexts, another score
 
 
@@ -85,46 +80,45 @@ def test_counts_and_figures_on_a_known_text(loaded):
     model, tokenizer, _ = loaded
     text = " the café in Zürich\n 日本 の 東京 .\n\n river\n"
     for convention, words in (("whitespace", 9), ("classic", 13)):
-        r = evaluation.evaluate_text(model, tokenizer, text, convention, progress=False)
+        r = evaluate.evaluate_text(model, tokenizer, text, convention, progress=False)
         assert (r["bytes"], r["words"], r["word_convention"]) == (len(text.encode("utf-8")), words, convention)
         assert r["tokens"] == len(tokenizer.encode(text))  # every token, the first one after end-of-text
         nll = r["loss"] * r["tokens"]
         assert r["perplexity"] == pytest.approx(math.exp(r["loss"]))
         assert r["bits_per_byte"] == pytest.approx(nll / math.log(2) / r["bytes"])
         assert r["word_perplexity"] == pytest.approx(math.exp(nll / words))
-    ids = sample.encode_prompt(tokenizer, text)
-    assert r["loss"] * r["tokens"] == pytest.approx(evaluation.score_tokens(model, ids)[0])
+    ids = encode_prompt(tokenizer, text)
+    assert r["loss"] * r["tokens"] == pytest.approx(evaluate.score_tokens(model, ids)[0])
 
 
 def test_split_uses_meta_counts_and_skips_document_separators(loaded):
     model, tokenizer, data_dir = loaded
     meta = load_meta(data_dir)
     stats = meta["splits"]["val"]
-    r = evaluation.evaluate_split(model, tokenizer, data_dir, "val", progress=False)
+    r = evaluate.evaluate_split(model, tokenizer, data_dir, "val", progress=False)
     assert (r["bytes"], r["words"], r["word_convention"]) == (stats["bytes"], stats["words_whitespace"], "whitespace")
     assert r["tokens"] == stats["tokens"] - stats["documents"]  # each document's leading end-of-text is context
     # counting from the decoded tokens (what --max_tokens does) gives meta.json's numbers back
-    whole = evaluation.evaluate_split(model, tokenizer, data_dir, "val", max_tokens=stats["tokens"], progress=False)
+    whole = evaluate.evaluate_split(model, tokenizer, data_dir, "val", max_tokens=stats["tokens"], progress=False)
     assert whole == pytest.approx(r)
-    part = evaluation.evaluate_split(model, tokenizer, data_dir, "val", max_tokens=500, progress=False)
+    part = evaluate.evaluate_split(model, tokenizer, data_dir, "val", max_tokens=500, progress=False)
     assert part["tokens"] == 499 and part["bytes"] < stats["bytes"]
 
 
 def test_int8_costs_little_perplexity(loaded, tiny_ckpt):
     model, tokenizer, data_dir = loaded
-    q, _, _ = sample.load_for_inference(str(tiny_ckpt), device="cpu", quantize="int8")
-    fp32 = evaluation.evaluate_split(model, tokenizer, data_dir, "val", progress=False)["perplexity"]
-    int8 = evaluation.evaluate_split(q, tokenizer, data_dir, "val", progress=False)["perplexity"]
+    q, _, _ = load_for_inference(str(tiny_ckpt), device="cpu", quantize="int8")
+    fp32 = evaluate.evaluate_split(model, tokenizer, data_dir, "val", progress=False)["perplexity"]
+    int8 = evaluate.evaluate_split(q, tokenizer, data_dir, "val", progress=False)["perplexity"]
     assert abs(int8 / fp32 - 1) < 0.02
 
 
-@pytest.mark.skipif(not (GPT2_DIR / "encoder.json").is_file(), reason="GPT-2's tokenizer files are not here")
-def test_gpt2_tokenizer_works_alike():
-    tokenizer = BPETokenizer.load(GPT2_DIR / "encoder.json", GPT2_DIR / "vocab.bpe")
+def test_gpt2_tokenizer_works_alike(shared_data, random_model):
+    tokenizer = BPETokenizer.load(shared_data / "gpt2" / "encoder.json", shared_data / "gpt2" / "vocab.bpe")
     model = random_model(vocab_size=50257, block_size=16, dtype=torch.float32)
     text = "Hello world, the café in Zürich\nis 日本 🙂\n"
-    r = evaluation.evaluate_text(model, tokenizer, text, "classic", stride=4, progress=False)
-    assert tokenizer.eot_id == 50256 and sample.encode_prompt(tokenizer, text)[0] == 50256
+    r = evaluate.evaluate_text(model, tokenizer, text, "classic", stride=4, progress=False)
+    assert tokenizer.eot_id == 50256 and encode_prompt(tokenizer, text)[0] == 50256
     assert r["tokens"] == len(tokenizer.encode(text)) > 16  # longer than the context: several windows
     assert (r["bytes"], r["words"]) == (len(text.encode("utf-8")), 9 + 2)
     assert 10 < r["perplexity"] < 10 * 50257  # a random model: near-uniform over the vocabulary
@@ -132,44 +126,44 @@ def test_gpt2_tokenizer_works_alike():
 
 # ----------------------------------------------------------------------------- the command line
 
-def test_cli_split_json_and_text_file(loaded, tiny_ckpt, tmp_path):
+def test_cli_split_json_and_text_file(loaded, tiny_ckpt, tmp_path, run_script):
     _, tokenizer, data_dir = loaded
-    code, out, err = run("eval.py", f"--out_dir={tiny_ckpt}", "--split=val", "--json", "--device=cpu")
-    assert code == 0, err
-    r = json.loads(out)  # stdout holds the JSON alone; the progress bar is on stderr
+    run = run_script("evaluate.py", f"--out_dir={tiny_ckpt}", "--split=val", "--json", "--device=cpu")
+    assert run.returncode == 0, run.stderr
+    r = json.loads(run.stdout)  # stdout holds the JSON alone; the progress bar is on stderr
     stats = load_meta(data_dir)["splits"]["val"]
     assert (r["tokens"], r["bytes"], r["stride"], r["block_size"]) == (
         stats["tokens"] - stats["documents"], stats["bytes"], 16, 32)
-    assert r["first_token"] == "scored after an end-of-text token" and "scoring val" in err
+    assert r["first_token"] == "scored after an end-of-text token" and "scoring val" in run.stderr
     assert r["perplexity"] == pytest.approx(math.exp(r["loss"]))
 
     text_file = tmp_path / "some.txt"
     text_file.write_text("the café in Zürich\nriver valley\n", encoding="utf-8")
-    code, out, err = run("eval.py", f"--out_dir={tiny_ckpt}", f"--text_file={text_file}",
-                         "--word_convention=classic", "--stride=8", "--device=cpu")
-    assert code == 0, err
-    out = out.decode()
+    run = run_script("evaluate.py", f"--out_dir={tiny_ckpt}", f"--text_file={text_file}",
+                     "--word_convention=classic", "--stride=8", "--device=cpu")
+    assert run.returncode == 0, run.stderr
+    out = run.stdout
     assert "8 words (classic:" in out and "bits per byte" in out and "word perplexity" in out and "stride 8" in out
 
 
-def test_cli_missing_checkpoint_is_one_line_error(tmp_path):
-    code, out, err = run("eval.py", f"--out_dir={tmp_path}")
-    assert code == 2 and out == b""
-    assert err.startswith("error: no checkpoint at") and "Traceback" not in err and err.count("\n") == 1, err
+def test_cli_missing_checkpoint_is_one_line_error(tmp_path, run_script):
+    r = run_script("evaluate.py", f"--out_dir={tmp_path}")
+    assert r.returncode == 2 and r.stdout == ""
+    assert r.stderr.startswith("error: no checkpoint at") and "Traceback" not in r.stderr and r.stderr.count("\n") == 1
 
 
 def test_bad_settings_are_user_errors(loaded, tmp_path):
     model, tokenizer, data_dir = loaded
     for stride in (0.5, 33, -1):
         with pytest.raises(UserError, match="--stride must be between 1 and block_size=32"):
-            evaluation.score_tokens(model, np.arange(40), stride=stride)
+            evaluate.score_tokens(model, np.arange(40), stride=stride)
     with pytest.raises(UserError, match="too short"):
-        evaluation.score_tokens(model, np.arange(1))
+        evaluate.score_tokens(model, np.arange(1))
     with pytest.raises(UserError, match="--word_convention must be"):
-        evaluation.check_convention("lines")
+        evaluate.check_convention("lines")
     with pytest.raises(UserError, match="has no dev split"):
-        evaluation.evaluate_split(model, tokenizer, data_dir, "dev")
-    evaluation.check_same_tokenizer(tokenizer, data_dir)  # the data it was trained on: fine
+        evaluate.evaluate_split(model, tokenizer, data_dir, "dev")
+    evaluate.check_same_tokenizer(tokenizer, data_dir)  # the data it was trained on: fine
     BPETokenizer.train("other words entirely, other merges " * 50, vocab_size=280).save(tmp_path)
     with pytest.raises(UserError, match="another tokenizer"):
-        evaluation.check_same_tokenizer(tokenizer, tmp_path)
+        evaluate.check_same_tokenizer(tokenizer, tmp_path)

@@ -1,31 +1,26 @@
 """Tests for finetune_classifier.py and finetune_instruct.py on tiny models and data: splits, the head, freezing,
 LoRA, loss masking, a run that learns, the command lines end to end, and one-line errors."""
 
-import contextlib
 import hashlib
 import io
 import json
 import random
-import subprocess
-import sys
-import threading
 import zipfile
 from dataclasses import asdict
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 import torch
 import torch.nn.functional as F
 
+import finetune
 import finetune_classifier as fc
 import finetune_instruct as fi
-from cli import UserError, run_main
-from model import GPT, GPTConfig, add_lora, merge_lora, merged_state_dict, save_checkpoint
+from checkpoint import save_checkpoint
+from cli import UserError
+from lora import add_lora, merge_lora, merged_state_dict
+from model import GPT, GPTConfig
 from tokenizer import BPETokenizer
-
-ROOT = Path(__file__).resolve().parents[1]
 
 HAM_WORDS = "see you at lunch tomorrow ok thanks mum home later love dinner sorry call back going bus".split()
 SPAM_WORDS = "win free prize cash claim now urgent txt reply stop award guaranteed mobile offer".split()
@@ -73,21 +68,6 @@ def sms_file(tmp_path_factory):
     return path
 
 
-def run_cli(module, *args):
-    """Run a script's main() in this process, as its command line would: (exit status, stdout, stderr)."""
-    argv, out, err = sys.argv, io.StringIO(), io.StringIO()
-    sys.argv = [module.__name__ + ".py", *map(str, args)]
-    try:
-        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-            run_main(module.main)
-        status = 0
-    except SystemExit as e:
-        status = e.code
-    finally:
-        sys.argv = argv
-    return status, out.getvalue(), err.getvalue()
-
-
 # ----------------------------------------------------------------------------- data
 
 
@@ -120,47 +100,30 @@ def test_read_labelled_tsv_and_csv(tmp_path, sms_file):
         fc.read_labelled(tmp_path / "short.tsv")
 
 
-def test_sms_download_checks_the_member(tmp_path, monkeypatch):
+def test_sms_download_checks_the_member(tmp_path, monkeypatch, http_server):
     member = b"ham\tok\nspam\twin\n"
     archive = io.BytesIO()
     with zipfile.ZipFile(archive, "w") as z:
         z.writestr("SMSSpamCollection", member)
         z.writestr("readme", b"about")
-    served = []
-
-    class Handler(BaseHTTPRequestHandler):
-        def log_message(self, *args):
-            pass
-
-        def do_GET(self):
-            served.append(self.path)
-            self.send_response(200)
-            self.send_header("Content-Length", str(len(archive.getvalue())))
-            self.end_headers()
-            self.wfile.write(archive.getvalue())
-
-    httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    threading.Thread(target=httpd.serve_forever, daemon=True).start()
-    try:
-        monkeypatch.setattr(fc, "SMS_URL", f"http://127.0.0.1:{httpd.server_port}/sms.zip")
-        monkeypatch.setattr(fc, "SMS_SHA256", hashlib.sha256(member).hexdigest())
-        assert fc.download_sms_spam(tmp_path).read_bytes() == member
-        monkeypatch.setattr(fc, "SMS_SHA256", "0" * 64)  # the server's file is not the published one
-        with pytest.raises(UserError, match="sha256"):
-            fc.download_sms_spam(tmp_path / "other")
-        assert len(served) == 3  # the first download, then two tries of the bad one
-    finally:
-        httpd.shutdown()
+    http_server.files["/sms.zip"] = archive.getvalue()
+    monkeypatch.setattr(fc, "SMS_URL", f"{http_server.url}/sms.zip")
+    monkeypatch.setattr(fc, "SMS_SHA256", hashlib.sha256(member).hexdigest())
+    assert fc.download_sms_spam(tmp_path).read_bytes() == member
+    monkeypatch.setattr(fc, "SMS_SHA256", "0" * 64)  # the server's file is not the published one
+    with pytest.raises(UserError, match="sha256"):
+        fc.download_sms_spam(tmp_path / "other")
+    assert len(http_server.log) == 3  # the first download, then two tries of the bad one
 
 # ----------------------------------------------------------------------------- the classifier model
 
 
 def test_head_reads_the_last_real_token():
-    model = fc.GPTClassifier(tiny_gpt(300), ["ham", "spam"], max_length=64).eval()
+    model = finetune.GPTClassifier(tiny_gpt(300), ["ham", "spam"], max_length=64).eval()
     short, long = [5, 17, 42], [7, 8, 9, 10, 11, 12, 13]
     alone = model(torch.tensor([short]), torch.tensor([3]))
     for pad in (0, 299):
-        ids, lengths = fc.pad_batch([short, long], pad)
+        ids, lengths = finetune.pad_batch([short, long], pad)
         assert torch.allclose(model(ids, lengths)[0], alone[0], atol=1e-5)
     changed_last = model(torch.tensor([[5, 17, 43]]), torch.tensor([3]))
     assert not torch.allclose(changed_last, alone, atol=1e-3)
@@ -170,8 +133,8 @@ def test_head_reads_the_last_real_token():
 def test_trainable_freezes_what_it_says(mode):
     torch.manual_seed(0)
     gpt = tiny_gpt(300)
-    model = fc.GPTClassifier(gpt, ["a", "b"], max_length=64)
-    fc.set_trainable(gpt, mode, lora_rank=2, lora_alpha=4)
+    model = finetune.GPTClassifier(gpt, ["a", "b"], max_length=64)
+    finetune.set_trainable(gpt, mode, lora_rank=2, lora_alpha=4)
     names = {n for n, p in model.named_parameters() if p.requires_grad}
     expected = {n for n, _ in model.named_parameters() if n.startswith("head.") or mode == "all"
                 or (mode == "last_block" and n.startswith(("gpt.blocks.1.", "gpt.ln_f.")))
@@ -183,7 +146,7 @@ def test_trainable_freezes_what_it_says(mode):
     batch = (torch.randint(0, 300, (4, 10)), torch.tensor([10, 7, 3, 10]), torch.tensor([0, 1, 0, 1]))
     loss_fn = lambda m, b: (F.cross_entropy(m(b[0], b[1]), b[2]), 0, 4)  # noqa: E731
     optimizer = GPT.configure_optimizer(model, 0.1, 1e-2, (0.9, 0.999), "cpu")
-    fc.run_epoch(model, [batch, batch], loss_fn, optimizer)  # two steps: LoRA's A has a gradient from the second
+    finetune.run_epoch(model, [batch, batch], loss_fn, optimizer)  # two steps: LoRA's A has a gradient from the second
     for n, p in model.named_parameters():
         assert torch.equal(p, before[n]) != (n in names), n
 
@@ -206,13 +169,13 @@ def test_lora_merged_equals_unmerged():
 
 
 def test_classify_and_load_classifier(tmp_path, tokenizer):
-    model = fc.GPTClassifier(tiny_gpt(tokenizer.vocab_size), ["ham", "spam"], max_length=16)
+    model = finetune.GPTClassifier(tiny_gpt(tokenizer.vocab_size), ["ham", "spam"], max_length=16)
     save_checkpoint({"model": model.state_dict(), "model_config": asdict(model.gpt.config),
                      "labels": model.labels, "max_length": 16}, tmp_path)
     tokenizer.save(tmp_path)
-    loaded, tok = fc.load_classifier(tmp_path)
-    results = fc.classify(loaded, tok, ["win cash now", "see you at lunch " * 20, ""])
-    assert [label for label, _ in results] == [label for label, _ in fc.classify(model, tokenizer, [
+    loaded, tok = finetune.load_classifier(tmp_path)
+    results = finetune.classify(loaded, tok, ["win cash now", "see you at lunch " * 20, ""])
+    assert [label for label, _ in results] == [label for label, _ in finetune.classify(model, tokenizer, [
         "win cash now", "see you at lunch " * 20, ""])]
     assert all(label in ("ham", "spam") and 0.5 <= p <= 1 for label, p in results)
 
@@ -248,10 +211,11 @@ def test_a_tiny_run_improves_val_loss(tokenizer):
     collate = lambda items: fi.make_batch(items, tokenizer.eot_id)  # noqa: E731
     gpt = tiny_gpt(tokenizer.vocab_size, dropout=0.0)
     val_batches = [collate(encode(val))]
-    before = fc.run_epoch(gpt, val_batches, fi.lm_loss)["loss"]
-    cfg = SimpleNamespace(weight_decay=0.0, learning_rate=3e-3, seed=0, batch_size=8, num_epochs=3, grad_clip=1.0)
+    before = finetune.run_epoch(gpt, val_batches, fi.lm_loss)["loss"]
+    config = SimpleNamespace(weight_decay=0.0, learning_rate=3e-3, seed=0, batch_size=8, num_epochs=3, grad_clip=1.0,
+                          dtype="auto")
     saved = []
-    rows = fc.fit(gpt, cfg, encode(train), encode(val), collate, fi.lm_loss, lambda v: -v["loss"],
+    rows = finetune.fit(gpt, config, encode(train), encode(val), collate, fi.lm_loss, lambda v: -v["loss"],
                   lambda epoch, row: saved.append(epoch))
     assert rows[-1]["val_loss"] < before - 1.0
     assert saved[0] == 1 and saved == sorted(saved)
@@ -259,16 +223,16 @@ def test_a_tiny_run_improves_val_loss(tokenizer):
 # ----------------------------------------------------------------------------- command lines
 
 
-def test_classifier_cli_end_to_end(tmp_path, lm_dir, sms_file):
+def test_classifier_cli_end_to_end(tmp_path, lm_dir, sms_file, run_in_process):
     out = tmp_path / "out"
-    status, stdout, stderr = run_cli(fc, f"--init_from={lm_dir}", f"--data={sms_file}", f"--out_dir={out}",
+    status, stdout, stderr = run_in_process(fc, f"--init_from={lm_dir}", f"--data={sms_file}", f"--out_dir={out}",
                                      "--num_epochs=2", "--learning_rate=2e-3", "--trainable=lora", "--device=cpu")
     assert status == 0, stderr
     assert "epoch 2/2" in stdout and "test accuracy" in stdout
     results = json.loads((out / "results.json").read_text())
     assert results["examples"] == {"train": 70, "val": 10, "test": 20} and len(results["epochs"]) == 2
     assert {"ckpt.pt", "vocab.json", "merges.txt"} <= {p.name for p in out.iterdir()}
-    status, stdout, stderr = run_cli(fc, f"--out_dir={out}", "--classify=win free cash now")
+    status, stdout, stderr = run_in_process(fc, f"--out_dir={out}", "--classify=win free cash now")
     assert status == 0, stderr
     label, probability = stdout.split()
     assert label in ("ham", "spam") and probability.startswith("(") and probability.endswith("%)")
@@ -283,9 +247,9 @@ def records_file(tmp_path_factory):
     return path
 
 
-def test_instruct_cli_end_to_end(tmp_path, lm_dir, records_file):
+def test_instruct_cli_end_to_end(tmp_path, lm_dir, records_file, run_in_process):
     out = tmp_path / "out"
-    status, stdout, stderr = run_cli(fi, f"--init_from={lm_dir}", f"--data={records_file}", f"--out_dir={out}",
+    status, stdout, stderr = run_in_process(fi, f"--init_from={lm_dir}", f"--data={records_file}", f"--out_dir={out}",
                                      "--num_epochs=1", "--max_new_tokens=4", "--device=cpu")
     assert status == 0, stderr
     assert "perplexity" in stdout
@@ -294,7 +258,7 @@ def test_instruct_cli_end_to_end(tmp_path, lm_dir, records_file):
     assert [a["instruction"] for a in answers] == [r["instruction"] for r in test_records]
     assert all(isinstance(a["model_response"], str) for a in answers)
     assert json.loads((out / "results.json").read_text())["test_response_perplexity"] > 1
-    status, stdout, stderr = run_cli(fi, f"--out_dir={out}", "--prompt=reply to mum", "--max_new_tokens=3")
+    status, stdout, stderr = run_in_process(fi, f"--out_dir={out}", "--prompt=reply to mum", "--max_new_tokens=3")
     assert status == 0, stderr
 
 
@@ -306,15 +270,14 @@ def test_instruct_cli_end_to_end(tmp_path, lm_dir, records_file):
     (fi, ["--trainable=head"]),
     (fc, ["--max_length=65"]),
 ])
-def test_errors_are_one_line(module, args, lm_dir, sms_file, records_file):
+def test_errors_are_one_line(module, args, lm_dir, sms_file, records_file, run_in_process):
     data = sms_file if module is fc else records_file
-    status, _, stderr = run_cli(module, f"--init_from={lm_dir}", f"--data={data}", *args)
+    status, _, stderr = run_in_process(module, f"--init_from={lm_dir}", f"--data={data}", *args)
     assert status == 2
     assert stderr.startswith("error:") and len(stderr.strip().splitlines()) == 1
 
 
-def test_missing_data_from_the_shell_is_one_line():
-    r = subprocess.run([sys.executable, "finetune_classifier.py", "--data=no/such/file.tsv"], cwd=ROOT,
-                       capture_output=True, text=True, timeout=120)
+def test_missing_data_from_the_shell_is_one_line(run_script):
+    r = run_script("finetune_classifier.py", "--data=no/such/file.tsv", timeout=120)
     assert r.returncode == 2 and r.stderr.startswith("error: --data=no/such/file.tsv: no such file")
     assert "Traceback" not in r.stderr

@@ -4,8 +4,7 @@ import math
 import pytest
 import torch
 
-from cli import UserError
-from model import GPT, GPTConfig, MultiHeadAttention, KVCache, causal_mask
+from model import GPT, GPTConfig, KVCache, MultiHeadAttention, causal_mask
 
 
 def tiny_config(**kw):
@@ -30,13 +29,13 @@ def test_written_out_attention_equals_sdpa(model):
 
 def test_written_out_attention_equals_sdpa_with_a_cache():
     torch.manual_seed(0)
-    cfg = tiny_config()
-    attn = MultiHeadAttention(cfg).eval()
-    x = torch.randn(2, 10, cfg.hidden_size)
+    config = tiny_config()
+    attn = MultiHeadAttention(config).eval()
+    x = torch.randn(2, 10, config.hidden_size)
     outs = []
     for flash in (True, False):
         attn.use_flash = flash
-        cache = KVCache(cfg, 2, "cpu", torch.float32)
+        cache = KVCache(config, 2, "cpu", torch.float32)
         first = attn(x[:, :6], cache, 0)
         cache.length += 6
         outs.append(torch.cat([first, attn(x[:, 6:], cache, 0)], dim=1))
@@ -87,11 +86,12 @@ def test_weight_tying_and_residual_init():
 
 
 def test_parameter_count(model):
-    cfg = model.config
-    per_block = 4 * cfg.hidden_size + (3 + 1 + 8) * cfg.hidden_size ** 2 + (3 + 1 + 4 + 1) * cfg.hidden_size
-    total = (cfg.vocab_size + cfg.block_size) * cfg.hidden_size + cfg.num_hidden_layers * per_block + 2 * cfg.hidden_size
+    config = model.config
+    per_block = 4 * config.hidden_size + (3 + 1 + 8) * config.hidden_size ** 2 + (3 + 1 + 4 + 1) * config.hidden_size
+    total = ((config.vocab_size + config.block_size) * config.hidden_size + config.num_hidden_layers * per_block
+             + 2 * config.hidden_size)
     assert model.num_params(non_embedding=False) == total
-    assert model.num_params() == total - cfg.block_size * cfg.hidden_size
+    assert model.num_params() == total - config.block_size * config.hidden_size
 
 
 def test_weight_decay_on_matrices_only(model):
@@ -121,7 +121,7 @@ def test_mfu_estimate(model):
 
 
 def test_bad_shapes_are_one_clear_error():
-    with pytest.raises(UserError, match="not divisible by num_attention_heads"):
+    with pytest.raises(ValueError, match="not divisible by num_attention_heads"):
         tiny_config(hidden_size=50, num_attention_heads=4)
     m = GPT(tiny_config())
     with pytest.raises(ValueError, match="longer than block_size"):

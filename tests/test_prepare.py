@@ -2,13 +2,8 @@
 
 import hashlib
 import socket
-import subprocess
-import sys
-import threading
 from dataclasses import replace
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -16,10 +11,6 @@ import pytest
 import prepare
 from cli import UserError
 from tokenizer import BPETokenizer, load_tokenizer
-
-ROOT = Path(__file__).resolve().parents[1]
-SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
-needs_shared = pytest.mark.skipif(not (SHARED / "wikitext-2").is_dir(), reason="no shared data folder")
 
 WORDS = ("the river valley was named after a café owner in 1887 ; it grew to 4 @,@ 000 people , "
          "and its <unk> church ( built of stone ) still stands near the old bridge").split()
@@ -49,7 +40,7 @@ def small_config(tmp_path, **kw):
     src.mkdir(exist_ok=True)
     defaults = dict(source=str(src), out_dir=str(tmp_path / "out"), cache_dir=str(tmp_path / "cache"),
                     vocab_size=300, check_sha256=False)
-    return prepare.Config(**(defaults | kw))
+    return prepare.PrepareConfig(**(defaults | kw))
 
 
 # ----------------------------------------------------------------------------- splitting and counting
@@ -73,48 +64,47 @@ def test_count_words_conventions():
         prepare.count_words("a", "bytes")
 
 
-@needs_shared
-def test_classic_word_count_of_real_wikitext2():
+def test_classic_word_count_of_real_wikitext2(shared_data):
     expected = {"test": 245_569, "valid": 217_646, "train": 2_088_628}  # the WikiText paper's figures
     for split, n in expected.items():
-        text = (SHARED / "wikitext-2" / f"wiki.{split}.tokens").read_text(encoding="utf-8")
+        text = (shared_data / "wikitext-2" / f"wiki.{split}.tokens").read_text(encoding="utf-8")
         assert prepare.count_words(text, "classic") == n
 
 
-def test_cut_moves_to_a_line_start():
-    head, tail = prepare._cut(["aaaa\nbbbb\n", "cccc\ndddd\n"], 12)
+def test_split_at_line_moves_to_a_line_start():
+    head, tail = prepare.split_at_line(["aaaa\nbbbb\n", "cccc\ndddd\n"], 12)
     assert (head, tail) == (["aaaa\nbbbb\n", "cccc\n"], ["dddd\n"])
-    head, tail = prepare._cut(["aaaa\nbbbb\n"], 5)  # already at a line start
+    head, tail = prepare.split_at_line(["aaaa\nbbbb\n"], 5)  # already at a line start
     assert (head, tail) == (["aaaa\n"], ["bbbb\n"])
 
 
 # ----------------------------------------------------------------------------- the whole pipeline
 
 def test_memmaps_decode_back_to_each_split(tmp_path):
-    cfg = small_config(tmp_path)
-    texts = write_corpus(Path(cfg.source))
+    config = small_config(tmp_path)
+    texts = write_corpus(Path(config.source))
     texts["val"] += " text that spells <|endoftext|> is ordinary text . \n"
-    (Path(cfg.source) / "wiki.valid.raw").write_text(texts["val"], encoding="utf-8")
-    meta = prepare.prepare_data(cfg)
-    tok = load_tokenizer(cfg.out_dir)
+    (Path(config.source) / "wiki.valid.raw").write_text(texts["val"], encoding="utf-8")
+    meta = prepare.prepare_data(config)
+    tok = load_tokenizer(config.out_dir)
     assert meta["tokenizer"]["kind"] == "bpe" and meta["vocab_size"] == tok.vocab_size <= 300
     for split, text in texts.items():
-        ids = prepare.load_split(cfg.out_dir, split)
+        ids = prepare.load_split(config.out_dir, split)
         assert isinstance(ids, np.memmap) and ids.dtype == np.uint16 and not ids.flags.writeable
-        assert len(ids) == meta["splits"][split]["tokens"] == (Path(cfg.out_dir) / f"{split}.bin").stat().st_size // 2
+        assert len(ids) == meta["splits"][split]["tokens"] == (Path(config.out_dir) / f"{split}.bin").stat().st_size // 2
         eot = ids == meta["eot_id"]
         assert eot[0] and eot.sum() == meta["splits"][split]["documents"] == len(prepare.wikitext_articles(text))
         assert tok.decode(ids[~eot].tolist()) == text
-    assert not list(Path(cfg.out_dir).glob("*.tmp"))
+    assert not list(Path(config.out_dir).glob("*.tmp"))
 
 
 def test_meta_counts_on_a_known_text(tmp_path):
-    cfg = small_config(tmp_path, dataset="wikitext-2")
-    write_corpus(Path(cfg.source), ext="tokens")
+    config = small_config(tmp_path, dataset="wikitext-2")
+    write_corpus(Path(config.source), ext="tokens")
     test_text = " \n = Café = \n \n Un café , s'il vous plaît . \n \n = Tea = \n \n Two words \n"
-    (Path(cfg.source) / "wiki.test.tokens").write_text(test_text, encoding="utf-8")
-    meta = prepare.prepare_data(cfg)
-    assert meta == prepare.load_meta(cfg.out_dir)
+    (Path(config.source) / "wiki.test.tokens").write_text(test_text, encoding="utf-8")
+    meta = prepare.prepare_data(config)
+    assert meta == prepare.load_meta(config.out_dir)
     assert meta["dataset"] == "wikitext-2" and meta["word_convention"] == "classic"
     test = meta["splits"]["test"]
     assert test["documents"] == 2
@@ -131,7 +121,7 @@ def test_input_files_hold_out_the_tail_for_val(tmp_path, capsys):
     out = tmp_path / "out"
     (out).mkdir()
     (out / "test.bin").write_bytes(b"stale")
-    meta = prepare.prepare_data(prepare.Config(input=f"{a},{b}", out_dir=str(out), vocab_size=300, val_fraction=0.2))
+    meta = prepare.prepare_data(prepare.PrepareConfig(input=f"{a},{b}", out_dir=str(out), vocab_size=300, val_fraction=0.2))
     assert set(meta["splits"]) == {"train", "val"} and not (out / "test.bin").exists()
     assert meta["dataset"] == "a+b" and meta["word_convention"] == "whitespace"
     tok = load_tokenizer(out)
@@ -154,26 +144,25 @@ def test_long_documents_encode_in_chunks_like_whole(tmp_path, monkeypatch):
     assert ids.tolist() == [tok.eot_id] + tok.encode(doc) + [tok.eot_id] + tok.encode("x")
 
 
-@needs_shared
-def test_gpt2_tokenizer_from_local_folder(tmp_path):
-    cfg = small_config(tmp_path, tokenizer="gpt2", gpt2_dir=str(SHARED / "gpt2"))
-    texts = write_corpus(Path(cfg.source))
-    meta = prepare.prepare_data(cfg)
+def test_gpt2_tokenizer_from_local_folder(tmp_path, shared_data):
+    config = small_config(tmp_path, tokenizer="gpt2", gpt2_dir=str(shared_data / "gpt2"))
+    texts = write_corpus(Path(config.source))
+    meta = prepare.prepare_data(config)
     assert meta["tokenizer"]["kind"] == "gpt2" and meta["vocab_size"] == 50257 and meta["eot_id"] == 50256
-    ref = BPETokenizer.load(SHARED / "gpt2" / "encoder.json", SHARED / "gpt2" / "vocab.bpe")
-    ids = prepare.load_split(cfg.out_dir, "val")
+    ref = BPETokenizer.load(shared_data / "gpt2" / "encoder.json", shared_data / "gpt2" / "vocab.bpe")
+    ids = prepare.load_split(config.out_dir, "val")
     expected = []
     for doc in prepare.wikitext_articles(texts["val"]):
         expected += [50256] + ref.encode(doc)
     assert ids.tolist() == expected
-    assert load_tokenizer(cfg.out_dir).encode(texts["test"]) == ref.encode(texts["test"])
+    assert load_tokenizer(config.out_dir).encode(texts["test"]) == ref.encode(texts["test"])
 
 
 def test_gpt2_dir_missing_file(tmp_path):
-    cfg = small_config(tmp_path, tokenizer="gpt2", gpt2_dir=str(tmp_path))
-    write_corpus(Path(cfg.source))
+    config = small_config(tmp_path, tokenizer="gpt2", gpt2_dir=str(tmp_path))
+    write_corpus(Path(config.source))
     with pytest.raises(UserError, match="encoder.json"):
-        prepare.prepare_data(cfg)
+        prepare.prepare_data(config)
 
 
 # ----------------------------------------------------------------------------- refusals
@@ -184,43 +173,42 @@ def test_oversized_vocab_refused_before_any_work(tmp_path, monkeypatch):
     monkeypatch.setattr(prepare, "download", no_work)
     monkeypatch.setattr(prepare, "wikitext_splits", no_work)
     monkeypatch.setattr(BPETokenizer, "train", no_work)
-    cfg = prepare.Config(vocab_size=65_537, out_dir=str(tmp_path / "out"), cache_dir=str(tmp_path / "cache"))
+    config = prepare.PrepareConfig(vocab_size=65_537, out_dir=str(tmp_path / "out"), cache_dir=str(tmp_path / "cache"))
     with pytest.raises(UserError, match="vocab_size"):
-        prepare.prepare_data(cfg)
+        prepare.prepare_data(config)
     assert not (tmp_path / "out").exists() and not (tmp_path / "cache").exists()
-    prepare.check_config(replace(cfg, vocab_size=65_536))  # ids 0..65535 fit
+    prepare.check_config(replace(config, vocab_size=65_536))  # ids 0..65535 fit
     with pytest.raises(UserError, match="at least 257"):
-        prepare.check_config(replace(cfg, vocab_size=200))
+        prepare.check_config(replace(config, vocab_size=200))
     with pytest.raises(UserError, match="endoftext"):
-        prepare.check_config(replace(cfg, vocab_size=8192, special_tokens=("<|pad|>",)))
+        prepare.check_config(replace(config, vocab_size=8192, special_tokens=("<|pad|>",)))
 
 
 def test_modified_source_file_refused(tmp_path):
-    cfg = small_config(tmp_path, check_sha256=True)
-    write_corpus(Path(cfg.source))
+    config = small_config(tmp_path, check_sha256=True)
+    write_corpus(Path(config.source))
     with pytest.raises(UserError, match="check_sha256=False"):
-        prepare.prepare_data(cfg)
-    assert not Path(cfg.out_dir).exists()
+        prepare.prepare_data(config)
+    assert not Path(config.out_dir).exists()
 
 
 def test_source_zip_is_read_like_a_folder(tmp_path):
     import zipfile
-    cfg = small_config(tmp_path)
-    texts = write_corpus(Path(cfg.source))
+    config = small_config(tmp_path)
+    texts = write_corpus(Path(config.source))
     zip_path = tmp_path / "wikitext-2-raw-v1.zip"
     with zipfile.ZipFile(zip_path, "w") as z:
-        for f in Path(cfg.source).iterdir():
+        for f in Path(config.source).iterdir():
             z.write(f, f"wikitext-2-raw/{f.name}")
-    assert prepare.wikitext_splits(replace(cfg, source=str(zip_path))) == texts
+    assert prepare.wikitext_splits(replace(config, source=str(zip_path))) == texts
 
 
-def test_cli_source_missing_file_is_one_line(tmp_path):
+def test_cli_source_missing_file_is_one_line(tmp_path, run_script):
     src = tmp_path / "src"
     src.mkdir()
     write_corpus(src)
     (src / "wiki.train.raw").unlink()
-    r = subprocess.run([sys.executable, str(ROOT / "prepare.py"), f"--source={src}"], cwd=tmp_path,
-                       capture_output=True, text=True, timeout=60)
+    r = run_script("prepare.py", f"--source={src}", cwd=tmp_path, timeout=60)
     assert r.returncode == 2
     assert r.stderr.startswith("error:") and "wiki.train.raw" in r.stderr and "wiki.valid.raw" not in r.stderr
     assert "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1
@@ -236,129 +224,20 @@ def test_load_helpers_say_run_prepare_first(tmp_path):
 # ----------------------------------------------------------------------------- downloads
 
 
-@pytest.fixture
-def server(monkeypatch):
-    """An HTTP server on 127.0.0.1 serving state.files; it honours Range unless state.ranges is False."""
-    monkeypatch.setenv("NO_PROXY", "127.0.0.1,localhost")
-    state = SimpleNamespace(files={}, log=[], ranges=True, cut_once={})
-
-    class Handler(BaseHTTPRequestHandler):
-        def log_message(self, *args):
-            pass
-
-        def do_GET(self):
-            rng = self.headers.get("Range")
-            state.log.append((self.path, rng))
-            data = state.files.get(self.path)
-            if data is None:
-                return self.send_error(404)
-            start = int(rng.split("=")[1].rstrip("-")) if rng and state.ranges else 0
-            if start >= len(data) > 0:
-                self.send_response(416)
-                self.send_header("Content-Length", "0")
-                return self.end_headers()
-            self.send_response(206 if start else 200)
-            if start:
-                self.send_header("Content-Range", f"bytes {start}-{len(data) - 1}/{len(data)}")
-            self.send_header("Content-Length", str(len(data) - start))
-            self.end_headers()
-            cut = state.cut_once.pop(self.path, None)  # simulate a dropped connection
-            self.wfile.write(data[start:] if cut is None else data[start:start + cut])
-
-    httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
-    state.url = f"http://127.0.0.1:{httpd.server_port}"
-    yield state
-    httpd.shutdown()
-    httpd.server_close()
-
-
-DATA = bytes(range(256)) * 400  # 100 KiB
-DATA_SHA = hashlib.sha256(DATA).hexdigest()
-
-
-def test_download_with_checksum(server, tmp_path):
-    server.files["/f.bin"] = DATA
-    dest = tmp_path / "sub" / "f.bin"
-    assert prepare.download(server.url + "/f.bin", dest, DATA_SHA) == dest
-    assert dest.read_bytes() == DATA and not (tmp_path / "sub" / "f.bin.part").exists()
-    prepare.download(server.url + "/f.bin", dest, DATA_SHA)  # cached: no second request
-    assert len(server.log) == 1
-
-
-def test_download_checksum_mismatch_leaves_nothing(server, tmp_path):
-    server.files["/f.bin"] = DATA[:-1] + b"x"
-    dest = tmp_path / "f.bin"
-    with pytest.raises(UserError, match="sha256 mismatch.*--source=DIR"):
-        prepare.download(server.url + "/f.bin", dest, DATA_SHA, offline_hint="pass --source=DIR")
-    assert list(tmp_path.iterdir()) == []
-
-
-def test_download_resumes_a_part_file_with_range(server, tmp_path):
-    server.files["/f.bin"] = DATA
-    dest = tmp_path / "f.bin"
-    (tmp_path / "f.bin.part").write_bytes(DATA[:40_000])
-    prepare.download(server.url + "/f.bin", dest, DATA_SHA)
-    assert server.log == [("/f.bin", "bytes=40000-")]
-    assert dest.read_bytes() == DATA and not (tmp_path / "f.bin.part").exists()
-
-
-def test_download_resumes_after_a_dropped_connection(server, tmp_path):
-    server.files["/f.bin"] = DATA
-    server.cut_once["/f.bin"] = 80_000
-    dest = tmp_path / "f.bin"
-    prepare.download(server.url + "/f.bin", dest, DATA_SHA)
-    (_, first), (_, second) = server.log  # the retry asks only for what the first try did not save
-    assert first is None and 0 < int(second.removeprefix("bytes=").rstrip("-")) <= 80_000
-    assert dest.read_bytes() == DATA
-
-
-def test_download_restarts_when_server_ignores_range(server, tmp_path):
-    server.files["/f.bin"] = DATA
-    server.ranges = False
-    dest = tmp_path / "f.bin"
-    (tmp_path / "f.bin.part").write_bytes(b"junk" * 100)
-    prepare.download(server.url + "/f.bin", dest, DATA_SHA)
-    assert dest.read_bytes() == DATA
-
-
-def test_download_refetches_a_stale_part_and_a_corrupt_file(server, tmp_path):
-    server.files["/f.bin"] = DATA
-    dest = tmp_path / "f.bin"
-    (tmp_path / "f.bin.part").write_bytes(b"junk" * 100)  # resumed onto junk: checksum fails, fetched afresh
-    prepare.download(server.url + "/f.bin", dest, DATA_SHA)
-    assert dest.read_bytes() == DATA and server.log == [("/f.bin", "bytes=400-"), ("/f.bin", None)]
-    dest.write_bytes(b"corrupt")
-    prepare.download(server.url + "/f.bin", dest, DATA_SHA)
-    assert dest.read_bytes() == DATA
-
-
-def test_download_tries_mirrors_in_order(server, tmp_path):
-    server.files["/b/f.bin"] = DATA
-    dest = prepare.download([server.url + "/a/f.bin", server.url + "/b/f.bin"], tmp_path / "f.bin", DATA_SHA)
-    assert dest.read_bytes() == DATA and [p for p, _ in server.log] == ["/a/f.bin", "/b/f.bin"]
-
-
-def test_download_http_error_saves_nothing(server, tmp_path):
-    with pytest.raises(UserError, match="HTTP 404"):
-        prepare.download(server.url + "/missing.bin", tmp_path / "f.bin")  # no checksum to catch an error page
-    assert list(tmp_path.iterdir()) == []
-
-
 def test_unreachable_server_says_use_source(tmp_path, monkeypatch):
     with socket.socket() as s:  # a port nobody listens on
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     monkeypatch.setenv("NO_PROXY", "127.0.0.1,localhost")
     monkeypatch.setattr(prepare, "WIKITEXT_MIRRORS", (f"http://127.0.0.1:{port}/",))
-    cfg = prepare.Config(cache_dir=str(tmp_path / "cache"))
+    config = prepare.PrepareConfig(cache_dir=str(tmp_path / "cache"))
     with pytest.raises(UserError, match="--source") as e:
-        prepare.wikitext_splits(cfg)
+        prepare.wikitext_splits(config)
     assert "\n" not in str(e.value)
     assert not list((tmp_path / "cache").glob("*.zip"))
 
 
-def test_wikitext_download_end_to_end(server, tmp_path, monkeypatch):
+def test_wikitext_download_end_to_end(http_server, tmp_path, monkeypatch):
     import io
     import zipfile
     texts = write_corpus(tmp_path)
@@ -366,10 +245,10 @@ def test_wikitext_download_end_to_end(server, tmp_path, monkeypatch):
     with zipfile.ZipFile(buf, "w") as z:
         for f in tmp_path.glob("wiki.*"):
             z.write(f, f"wikitext-2-raw/{f.name}")
-    server.files["/wikitext-2-raw-v1.zip"] = buf.getvalue()
-    monkeypatch.setattr(prepare, "WIKITEXT_MIRRORS", (server.url + "/",))
+    http_server.files["/wikitext-2-raw-v1.zip"] = buf.getvalue()
+    monkeypatch.setattr(prepare, "WIKITEXT_MIRRORS", (http_server.url + "/",))
     spec = prepare.WIKITEXT["wikitext-2-raw"] | {"sha256": hashlib.sha256(buf.getvalue()).hexdigest()}
     monkeypatch.setitem(prepare.WIKITEXT, "wikitext-2-raw", spec)
-    cfg = prepare.Config(cache_dir=str(tmp_path / "cache"), check_sha256=False)
-    assert prepare.wikitext_splits(cfg) == texts
+    config = prepare.PrepareConfig(cache_dir=str(tmp_path / "cache"), check_sha256=False)
+    assert prepare.wikitext_splits(config) == texts
     assert (tmp_path / "cache" / "wikitext-2-raw-v1.zip").is_file()

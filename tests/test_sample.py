@@ -1,81 +1,24 @@
 """Tests for sample.py and generation: KV cache vs none, sampling filters, streaming UTF-8, the command line."""
 
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 
+import generate
 import sample
+from checkpoint import load_for_inference
 from cli import UserError
-from model import GPT, GPTConfig, quantize_int8, sample_next_token
-
-ROOT = Path(__file__).resolve().parents[1]
-WORDS = ("the café in Zürich served naïve crème brûlée ; 日本 の 東京 — a £ 5 price , 🙂 and so on . "
-         "river valley stone bridge church people grew old near").split()
+from model import sample_next_token
 
 
-def run(script, *args):
-    """Run one of the scripts on one thread; returns (exit status, stdout as bytes, stderr as text)."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    p = subprocess.run([sys.executable, str(ROOT / script), *args], cwd=ROOT, env=env, capture_output=True,
-                       timeout=120)
-    return p.returncode, p.stdout, p.stderr.decode("utf-8", errors="replace")
-
-
-def build_tiny_checkpoint(base):
-    """prepare.py + train.py on a small made-up corpus; built once per session, shared by test_eval.py."""
-    out = base / "tiny-ckpt"
-    if (out / "ckpt.pt").exists():
-        return out
-    g = torch.Generator().manual_seed(0)
-    lines = [" ".join(WORDS[i] for i in torch.randint(len(WORDS), (12,), generator=g).tolist()) for _ in range(600)]
-    (base / "corpus.txt").write_text("\n".join(lines) + "\n", encoding="utf-8")
-    data = base / "tiny-data"
-    code, _, err = run("prepare.py", f"--input={base / 'corpus.txt'}", f"--out_dir={data}", "--vocab_size=300",
-                       "--val_fraction=0.15", "--test_fraction=0.1")
-    assert code == 0, err
-    code, _, err = run("train.py", f"--data_dir={data}", f"--out_dir={out}", "--hidden_size=32",
-                       "--num_hidden_layers=2", "--num_attention_heads=2", "--block_size=32", "--batch_size=8",
-                       "--max_iters=30", "--eval_interval=30", "--eval_iters=1", "--log_interval=20",
-                       "--learning_rate=1e-2", "--warmup_iters=5", "--lr_decay_iters=30", "--dropout=0",
-                       "--device=cpu", "--compile=False")
-    assert code == 0, err
-    return out
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Models this small gain nothing from a second thread, and lose a lot when other work keeps the cores busy."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="session")
-def tiny_ckpt(tmp_path_factory):
-    return build_tiny_checkpoint(tmp_path_factory.getbasetemp())
-
-
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def loaded(tiny_ckpt):
-    model, tokenizer, _ = sample.load_for_inference(str(tiny_ckpt), device="cpu")
+    model, tokenizer, _ = load_for_inference(str(tiny_ckpt), device="cpu")
     return model, tokenizer
-
-
-def random_model(vocab_size=97, block_size=32, dtype=torch.float64):
-    torch.manual_seed(0)
-    config = GPTConfig(vocab_size=vocab_size, block_size=block_size, hidden_size=32, num_hidden_layers=2,
-                       num_attention_heads=4, dropout=0.0)
-    return GPT(config).to(dtype).eval()  # float64: cached and uncached logits agree far below any tie
 
 
 # ----------------------------------------------------------------------------- generation and the KV cache
 
-def test_kv_cache_gives_the_same_tokens_as_no_cache_within_block_size():
+def test_kv_cache_gives_the_same_tokens_as_no_cache_within_block_size(random_model):
     model = random_model()
     idx = torch.randint(97, (2, 5), generator=torch.Generator().manual_seed(1))
     kw = dict(max_new_tokens=27)  # 5 + 27 = block_size: the whole run fits the context
@@ -87,7 +30,7 @@ def test_kv_cache_gives_the_same_tokens_as_no_cache_within_block_size():
     assert not torch.equal(greedy[0], sampled[0])
 
 
-def test_generation_past_block_size_keeps_working():
+def test_generation_past_block_size_keeps_working(random_model):
     model = random_model(block_size=16)
     idx = torch.randint(97, (1, 4), generator=torch.Generator().manual_seed(2))
     cached = model.generate(idx, 60, temperature=0, use_cache=True)  # several cache rebuilds
@@ -114,10 +57,10 @@ def test_top_k_and_top_p_never_pick_outside_the_allowed_set():
 
 def test_temperature_zero_is_greedy_whatever_the_seed(loaded):
     model, tokenizer = loaded
-    texts = {sample.generate_text(model, tokenizer, "the café", max_new_tokens=15, temperature=0, seed=s)
+    texts = {generate.generate_text(model, tokenizer, "the café", max_new_tokens=15, temperature=0, seed=s)
              for s in (1, 2, 3)}
     assert len(texts) == 1
-    ids = sample.encode_prompt(tokenizer, "the café")
+    ids = generate.encode_prompt(tokenizer, "the café")
     greedy = model.generate(torch.tensor([ids]), 15, temperature=0)[0, len(ids):].tolist()
     if tokenizer.eot_id in greedy:
         greedy = greedy[:greedy.index(tokenizer.eot_id)]
@@ -126,9 +69,9 @@ def test_temperature_zero_is_greedy_whatever_the_seed(loaded):
 
 def test_generation_stops_at_end_of_text(loaded):
     model, tokenizer = loaded
-    ids = sample.encode_prompt(tokenizer, "the")
-    first = list(sample.generate_ids(model, ids, 5, temperature=0))[0]
-    assert list(sample.generate_ids(model, ids, 5, temperature=0, eot_id=first)) == []
+    ids = generate.encode_prompt(tokenizer, "the")
+    first = list(generate.generate_ids(model, ids, 5, temperature=0))[0]
+    assert list(generate.generate_ids(model, ids, 5, temperature=0, eot_id=first)) == []
 
 
 # ----------------------------------------------------------------------------- streaming text
@@ -137,9 +80,9 @@ def test_decode_stream_waits_for_whole_characters(loaded):
     _, tokenizer = loaded
     text = "é日🙂"
     byte_ids = [tokenizer.token_ids[bytes([b])] for b in text.encode("utf-8")]  # one byte per token
-    pieces = list(sample.decode_stream(tokenizer, byte_ids))
+    pieces = list(generate.decode_stream(tokenizer, byte_ids))
     assert pieces == ["é", "日", "🙂"]
-    cut = list(sample.decode_stream(tokenizer, byte_ids[:-1]))  # the emoji's last byte never comes
+    cut = list(generate.decode_stream(tokenizer, byte_ids[:-1]))  # the emoji's last byte never comes
     assert "".join(cut) == tokenizer.decode(byte_ids[:-1]) == "é日\ufffd"
 
 
@@ -148,8 +91,9 @@ def test_streamed_pieces_equal_the_final_text_with_multibyte_output(loaded):
     prompt, split_chars = "naïve 日本", 0
     for seed in range(12):
         kw = dict(max_new_tokens=25, temperature=1.5, top_k=0, seed=seed)
-        pieces = list(sample.stream_text(model, tokenizer, prompt, **kw))
-        ids = list(sample.generate_ids(model, sample.encode_prompt(tokenizer, prompt), eot_id=tokenizer.eot_id, **kw))
+        pieces = list(generate.stream_text(model, tokenizer, prompt, **kw))
+        ids = list(generate.generate_ids(model, generate.encode_prompt(tokenizer, prompt), eot_id=tokenizer.eot_id,
+                                         **kw))
         assert "".join(pieces) == tokenizer.decode(ids)  # decoding token by token would show U+FFFD for split bytes
         split_chars += sum(1 for i in ids if tokenizer.decode_bytes([i])[-1:] >= b"\xc0")  # a lead byte ends a token
     assert split_chars > 0, "no seed produced a character split across tokens: the check above proved nothing"
@@ -157,44 +101,44 @@ def test_streamed_pieces_equal_the_final_text_with_multibyte_output(loaded):
 
 def test_int8_quantized_model_stays_close_to_float32(loaded, tiny_ckpt):
     model, tokenizer = loaded
-    q, _, _ = sample.load_for_inference(str(tiny_ckpt), device="cpu", quantize="int8")
+    q, _, _ = load_for_inference(str(tiny_ckpt), device="cpu", quantize="int8")
     assert not any(isinstance(m, torch.nn.Linear) for m in q.modules())
-    ids = torch.tensor([sample.encode_prompt(tokenizer, "the river valley was named after a café")])
+    ids = torch.tensor([generate.encode_prompt(tokenizer, "the river valley was named after a café")])
     with torch.no_grad():
         a, b = model(ids)[0], q(ids)[0]
     assert (a - b).abs().max() < 0.1 * a.std()
-    assert len(list(sample.generate_ids(q, ids[0].tolist(), 40, temperature=0))) == 40  # past block_size: a rebuild
+    assert len(list(generate.generate_ids(q, ids[0].tolist(), 40, temperature=0))) == 40  # past block_size: a rebuild
 
 
 # ----------------------------------------------------------------------------- the command line
 
-def test_cli_stdout_holds_only_the_text(loaded, tiny_ckpt):
+def test_cli_stdout_holds_only_the_text(loaded, tiny_ckpt, run_script):
     model, tokenizer = loaded
     prompt = "the café 日本"
-    code, out, err = run("sample.py", f"--out_dir={tiny_ckpt}", f"--start={prompt}", "--max_new_tokens=20",
-                         "--temperature=0.9", "--top_k=50", "--top_p=0.95", "--seed=3", "--device=cpu")
-    assert code == 0, err
-    text = sample.generate_text(model, tokenizer, prompt, max_new_tokens=20, temperature=0.9, top_k=50, top_p=0.95,
-                                seed=3)
+    r = run_script("sample.py", f"--out_dir={tiny_ckpt}", f"--start={prompt}", "--max_new_tokens=20",
+                   "--temperature=0.9", "--top_k=50", "--top_p=0.95", "--seed=3", "--device=cpu")
+    assert r.returncode == 0, r.stderr
+    text = generate.generate_text(model, tokenizer, prompt, max_new_tokens=20, temperature=0.9, top_k=50, top_p=0.95,
+                                  seed=3)
     expected = prompt + text + ("" if text.endswith("\n") else "\n")
-    assert out.decode("utf-8") == expected
-    assert "tokens/s" in err
+    assert r.stdout == expected
+    assert "tokens/s" in r.stderr
 
 
-def test_cli_prompt_file_several_samples_and_long_prompt(loaded, tiny_ckpt, tmp_path):
+def test_cli_prompt_file_several_samples_and_long_prompt(loaded, tiny_ckpt, tmp_path, run_script):
     prompt_file = tmp_path / "prompt.txt"
     prompt_file.write_text("the old bridge " * 20, encoding="utf-8")  # far past block_size=32 tokens
-    code, out, err = run("sample.py", f"--out_dir={tiny_ckpt}", f"--start=FILE:{prompt_file}", "--num_samples=2",
-                         "--max_new_tokens=8", "--quantize=int8", "--device=cpu")
-    assert code == 0, err
-    samples = out.decode("utf-8").split(sample.SEPARATOR)
+    r = run_script("sample.py", f"--out_dir={tiny_ckpt}", f"--start=FILE:{prompt_file}", "--num_samples=2",
+                   "--max_new_tokens=8", "--quantize=int8", "--device=cpu")
+    assert r.returncode == 0, r.stderr
+    samples = r.stdout.split(sample.SEPARATOR)
     assert len(samples) == 2 and all(s.startswith("the old bridge " * 20) for s in samples)
-    assert "warning: the prompt is" in err and "only its last 32 tokens are used" in err
+    assert "warning: the prompt is" in r.stderr and "only its last 32 tokens are used" in r.stderr
 
 
-def test_cli_errors_are_one_line(tmp_path):
-    code, out, err = run("sample.py", f"--out_dir={tmp_path / 'nothing'}")
-    assert code == 2 and out == b""
-    assert err.startswith("error: no checkpoint at") and "Traceback" not in err and err.count("\n") == 1
+def test_cli_errors_are_one_line(tmp_path, run_script):
+    r = run_script("sample.py", f"--out_dir={tmp_path / 'nothing'}")
+    assert r.returncode == 2 and r.stdout == ""
+    assert r.stderr.startswith("error: no checkpoint at") and "Traceback" not in r.stderr and r.stderr.count("\n") == 1
     with pytest.raises(UserError, match="cannot read the prompt file /no/such/prompt.txt"):
         sample.read_prompt("FILE:/no/such/prompt.txt")

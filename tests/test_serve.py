@@ -1,44 +1,34 @@
 """serve.py: every endpoint and every kind of bad input through Flask's test client, the bearer token, and a real
 server on a free port (whole and streamed answers, a client that hangs up mid-stream, a small load test)."""
 import json
+import os
+import socket
+import subprocess
+import sys
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import pytest
 import requests
-import torch
 from werkzeug.serving import make_server
 
-from bench.bench_serve import start_server, train_tiny
 from cli import UserError, run_main
 from serve import TOKEN_ENV, create_app, main
 
+ROOT = Path(__file__).resolve().parents[1]
 LIMITS = {"max_new_tokens_limit": 64, "max_prompt_chars": 200, "max_body_bytes": 2000}
 
 
-@pytest.fixture(scope="session")
-def tiny_models(tmp_path_factory):
-    """A 35k-parameter GPT trained for 5 steps, and a classifier fine-tuned from it for one epoch (seconds)."""
-    return train_tiny(tmp_path_factory.mktemp("serve"))
+@pytest.fixture(scope="module")
+def checkpoint(tiny_ckpt):
+    return tiny_ckpt
 
 
-@pytest.fixture(scope="session")
-def checkpoint(tiny_models):
-    return tiny_models[0]
-
-
-@pytest.fixture(scope="session")
-def classifier_dir(tiny_models):
-    return tiny_models[1]
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """A model this small runs fastest on one thread: more threads only add synchronisation."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+@pytest.fixture(scope="module")
+def classifier_dir(tiny_classifier):
+    return tiny_classifier
 
 
 def make_app(checkpoint, token="", **settings):
@@ -224,10 +214,23 @@ def test_command_line_errors_are_one_line(tmp_path, monkeypatch, capsys):
 
 def test_command_line_server(checkpoint, tmp_path):
     """python serve.py: answers on 127.0.0.1 (the default host), without debug mode."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {k: v for k, v in os.environ.items() if k != TOKEN_ENV} | {"OMP_NUM_THREADS": "1"}
     with open(tmp_path / "server.log", "w") as log:
-        process, url = start_server(checkpoint, "", 1, log)
+        process = subprocess.Popen([sys.executable, str(ROOT / "serve.py"), f"--out_dir={checkpoint}",
+                                    f"--port={port}", "--device=cpu"], cwd=ROOT, env=env, stdout=log,
+                                   stderr=subprocess.STDOUT)
     try:
-        assert requests.get(f"{url}/health", timeout=10).json()["model"] == checkpoint.name
+        for _ in range(600):  # up to a minute for torch to import and the model to load
+            assert process.poll() is None, (tmp_path / "server.log").read_text()
+            try:
+                health = requests.get(f"http://127.0.0.1:{port}/health", timeout=10).json()
+                break
+            except requests.ConnectionError:
+                time.sleep(0.1)
+        assert health["model"] == checkpoint.name
     finally:
         process.terminate()
         process.wait(timeout=30)

@@ -1,22 +1,14 @@
 """Tests of tokenizer.py: training, encoding/decoding, special tokens, files, and agreement with HF and tiktoken."""
 
 import random
-import subprocess
-import sys
 from collections import Counter
-from pathlib import Path
 
 import numpy as np
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-
-import tokenizer  # noqa: E402
-from tokenizer import GPT2_REGEX, BPETokenizer, count_words, count_words_parallel, learn_merges  # noqa: E402
-
-SHARED = REPO.parent / "shared" / "data"
-needs_shared = pytest.mark.skipif(not SHARED.is_dir(), reason="shared data folder absent")
+import tokenizer
+from cli import UserError
+from tokenizer import GPT2_REGEX, BPETokenizer, count_pretokens, count_pretokens_parallel, learn_merges
 
 VARIED = [
     "Hello, world! It's 2024; we're testing BPE.",
@@ -75,27 +67,27 @@ def naive_merges(word_counts, n_merges, min_frequency):
 
 # ----------------------------------------------------------------------------- training
 
-def test_word_counts_are_exactly_the_regex_counts():
+def test_pretoken_counts_are_exactly_the_regex_counts():
     rng = random.Random(1)
     alphabet = [" ", " ", "  ", "\n", "\t", "\u00a0", "\u3000", "a", "b", "é", "中", "1", "'", "s", "'s", ".", "!", "🙂"]
     texts = ["".join(rng.choices(alphabet, k=rng.randint(0, 60))) for _ in range(300)]
     for text in texts:
-        assert count_words([text]) == Counter(GPT2_REGEX.findall(text)), repr(text)
+        assert count_pretokens([text]) == Counter(GPT2_REGEX.findall(text)), repr(text)
     expected = Counter(w for t in texts for w in GPT2_REGEX.findall(t))
-    assert count_words(texts) == expected
-    assert count_words_parallel(texts, min_chars=0) == expected
+    assert count_pretokens(texts) == expected
+    assert count_pretokens_parallel(texts, min_chars=0) == expected
     long_text = "".join(texts)  # one text cut into pieces for the workers
-    assert count_words_parallel([long_text], min_chars=0) == Counter(GPT2_REGEX.findall(long_text))
+    assert count_pretokens_parallel([long_text], min_chars=0) == Counter(GPT2_REGEX.findall(long_text))
 
 
 def test_fast_training_equals_naive_training(corpus):
-    words = count_words([corpus])
+    words = count_pretokens([corpus])
     expected, _ = naive_merges(words, 150, 2)
     assert learn_merges(words, 150, 2) == expected
 
 
 def test_min_frequency_is_respected(corpus, capsys):
-    words = count_words([corpus[:3000]])
+    words = count_pretokens([corpus[:3000]])
     expected, counts = naive_merges(words, 10_000, 5)
     assert min(counts) >= 5 and len(expected) < 10_000  # ran out of pairs seen 5+ times
     assert learn_merges(words, 10_000, 5) == expected
@@ -191,13 +183,12 @@ def test_we_read_hf_files(corpus, tmp_path):
     assert ours.encode("a<pad>b", allowed_special="all") == hf.encode("a<pad>b").ids
 
 
-@needs_shared
-def test_gpt2_files_match_tiktoken(monkeypatch, tmp_path):
+def test_gpt2_files_match_tiktoken(monkeypatch, tmp_path, shared_data):
     import tiktoken
     from tiktoken.load import data_gym_to_mergeable_bpe_ranks
     from tiktoken_ext.openai_public import r50k_pat_str
     monkeypatch.setenv("TIKTOKEN_CACHE_DIR", "")  # read the local files, no cache copy (get_encoding would download)
-    gpt2_dir = SHARED / "gpt2"
+    gpt2_dir = shared_data / "gpt2"
     ranks = data_gym_to_mergeable_bpe_ranks(vocab_bpe_file=str(gpt2_dir / "vocab.bpe"),
                                             encoder_json_file=str(gpt2_dir / "encoder.json"))
     ref = tiktoken.Encoding("gpt2", pat_str=r50k_pat_str, mergeable_ranks=ranks,
@@ -214,10 +205,9 @@ def test_gpt2_files_match_tiktoken(monkeypatch, tmp_path):
     assert tokenizer.load_tokenizer(tmp_path).encode(text) == ref.encode_ordinary(text)
 
 
-@needs_shared
-def test_reference_equals_fast_on_wikitext_valid():
-    train = (SHARED / "wikitext-2-raw" / "wiki.test.raw").read_text(encoding="utf-8")
-    valid = (SHARED / "wikitext-2-raw" / "wiki.valid.raw").read_text(encoding="utf-8")
+def test_reference_equals_fast_on_wikitext_valid(shared_data):
+    train = (shared_data / "wikitext-2-raw" / "wiki.test.raw").read_text(encoding="utf-8")
+    valid = (shared_data / "wikitext-2-raw" / "wiki.valid.raw").read_text(encoding="utf-8")
     t = BPETokenizer.train(train, vocab_size=4096)
     ids = t.encode(valid)  # the whole split: ~1.1 MB, a few seconds of plain Python
     assert ids == t.encode_reference(valid)
@@ -225,28 +215,23 @@ def test_reference_equals_fast_on_wikitext_valid():
 
 
 def test_loading_missing_files_is_a_user_error(tmp_path):
-    with pytest.raises(tokenizer.cli.UserError, match="not found"):
+    with pytest.raises(UserError, match="not found"):
         tokenizer.load_tokenizer(tmp_path)
 
 
 # ----------------------------------------------------------------------------- command line
 
-def run_cli(*args, cwd=REPO):
-    return subprocess.run([sys.executable, str(REPO / "tokenizer.py"), *args], capture_output=True, text=True,
-                          cwd=cwd)
-
-
-def test_cli_missing_file_is_one_error_line(tmp_path):
-    result = run_cli(f"--train={tmp_path / 'missing.txt'}")
+def test_cli_missing_file_is_one_error_line(tmp_path, run_script):
+    result = run_script("tokenizer.py", f"--train={tmp_path / 'missing.txt'}")
     assert result.returncode == 2
     assert result.stderr.startswith("error:") and "Traceback" not in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
 
 
-def test_cli_trains_and_saves(tmp_path, corpus):
+def test_cli_trains_and_saves(tmp_path, corpus, run_script):
     (tmp_path / "c.txt").write_text(corpus, encoding="utf-8")
-    result = run_cli(f"--train={tmp_path / 'c.txt'}", "--vocab_size=300", f"--out={tmp_path / 'out'}",
-                     "--special_tokens=('<|endoftext|>', '<|pad|>')")
+    result = run_script("tokenizer.py", f"--train={tmp_path / 'c.txt'}", "--vocab_size=300", f"--out={tmp_path / 'out'}",
+                        "--special_tokens=('<|endoftext|>', '<|pad|>')")
     assert result.returncode == 0, result.stderr
     assert "vocab size 300" in result.stdout
     loaded = tokenizer.load_tokenizer(tmp_path / "out")

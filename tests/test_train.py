@@ -1,17 +1,16 @@
 """train.py end to end on a tiny corpus: loss goes down, resume is exact, DDP matches one process, errors are clear."""
 import json
 import os
-import random
 import runpy
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
 
+from checkpoint import load_model
 from cli import UserError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -20,25 +19,9 @@ TINY = ["--eval_iters=2", "--log_interval=1", "--batch_size=4", "--block_size=32
         "--learning_rate=3e-3", "--device=cpu", "--compile=False", "--dtype=float32"]  # fp32: exact comparisons
 
 
-def run(script, *args, check=True, **kw):
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-    result = subprocess.run([sys.executable, str(ROOT / script), *args], cwd=ROOT, capture_output=True, text=True,
-                            env=env, timeout=240, **kw)
-    if check and result.returncode != 0:
-        raise AssertionError(f"{script} failed:\n{result.stdout}\n{result.stderr}")
-    return result
-
-
-@pytest.fixture(scope="session")
-def data_dir(tmp_path_factory):
-    """A small made-up English corpus, prepared with a 300-id tokenizer."""
-    rng = random.Random(0)
-    words = "the a cat dog sat on mat and ran to house big small red tree under over bird sang song".split()
-    lines = [" ".join(rng.choice(words) for _ in range(rng.randint(5, 12))).capitalize() + "." for _ in range(3000)]
-    root = tmp_path_factory.mktemp("corpus")
-    (root / "corpus.txt").write_text("\n".join(lines) + "\n")
-    run("prepare.py", f"--input={root / 'corpus.txt'}", f"--out_dir={root / 'data'}", "--vocab_size=300")
-    return root / "data"
+@pytest.fixture(scope="module")
+def data_dir(tiny_data):
+    return tiny_data
 
 
 def train(data_dir, out_dir, *args):
@@ -69,7 +52,6 @@ def test_loss_goes_down_and_out_dir_is_self_contained(data_dir, tmp_path):
     ckpt = torch.load(out / "ckpt.pt", weights_only=True)  # pickle-free load works
     assert ckpt["iter_num"] == 30 and ckpt["train_config"]["max_iters"] == 30
     assert not any(k.startswith(("_orig_mod.", "module.")) for k in ckpt["model"])
-    from model import load_model
     model, tokenizer, _ = load_model(str(out))  # the folder alone is enough: weights, config, tokenizer
     assert tokenizer.vocab_size == model.config.vocab_size == 300
 
@@ -149,8 +131,8 @@ def test_bad_input_raises_a_clear_error(data_dir, tmp_path, args, message):
         train(data_dir, tmp_path, "--max_iters=1", *args)
 
 
-def test_bad_input_on_the_command_line_is_one_line_without_traceback(data_dir, tmp_path):
-    r = run("train.py", f"--data_dir={data_dir}", f"--out_dir={tmp_path}", "--batchsize=3", check=False)
+def test_bad_input_on_the_command_line_is_one_line_without_traceback(data_dir, tmp_path, run_script):
+    r = run_script("train.py", f"--data_dir={data_dir}", f"--out_dir={tmp_path}", "--batchsize=3")
     assert r.returncode != 0
     assert r.stderr.strip() == "error: unknown setting 'batchsize' (command line); did you mean --batch_size?"
 

@@ -1,9 +1,9 @@
 """
 Perplexity of a model on a split that prepare.py wrote, or on a text file: per token, per byte and per word.
 
-    python eval.py --out_dir=out-wikitext-small --split=test
-    python eval.py --out_dir=out-wikitext-small --text_file=some.txt --word_convention=whitespace --json
-    python eval.py --out_dir=gpt2 --data_dir=data/wikitext-2-raw-gpt2 --split=test     # GPT-2, on GPT-2 tokens
+    python evaluate.py --out_dir=out-wikitext-small --split=test
+    python evaluate.py --out_dir=out-wikitext-small --text_file=some.txt --word_convention=whitespace --json
+    python evaluate.py --out_dir=gpt2 --data_dir=data/wikitext-2-raw-gpt2 --split=test     # GPT-2, on GPT-2 tokens
 
 Three numbers, so results compare across tokenizers and with published tables:
 - perplexity: exp(mean negative log-likelihood per token); it depends on the tokenizer;
@@ -25,16 +25,17 @@ tokens between documents are context only, never scored, so the score covers exa
 
 import json
 import math
-import sys
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from cli import UserError, parse_config, run_main
-from prepare import Progress, count_words, load_meta, load_split
-from sample import encode_prompt, load_for_inference
+from checkpoint import load_for_inference
+from cli import UserError, parse_config, read_utf8, run_main
+from common import Progress
+from generate import encode_prompt
+from prepare import count_words, load_meta, load_split
 from tokenizer import load_tokenizer
 
 CONVENTIONS = {"whitespace": "whitespace-separated words",
@@ -42,7 +43,7 @@ CONVENTIONS = {"whitespace": "whitespace-separated words",
 
 
 @dataclass
-class EvalConfig:
+class EvaluateConfig:
     out_dir: str = "out"            # a train.py checkpoint folder, or gpt2 / gpt2-medium / ... / a GPT-2 folder
     split: str = "test"             # train | val | test
     data_dir: str = ""              # folder of the split; default: the data_dir the checkpoint was trained on
@@ -53,7 +54,7 @@ class EvalConfig:
     max_tokens: int = 0             # score only the first max_tokens tokens of the split (0: all), for a quick look
     json: bool = False              # print one JSON object instead of a table
     device: str = "auto"            # auto: cuda, then mps, then cpu
-    dtype: str = "auto"             # float32 | bfloat16 | float16; auto: bfloat16 (else float16) on a GPU, else float32
+    dtype: str = "auto"             # float32 | bfloat16 | float16; auto: bf16 where the hardware has it (runtime.py)
     quantize: str = "none"          # none | int8 (CPU)
 
 
@@ -167,7 +168,7 @@ def check_same_tokenizer(tokenizer, data_dir):
 # ----------------------------------------------------------------------------- command line
 
 def main():
-    config = parse_config(EvalConfig)
+    config = parse_config(EvaluateConfig)
     if config.word_convention != "auto":
         check_convention(config.word_convention)
     if config.batch_size < 1 or config.max_tokens < 0:
@@ -176,11 +177,7 @@ def main():
     block = model.config.block_size
     stride = config.stride or max(1, block // 2)
     if config.text_file:
-        try:
-            with open(config.text_file, encoding="utf-8") as f:
-                text = f.read()
-        except (OSError, UnicodeDecodeError) as e:
-            raise UserError(f"cannot read {config.text_file} as UTF-8 text: {getattr(e, 'strerror', None) or e}")
+        text = read_utf8(config.text_file, "--text_file")
         convention = "whitespace" if config.word_convention == "auto" else config.word_convention
         result = evaluate_text(model, tokenizer, text, convention, stride, config.batch_size)
         source = config.text_file

@@ -1,0 +1,95 @@
+"""
+Where and how the maths runs, decided one way for every script: the device, the dtype, autocast, torch.compile with
+a fallback, and the peak FLOP/s of known GPUs (for MFU).
+
+The dtype rule (train, evaluate, sample, fine-tuning and serve all call `pick_dtype`): 'auto' is bfloat16 where the
+hardware computes in it (GPUs from Ampere on, CPUs with AVX512-BF16 or AMX), else float16 on a GPU and float32
+elsewhere. Training and fine-tuning keep float32 weights and run the maths under `autocast`; inference stores the
+weights in that dtype.
+"""
+
+import contextlib
+import functools
+import sys
+
+import torch
+
+from cli import UserError
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def pick_device(device="auto"):
+    """'auto' picks cuda, then mps (Apple), then cpu; any other value is used as given."""
+    if device != "auto":
+        return device
+    return "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
+
+
+@functools.cache
+def cpu_flags():
+    """The CPU's feature flags on Linux ({'avx2', 'avx512_bf16', ...}); empty elsewhere."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            return frozenset(next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), []))
+    except OSError:
+        return frozenset()
+
+
+def has_fast_bf16(device_type):
+    """True where bfloat16 matmuls run in hardware: GPUs from Ampere on, CPUs with AVX512-BF16 or AMX (Linux)."""
+    if device_type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    if device_type == "cpu":  # without these instructions bf16 is emulated on the CPU, slower than fp32
+        return bool(cpu_flags() & {"avx512_bf16", "amx_bf16"})
+    return False
+
+
+def pick_dtype(dtype, device):
+    """The torch dtype for a --dtype setting (auto | float32 | bfloat16 | float16) on `device` ('cuda:1' is fine).
+
+        pick_dtype("auto", "cuda") -> torch.bfloat16 on an A100, torch.float16 on a V100
+        pick_dtype("auto", "cpu")  -> torch.bfloat16 with AVX512-BF16 or AMX, else torch.float32
+    """
+    device_type = device.split(":")[0]
+    if dtype == "auto":
+        if has_fast_bf16(device_type):
+            return torch.bfloat16
+        return torch.float16 if device_type == "cuda" else torch.float32
+    if dtype not in DTYPES:
+        raise UserError(f"--dtype must be auto, float32, bfloat16 or float16, got '{dtype}'")
+    if dtype == "bfloat16" and device_type == "cuda" and not torch.cuda.is_bf16_supported():
+        raise UserError("this GPU has no bfloat16: use --dtype=float16 or --dtype=float32")
+    return DTYPES[dtype]
+
+
+def autocast(device, dtype):
+    """Matmuls in `dtype` while weights and reductions stay float32; nothing to do for float32."""
+    if dtype == torch.float32:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.split(":")[0], dtype=dtype)
+
+
+def compile_or_eager(fn, warm_up, **options):
+    """torch.compile(fn, **options), compiled at once by warm_up(compiled fn) so that a failure shows here, where
+    it can fall back: then one warning, and fn itself is returned."""
+    compiled = torch.compile(fn, **options)
+    try:
+        warm_up(compiled)
+        return compiled
+    except Exception as e:
+        print(f"warning: torch.compile failed ({str(e).splitlines()[0][:120]}); running eagerly", file=sys.stderr)
+        return fn
+
+
+# dense bfloat16 tensor-core peaks from the data sheets, FLOP/s; the first name found in the device's name counts
+PEAK_FLOPS = (("H100", 989e12), ("H200", 989e12), ("A100", 312e12), ("L4", 121e12), ("4090", 165e12),
+              ("A10", 125e12))
+
+
+def peak_flops(device):
+    """The peak FLOP/s of a known GPU, for MFU; 0.0 for anything else."""
+    if not device.startswith("cuda"):
+        return 0.0
+    name = torch.cuda.get_device_name(device)
+    return next((flops for key, flops in PEAK_FLOPS if key in name), 0.0)
