@@ -77,7 +77,21 @@ def load_for_inference(name_or_dir, device="auto", dtype="auto", quantize="none"
     model.to(dtype=ptdtype)  # weights in the compute dtype: no autocast needed, and the KV cache follows them
     if quantize == "int8":
         quantize_int8(model)
-    if compile:  # dynamic shapes: one graph for every sequence length
-        example = torch.zeros(1, 3, dtype=torch.long, device=device)
-        model.forward = compile_or_eager(model.forward, lambda forward: forward(example), dynamic=True)
+    if compile:
+        compile_decoding(model, device)
     return model, tokenizer, checkpoint
+
+
+def compile_decoding(model, device):
+    """torch.compile the one-token decode step, the step that generation repeats; on a GPU with CUDA graphs
+    ("reduce-overhead"), which replay the whole step as one launch. With a static KVCache its shapes never change,
+    so it compiles once. The prompt's prefill runs eagerly. Where compiling fails: a warning, and eager decoding."""
+
+    def warm_up(decode):
+        model.decode_one_token = decode
+        for _ in model.generate_tokens(torch.zeros(1, 3, dtype=torch.long, device=device), 3, temperature=0):
+            pass
+
+    model.static_kv_cache = True  # the same shapes at every step: one graph
+    mode = "reduce-overhead" if device.startswith("cuda") else "default"
+    model.decode_one_token = compile_or_eager(model.decode_one_token, warm_up, mode=mode, fullgraph=True)

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 
 @dataclass
@@ -41,22 +42,49 @@ class GPTConfig:
 
 # ----------------------------------------------------------------------------- attention
 
-class KVCache:
-    """Keys and values of the tokens seen so far, per layer, so each new token costs one position, not all."""
+class KVCache(nn.Module):
+    """The keys and values of every position so far, for one attention layer, in buffers allocated once for
+    block_size positions; each step writes its positions in place.
 
-    def __init__(self, config, batch_size, device, dtype):
-        head_dim = config.hidden_size // config.num_attention_heads
-        shape = (batch_size, config.num_attention_heads, config.block_size, head_dim)
-        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.num_hidden_layers)]
-        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.num_hidden_layers)]
-        self.length = 0  # positions filled
+    static=True (the default on GPUs): attention reads the whole buffer, with a mask that hides the positions not
+    written yet, so every one-token step hands attention tensors of the same shapes: a compiled step (CUDA graphs)
+    and the attention kernels' plans are made once, not once per length. static=False (the CPU's default): attention
+    reads only the positions written so far, which on a CPU is faster (it reads less) and costs nothing in plans.
+    """
 
-    def update(self, layer, k, v):
-        """Store this step's keys/values for `layer`; return all keys/values so far."""
-        start, end = self.length, self.length + k.size(2)
-        self.k[layer][:, :, start:end] = k
-        self.v[layer][:, :, start:end] = v
-        return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
+    def __init__(self, batch_size, num_heads, block_size, head_dim, dtype, device, static=True):
+        super().__init__()
+        shape = (batch_size, num_heads, block_size, head_dim)
+        self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        self.register_buffer("positions", torch.arange(block_size, device=device), persistent=False)
+        self.static = static
+
+    def update(self, input_pos, k, v):
+        """Write k, v (B, heads, T, head_dim) at positions input_pos (T, in order). Returns the keys and values to
+        attend to and a mask (T, keys), True where query i may see key j: j <= input_pos[i]; None if it may see all."""
+        if self.static:  # positions as a tensor: the step's graph does not depend on them
+            self.k[:, :, input_pos] = k
+            self.v[:, :, input_pos] = v
+            return self.k, self.v, self.positions <= input_pos[:, None]
+        start, end = int(input_pos[0]), int(input_pos[-1]) + 1  # positions 0..end-1 are written after this
+        self.k[:, :, start:end] = k
+        self.v[:, :, start:end] = v
+        mask = None if k.size(2) == 1 else self.positions[:end] <= input_pos[:, None]  # one new token sees all
+        return self.k[:, :, :end], self.v[:, :, :end], mask
+
+
+def cached_attention(q, k, v, mask):
+    """Attention of the new queries over the KV cache's keys, where mask (T, keys) allows each its own.
+
+    On a GPU, not with cuDNN's kernel: for a masked call PyTorch may pick it (on Hopper it does), and cuDNN builds an
+    execution plan for every new shape, hundreds of ms each; the first sample of every new prompt length stalled (16
+    tok/s cold against 433 warm on an H100). The other kernels have no such cost. (A CPU has no cuDNN, and choosing
+    kernels at every call would cost it ~10% of its decoding speed.)"""
+    if not q.is_cuda:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    with sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]):
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
 
 
 class MultiHeadAttention(nn.Module):
@@ -71,39 +99,42 @@ class MultiHeadAttention(nn.Module):
         self.dropout = config.dropout
         self.resid_dropout = nn.Dropout(config.dropout)
         self.use_flash = True  # torch's fused scaled_dot_product_attention; False runs the maths written out below
+        self.kv_cache = None   # a KVCache while generating (GPT.setup_kv_cache)
 
-    def forward(self, x, kv_cache=None, layer=0):
+    def forward(self, x, input_pos=None):
+        """x (B, T, C) -> (B, T, C). With input_pos (T,), the positions of these T tokens, the keys and values go
+        into the KV cache and the queries attend to every position written so far."""
         B, T, C = x.shape
         q, k, v = self.qkv_proj(x).split(C, dim=2)
         # (B, T, C) -> (B, heads, T, head_dim): each head attends in its own subspace
         q, k, v = (t.view(B, T, self.num_heads, self.head_dim).transpose(1, 2) for t in (q, k, v))
-        past = 0
-        if kv_cache is not None:
-            past = kv_cache.length
-            k, v = kv_cache.update(layer, k, v)
         dropout = self.dropout if self.training else 0.0
-        if self.use_flash:
-            # with a cache the T new queries sit at positions past..past+T-1: an explicit mask says so,
-            # except for a single new query, which may see every key
-            mask = None if past == 0 or T == 1 else causal_mask(T, past + T, x.device)
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, is_causal=past == 0)
-        else:
-            y = self.attention_written_out(q, k, v, past, dropout)
+        if input_pos is None:  # training and scoring: each of the T tokens sees itself and the ones before it
+            if self.use_flash:
+                y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=True)
+            else:
+                y = self.attention_written_out(q, k, v, causal_mask(T, T, x.device), dropout)
+        else:  # generating: the new tokens see the cache up to their own positions
+            k, v, mask = self.kv_cache.update(input_pos, k, v)
+            y = cached_attention(q, k, v, mask) if self.use_flash else self.attention_written_out(q, k, v, mask, 0.0)
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # merge the heads back
         return self.resid_dropout(self.out_proj(y))
 
-    def attention_written_out(self, q, k, v, past, dropout):
-        """softmax(q k^T / sqrt(d) + causal mask) v, step by step."""
-        scores = (q @ k.transpose(-2, -1)) / math.sqrt(self.head_dim)  # (B, heads, T, past+T)
-        allowed = causal_mask(q.size(2), k.size(2), q.device)
-        scores = scores.masked_fill(~allowed, float("-inf"))  # a token never sees the future
+    def attention_written_out(self, q, k, v, allowed, dropout):
+        """softmax(q k^T / sqrt(d), where allowed) v, step by step; allowed None: every key."""
+        scores = (q @ k.transpose(-2, -1)) / math.sqrt(self.head_dim)  # (B, heads, T, keys)
+        if allowed is not None:
+            scores = scores.masked_fill(~allowed, float("-inf"))  # a token never sees the future
         weights = F.softmax(scores.float(), dim=-1).to(q.dtype)
         weights = F.dropout(weights, p=dropout, training=dropout > 0)
         return weights @ v
 
 
 def causal_mask(num_queries, num_keys, device):
-    """True where query i (the last num_queries positions) may look at key j: j <= its own position."""
+    """True where query i (the last num_queries positions) may look at key j: j <= its own position.
+
+        causal_mask(2, 3, "cpu") -> [[True, True, False], [True, True, True]]
+    """
     offset = num_keys - num_queries
     return torch.ones(num_queries, num_keys, dtype=torch.bool, device=device).tril(diagonal=offset)
 
@@ -129,8 +160,8 @@ class TransformerBlock(nn.Module):
         self.ln_2 = nn.LayerNorm(config.hidden_size, bias=config.bias)
         self.mlp = MLP(config)
 
-    def forward(self, x, kv_cache=None, layer=0):
-        x = x + self.attn(self.ln_1(x), kv_cache, layer)  # pre-norm: the residual stream itself is never normalised
+    def forward(self, x, input_pos=None):
+        x = x + self.attn(self.ln_1(x), input_pos)  # pre-norm: the residual stream itself is never normalised
         return x + self.mlp(self.ln_2(x))
 
 
@@ -145,6 +176,7 @@ class GPT(nn.Module):
         self.ln_f = nn.LayerNorm(config.hidden_size, bias=config.bias)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.lm_head.weight = self.token_emb.weight  # weight tying: one matrix reads and writes tokens
+        self.static_kv_cache = None  # KVCache's static: None picks it on GPUs; a compiled decode step needs True
         self.apply(self._init_weights)
         for name, p in self.named_parameters():
             if name.endswith("out_proj.weight") or name.endswith("down_proj.weight"):
@@ -167,23 +199,23 @@ class GPT(nn.Module):
         for block in self.blocks:
             block.attn.use_flash = enabled
 
-    def hidden_states(self, idx, kv_cache=None):
-        """The final-layer representation of every position: (B, T, hidden_size)."""
-        B, T = idx.shape
-        start = kv_cache.length if kv_cache is not None else 0
-        if start + T > self.config.block_size:
-            raise ValueError(f"sequence of {start + T} tokens is longer than block_size={self.config.block_size}")
-        pos = torch.arange(start, start + T, device=idx.device)
-        x = self.dropout(self.token_emb(idx) + self.pos_emb(pos))
-        for layer, block in enumerate(self.blocks):
-            x = block(x, kv_cache, layer)
-        if kv_cache is not None:
-            kv_cache.length += T
+    def hidden_states(self, idx, input_pos=None):
+        """The final-layer representation of every position of idx (B, T): (B, T, hidden_size). Without input_pos
+        the T tokens are positions 0..T-1 of their own; with it (a (T,) tensor), they extend the KV cache."""
+        if input_pos is None:
+            if idx.size(1) > self.config.block_size:
+                raise ValueError(f"sequence of {idx.size(1)} tokens is longer than block_size={self.config.block_size}")
+            positions = torch.arange(idx.size(1), device=idx.device)
+        else:
+            positions = input_pos
+        x = self.dropout(self.token_emb(idx) + self.pos_emb(positions))
+        for block in self.blocks:
+            x = block(x, input_pos)
         return self.ln_f(x)
 
-    def forward(self, idx, targets=None, kv_cache=None):
+    def forward(self, idx, targets=None):
         """Logits for every position and, given targets, the mean cross-entropy (targets of -100 ignored)."""
-        logits = self.lm_head(self.hidden_states(idx, kv_cache))
+        logits = self.lm_head(self.hidden_states(idx))
         loss = None
         if targets is not None:
             loss = F.cross_entropy(logits.view(-1, logits.size(-1)).float(), targets.reshape(-1), ignore_index=-100)
@@ -211,32 +243,63 @@ class GPT(nn.Module):
 
     # ------------------------------------------------------------------------- generation
 
+    def setup_kv_cache(self, batch_size):
+        """Give every attention layer a KVCache for batch_size sequences, in the weights' dtype and device; static
+        (see KVCache) as self.static_kv_cache says, None: on GPUs. A cache that already fits is kept (a compiled
+        decode step keeps its graph)."""
+        weight = self.token_emb.weight
+        static = weight.is_cuda if self.static_kv_cache is None else self.static_kv_cache
+        for block in self.blocks:
+            cache = block.attn.kv_cache
+            if cache is None or (cache.k.size(0), cache.k.dtype, cache.k.device, cache.static) != (
+                    batch_size, weight.dtype, weight.device, static):
+                block.attn.kv_cache = KVCache(batch_size, block.attn.num_heads, self.config.block_size,
+                                              block.attn.head_dim, weight.dtype, weight.device, static)
+
+    def prefill(self, idx):
+        """Run the prompt idx (B, T) as positions 0..T-1, writing the KV cache; returns the next-token logits (B, vocab)."""
+        return self.lm_head(self.hidden_states(idx, torch.arange(idx.size(1), device=idx.device))[:, -1])
+
+    def decode_one_token(self, idx, input_pos):
+        """One token per sequence, idx (B, 1), at position input_pos (a (1,) tensor), reading and extending the KV
+        cache; returns the next-token logits (B, vocab). Its shapes are the same at every step: compile it once."""
+        return self.lm_head(self.hidden_states(idx, input_pos)[:, -1])
+
     @torch.no_grad()
     def generate_tokens(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None,
                         use_cache=True, generator=None):
         """Yield the next token ids, shape (B,), one step at a time (callers stream or collect them).
 
-        With the cache, each step feeds one token. When the context would pass block_size, the oldest
-        tokens are dropped: the learned positions then shift, so the cache is rebuilt from the last
-        block_size // 2 tokens. Half a block keeps the rebuild rare (once per block_size // 2 steps)
-        while the model still sees a long context.
+        With the cache, the prompt runs once (prefill), then each step runs one token (decode_one_token). When the
+        context would pass block_size, the oldest tokens are dropped: the learned positions then shift, so the cache
+        is rebuilt from the last block_size // 2 tokens. Half a block keeps the rebuild rare (once per
+        block_size // 2 steps) while the model still sees a long context. Without the cache, every step runs the
+        whole context again: the reference that the cached path is tested against.
         """
         block = self.config.block_size
-        cache = None
-        next_input = idx[:, -block:]
-        for _ in range(max_new_tokens):
-            if use_cache:
-                if cache is None or cache.length + next_input.size(1) > block:
-                    next_input = idx[:, -(block // 2 or 1):] if cache is not None else idx[:, -block:]
-                    cache = KVCache(self.config, idx.size(0), idx.device, self.token_emb.weight.dtype)
-                hidden = self.hidden_states(next_input, kv_cache=cache)
-            else:
-                hidden = self.hidden_states(idx[:, -block:])
-            logits = self.lm_head(hidden[:, -1, :])  # only the last position's prediction is needed
+        context = idx[:, -block:]
+        if use_cache:
+            self.setup_kv_cache(idx.size(0))
+            logits, length = self.prefill(context), context.size(1)  # length: positions the cache holds
+            input_pos = torch.tensor([length], device=idx.device)  # where the next token goes
+        else:
+            logits = self.lm_head(self.hidden_states(context)[:, -1])
+        for step in range(max_new_tokens):
             next_id = sample_next_token(logits, temperature, top_k, top_p, generator)
-            idx = torch.cat([idx, next_id[:, None]], dim=1)
-            next_input = next_id[:, None]
             yield next_id
+            if step == max_new_tokens - 1:
+                break
+            idx = torch.cat([idx, next_id[:, None]], dim=1)
+            if not use_cache:
+                logits = self.lm_head(self.hidden_states(idx[:, -block:])[:, -1])
+            elif length < block:
+                logits = self.decode_one_token(next_id[:, None], input_pos)
+                input_pos += 1
+                length += 1
+            else:  # the cache is full: rebuild it from the last block_size // 2 tokens
+                context = idx[:, -(block // 2 or 1):]
+                logits, length = self.prefill(context), context.size(1)
+                input_pos = torch.tensor([length], device=idx.device)
 
     @torch.no_grad()
     def generate(self, idx, max_new_tokens, **kwargs):

@@ -16,10 +16,8 @@ split's text back byte for byte. Downloads are cached in cache_dir and checked a
 
 import hashlib
 import json
-import os
 import re
 import sys
-import tempfile
 import time
 import zipfile
 from dataclasses import dataclass
@@ -309,10 +307,7 @@ def prepare_data(config):
     for split in set(SPLITS) - set(splits):
         (out_dir / f"{split}.bin").unlink(missing_ok=True)  # a stale split from an earlier run would mislead
 
-    with tempfile.TemporaryDirectory(dir=out_dir) as tmp:  # saved aside, then moved in: no half-written vocab
-        files = [Path(f).name for f in tok.save(tmp)]
-        for f in files:
-            os.replace(Path(tmp) / f, out_dir / f)
+    files = tok.save(out_dir)
     meta = {
         "dataset": name,
         "tokenizer": {"kind": config.tokenizer, "files": files} | (

@@ -10,6 +10,7 @@ weights in that dtype.
 
 import contextlib
 import functools
+import re
 import sys
 
 import torch
@@ -82,14 +83,21 @@ def compile_or_eager(fn, warm_up, **options):
         return fn
 
 
-# dense bfloat16 tensor-core peaks from the data sheets, FLOP/s; the first name found in the device's name counts
-PEAK_FLOPS = (("H100", 989e12), ("H200", 989e12), ("A100", 312e12), ("L4", 121e12), ("4090", 165e12),
-              ("A10", 125e12))
+# Dense bfloat16 tensor-core peaks (float32 accumulation, no sparsity) from NVIDIA's data sheets and whitepapers, in
+# FLOP/s. The first pattern found in torch.cuda.get_device_name() counts: "NVIDIA H100 80GB HBM3" is the SXM card.
+PEAK_FLOPS = ((r"H100.*PCIe", 756e12), (r"H100", 989e12), (r"H200", 989e12), (r"A100", 312e12), (r"\bL4\b", 121e12),
+              (r"\bA10\b", 125e12), (r"4090", 165e12), (r"3090", 71e12))
 
 
 def peak_flops(device):
-    """The peak FLOP/s of a known GPU, for MFU; 0.0 for anything else."""
+    """The peak FLOP/s of a known GPU, for MFU; 0.0 for anything else.
+
+        peak_flops("cuda") -> 756e12 on "NVIDIA H100 PCIe", 0.0 on "NVIDIA A10G" (not in the table) or "cpu"
+    """
     if not device.startswith("cuda"):
         return 0.0
-    name = torch.cuda.get_device_name(device)
-    return next((flops for key, flops in PEAK_FLOPS if key in name), 0.0)
+    return gpu_peak_flops(torch.cuda.get_device_name(device))
+
+
+def gpu_peak_flops(name):
+    return next((flops for pattern, flops in PEAK_FLOPS if re.search(pattern, name)), 0.0)

@@ -39,7 +39,7 @@ class SampleConfig:
     device: str = "auto"          # auto: cuda, then mps, then cpu
     dtype: str = "auto"           # float32 | bfloat16 | float16; auto: bf16 where the hardware has it (runtime.py)
     quantize: str = "none"        # none | int8: int8 weights for every linear layer, the output head included (CPU)
-    compile: bool = False         # torch.compile the model's forward: for GPUs (on a CPU it adds compile time)
+    compile: bool = False         # torch.compile the decode step (CUDA graphs on a GPU): for GPUs
 
 
 # ----------------------------------------------------------------------------- command line

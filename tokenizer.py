@@ -33,6 +33,7 @@ import regex
 import tiktoken
 
 import cli
+from common import atomic_write
 
 GPT2_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
 GPT2_REGEX = regex.compile(GPT2_PATTERN)
@@ -234,16 +235,16 @@ class Tokenizer:
         return self.decode_bytes(ids).decode("utf-8", errors="replace")
 
     def save(self, out_dir):
-        """Write HF byte-level vocab.json + merges.txt into out_dir; returns their file names."""
+        """Write HF byte-level vocab.json + merges.txt into out_dir, each atomically; returns their file names."""
         out_dir = Path(out_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
         char = bytes_to_unicode()
         show = lambda token: "".join(char[b] for b in token)  # noqa: E731
         vocab = {show(token): i for token, i in self.token_ids.items()} | self.special_tokens
-        with open(out_dir / "vocab.json", "w", encoding="utf-8") as f:
-            json.dump(dict(sorted(vocab.items(), key=lambda kv: kv[1])), f, ensure_ascii=False)
-        with open(out_dir / "merges.txt", "w", encoding="utf-8") as f:
-            f.write("#version: 0.2\n" + "".join(f"{show(a)} {show(b)}\n" for a, b in self.merges))
+        vocab_json = json.dumps(dict(sorted(vocab.items(), key=lambda kv: kv[1])), ensure_ascii=False)
+        merges_txt = "#version: 0.2\n" + "".join(f"{show(a)} {show(b)}\n" for a, b in self.merges)
+        for name, text in (("vocab.json", vocab_json), ("merges.txt", merges_txt)):
+            atomic_write(out_dir / name, lambda tmp: tmp.write_text(text, encoding="utf-8"))
         return ["vocab.json", "merges.txt"]
 
 

@@ -134,10 +134,8 @@ def get_batch(split_data, generator, micro_step_count):
     starts = torch.randint(len(split_data) - config.block_size - 1, (total, config.batch_size), generator=generator)
     if micro_step_count is None:
         starts = starts[rank * micro_steps:(rank + 1) * micro_steps]
-    windows = []
-    for row in starts.reshape(-1).tolist():
-        windows.append(torch.from_numpy(split_data[row:row + config.block_size + 1].astype(np.int64)))
-    batch = torch.stack(windows).view(starts.size(0), config.batch_size, config.block_size + 1)
+    offsets = starts.numpy()[..., None] + np.arange(config.block_size + 1)  # every window's token positions
+    batch = torch.from_numpy(split_data[offsets].astype(np.int64))  # one gather from the memmap, no Python loop
     if device_type == "cuda":  # pinned memory lets the copy to the GPU overlap with compute
         batch = batch.pin_memory().to(device, non_blocking=True)
     else:
@@ -293,6 +291,8 @@ def log(row):
 
 
 device_peak_flops = config.peak_flops or peak_flops(device)
+if master and device_type == "cuda" and not device_peak_flops:
+    print(f"MFU: set --peak_flops (the dense bf16 FLOP/s of {torch.cuda.get_device_name(device)}) to see it")
 
 # Ctrl-C: finish the current step, save, exit. A second Ctrl-C stops at once.
 stop_requested = False

@@ -1,23 +1,28 @@
 """
-Inference speed (no cache, KV cache, KV cache + int8) and the perplexity that int8 costs, as markdown tables.
+Inference speed (no cache, KV cache, int8, compiled decoding, cold and warm) and the perplexity int8 costs, as
+markdown tables.
 
     python bench/bench_inference.py                                  # speed: a random model shaped as wikitext_small
     python bench/bench_inference.py --out_dir=out-wikitext-tiny      # + perplexity float32 vs int8 on its val split
     python bench/bench_inference.py --shape=tiny --repeats=5         # config/wikitext_tiny.py's shape
+    python bench/bench_inference.py --devices=cuda                   # the GPU rows only
 
 Speed: tokens per second generating new_tokens tokens after a prompt_tokens-token prompt, greedy, one sequence, on
-the CPU (and in bfloat16 on a GPU if there is one). Speed does not depend on the weights' values, so a randomly
-initialised model of the chosen shape stands in for a trained one: nothing is trained here. The variants run
-interleaved, `repeats` times each (the slow no-cache baseline once), and each keeps its best run: the one least
-disturbed by other work on the machine.
+the CPU (float32, int8) and on a GPU if there is one (bfloat16). Speed does not depend on the weights' values, so a
+randomly initialised model of the chosen shape stands in for a trained one: nothing is trained here. The warm
+variants run after a warm-up, interleaved, `repeats` times each (the slow no-cache baseline once), and each keeps
+its best run: the one least disturbed by other work on the machine. A cold variant is the first generation in a
+fresh process, after loading (and compiling), as sample.py's first sample: what one-off costs add to it.
 
 Perplexity needs a trained checkpoint (--out_dir): its split in float32, then with int8 weights, on the first
 eval_tokens tokens. Without --out_dir that table is skipped.
 """
 
 import copy
+import json
 import os
 import platform
+import subprocess
 import sys
 import time
 from dataclasses import dataclass
@@ -27,11 +32,11 @@ sys.path.insert(0, ROOT)  # run from anywhere: import the repo's modules by name
 
 import torch  # noqa: E402
 
+from checkpoint import compile_decoding, load_for_inference  # noqa: E402
 from cli import UserError, parse_config, read_config_file, run_main  # noqa: E402
 from evaluate import evaluate_split  # noqa: E402
 from model import GPT, GPTConfig  # noqa: E402
 from quantize import quantize_int8  # noqa: E402
-from checkpoint import load_for_inference  # noqa: E402
 
 SHAPE_KEYS = ("block_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "bias")
 
@@ -47,6 +52,10 @@ class BenchInferenceConfig:
     split: str = "val"          # of the checkpoint's data, for the perplexity table
     eval_tokens: int = 50_000   # tokens of the split to score twice (0: all of it)
     threads: int = 0            # torch CPU threads; 0: torch's default
+    devices: str = "cpu,cuda"   # which rows: cpu, cuda (left out without a GPU), or both
+    compile: bool = True        # also time the decode step compiled (with CUDA graphs on a GPU)
+    cold: bool = True           # also time the first generation in a fresh process
+    child: str = ""             # internal: "device:compile" times one cold generation and prints it as JSON
 
 
 def bench_model(config):
@@ -81,18 +90,49 @@ def tokens_per_second(model, prompt, new_tokens, use_cache):
     return new_tokens / (time.perf_counter() - t0)
 
 
-def speed_table(config, model):
-    """{variant: best tokens/s} over interleaved repeats."""
-    variants = {"cpu, no cache, float32": (model, False),
-                "cpu, KV cache, float32": (model, True),
-                "cpu, KV cache, int8 except the output head": (quantize_int8_blocks(model), True),
-                "cpu, KV cache, int8": (quantize_int8(copy.deepcopy(model)), True)}
-    if torch.cuda.is_available():
-        gpu = copy.deepcopy(model).to("cuda", torch.bfloat16)
+def prepared(model, device, compile):
+    """A copy of the model for `device` (bfloat16 on a GPU, float32 on the CPU), its decode step compiled if asked."""
+    model = copy.deepcopy(model).to(device, torch.bfloat16 if device == "cuda" else torch.float32)
+    if compile:
+        compile_decoding(model, device)
+    return model
+
+
+def cold_speed(device, compile):
+    """tokens/s of the first generation in a fresh process: this script again, with --child."""
+    args = [arg for arg in sys.argv[1:] if not arg.startswith(("--child=", "--devices="))]
+    run = subprocess.run([sys.executable, os.path.abspath(__file__), *args, f"--child={device}:{compile}"],
+                         capture_output=True, text=True)
+    if run.returncode != 0:
+        raise UserError(f"the cold run on {device} failed: {run.stderr.strip()[-500:]}")
+    return json.loads(run.stdout.strip().splitlines()[-1])["tokens_per_second"]
+
+
+def cold_child(config, model):
+    """--child=device:compile: prepare the model (compiling if asked), time one generation, print it as JSON."""
+    device, compile = config.child.split(":")
+    model = prepared(model, device, compile == "True")
+    prompt = torch.randint(model.config.vocab_size, (1, config.prompt_tokens), generator=torch.Generator().manual_seed(0))
+    print(json.dumps({"tokens_per_second": tokens_per_second(model, prompt.to(device), config.new_tokens, True)}))
+
+
+def speed_table(config, model, devices):
+    """{variant: best tokens/s}: warm variants over interleaved repeats, then the cold ones."""
+    variants = {}
+    if "cpu" in devices:
+        variants["cpu, no cache, float32"] = (model, False)
+        variants["cpu, KV cache, float32"] = (model, True)
+        variants["cpu, KV cache, int8 except the output head"] = (quantize_int8_blocks(model), True)
+        variants["cpu, KV cache, int8"] = (quantize_int8(copy.deepcopy(model)), True)
+        if config.compile:
+            variants["cpu, KV cache, float32, compiled decode"] = (prepared(model, "cpu", True), True)
+    if "cuda" in devices:
+        gpu = prepared(model, "cuda", False)
         variants["cuda, no cache, bfloat16"] = (gpu, False)
         variants["cuda, KV cache, bfloat16"] = (gpu, True)
-    g = torch.Generator().manual_seed(0)
-    prompt = torch.randint(model.config.vocab_size, (1, config.prompt_tokens), generator=g)
+        if config.compile:
+            variants["cuda, KV cache, bfloat16, compiled decode (CUDA graphs)"] = (prepared(model, "cuda", True), True)
+    prompt = torch.randint(model.config.vocab_size, (1, config.prompt_tokens), generator=torch.Generator().manual_seed(0))
     best = {name: 0.0 for name in variants}
     for name, (m, cache) in variants.items():  # warm-up: allocations, kernels, caches
         tokens_per_second(m, prompt.to(m.token_emb.weight.device), 8, cache)
@@ -103,6 +143,12 @@ def speed_table(config, model):
             speed = tokens_per_second(m, prompt.to(m.token_emb.weight.device), config.new_tokens, cache)
             best[name] = max(best[name], speed)
             print(f"  run {r + 1}/{config.repeats} {name}: {speed:.1f} tokens/s", file=sys.stderr, flush=True)
+    for device in devices if config.cold else []:
+        dtype_name = "bfloat16" if device == "cuda" else "float32"
+        best[f"{device}, KV cache, {dtype_name}, first sample in a fresh process"] = cold_speed(device, False)
+        if config.compile:
+            best[f"{device}, KV cache, {dtype_name}, compiled decode, first sample in a fresh process"] = \
+                cold_speed(device, True)
     return best
 
 
@@ -143,19 +189,33 @@ def main():
     if config.new_tokens < 1 or config.prompt_tokens < 1 or config.repeats < 1:
         raise UserError("--new_tokens, --prompt_tokens and --repeats must be at least 1")
     model, description = bench_model(config)
+    if config.child:
+        return cold_child(config, model)
+    devices = [d for d in config.devices.split(",") if d == "cpu" or (d == "cuda" and torch.cuda.is_available())]
     print(f"machine: {machine_line()}")
     print(f"model: {description}")
     print(f"generating {config.new_tokens} tokens after a {config.prompt_tokens}-token prompt, greedy, batch 1, "
-          f"best of {config.repeats} (no cache: one run)\n", flush=True)
-    best = speed_table(config, model)
-    base, cached = best["cpu, no cache, float32"], best["cpu, KV cache, float32"]
-    print("| device, variant | tokens/s | vs no cache | vs KV cache float32 |")
-    print("| --- | ---: | ---: | ---: |")
-    for name, speed in best.items():
-        print(f"| {name} | {speed:,.1f} | {speed / base:.2f}x | {speed / cached:.2f}x |")
-    int8 = best["cpu, KV cache, int8"]
-    print(f"\ngoals: KV cache >= 5x no cache: {cached / base:.2f}x ({'met' if cached >= 5 * base else 'NOT met'}); "
-          f"int8 >= 1.5x float32: {int8 / cached:.2f}x ({'met' if int8 >= 1.5 * cached else 'NOT met'})")
+          f"best of {config.repeats} (no cache: one run)", flush=True)
+    best = speed_table(config, model, devices)
+    for device in devices:
+        dtype_name = "bfloat16" if device == "cuda" else "float32"
+        base, cached = best[f"{device}, no cache, {dtype_name}"], best[f"{device}, KV cache, {dtype_name}"]
+        print(f"\n| {device}: variant | tokens/s | vs no cache | vs KV cache {dtype_name} |")
+        print("| --- | ---: | ---: | ---: |")
+        for name, speed in best.items():
+            if name.startswith(device + ","):
+                print(f"| {name.removeprefix(device + ', ')} | {speed:,.1f} | {speed / base:.2f}x | "
+                      f"{speed / cached:.2f}x |")
+    if "cpu" in devices:
+        base, cached, int8 = (best[f"cpu, {v}"] for v in ("no cache, float32", "KV cache, float32", "KV cache, int8"))
+        print(f"\ngoals: KV cache >= 5x no cache: {cached / base:.2f}x ({'met' if cached >= 5 * base else 'NOT met'}); "
+              f"int8 >= 1.5x float32: {int8 / cached:.2f}x ({'met' if int8 >= 1.5 * cached else 'NOT met'})")
+    if "cuda" in devices and config.compile and config.cold:
+        warm = best["cuda, KV cache, bfloat16, compiled decode (CUDA graphs)"]
+        cold = best["cuda, KV cache, bfloat16, compiled decode, first sample in a fresh process"]
+        print(f"goals (GPU): warm >= 3,000 tokens/s: {warm:,.0f} ({'met' if warm >= 3000 else 'NOT met'}); first "
+              f"sample >= 0.5x warm: {cold / warm:.2f}x ({'met' if cold >= 0.5 * warm else 'NOT met'})")
+
 
     if not config.out_dir:
         print("\nperplexity: skipped (no --out_dir: give a trained checkpoint to measure what int8 costs)")

@@ -46,6 +46,8 @@ torch.manual_seed(0)
 model = GPT(GPTConfig(vocab_size=50, block_size=16, hidden_size=32, num_hidden_layers=2, num_attention_heads=4))
 idx = torch.randint(50, (2, 10))
 logits, loss = model(idx, idx)
+loss.backward()
+model.configure_optimizer(0.1, 1e-3, (0.9, 0.95), "cpu").step()
 out = model.eval().generate(idx, 20, temperature=0)  # past block_size: the KV cache is rebuilt
 plain = model.generate(idx, 20, temperature=0, use_cache=False)
 assert logits.shape == (2, 10, 50) and loss.item() > 0 and out.shape == plain.shape == (2, 30)

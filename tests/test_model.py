@@ -35,10 +35,9 @@ def test_written_out_attention_equals_sdpa_with_a_cache():
     outs = []
     for flash in (True, False):
         attn.use_flash = flash
-        cache = KVCache(config, 2, "cpu", torch.float32)
-        first = attn(x[:, :6], cache, 0)
-        cache.length += 6
-        outs.append(torch.cat([first, attn(x[:, 6:], cache, 0)], dim=1))
+        attn.kv_cache = KVCache(2, config.num_attention_heads, config.block_size, attn.head_dim, torch.float32, "cpu")
+        first = attn(x[:, :6], torch.arange(6))  # a prompt of 6, then 4 more positions
+        outs.append(torch.cat([first, attn(x[:, 6:], torch.arange(6, 10))], dim=1))
     full = attn(x)  # no cache: all 10 positions at once
     assert torch.allclose(outs[0], outs[1], atol=1e-5)
     assert torch.allclose(outs[0], full, atol=1e-5)

@@ -115,3 +115,13 @@ def test_compile_falls_back_to_eager_with_one_warning(capsys):
     assert err == "warning: torch.compile failed (no compiler for this platform); running eagerly\n"
     compiled = runtime.compile_or_eager(add_one, lambda f: f(torch.zeros(2)), backend="eager")
     assert compiled is not add_one and torch.equal(compiled(torch.ones(2)), torch.full((2,), 2.0))
+
+
+@pytest.mark.parametrize("name, flops", [
+    ("NVIDIA H100 80GB HBM3", 989e12), ("NVIDIA H100 PCIe", 756e12), ("NVIDIA H200", 989e12),
+    ("NVIDIA A100-SXM4-80GB", 312e12), ("NVIDIA A100 80GB PCIe", 312e12), ("NVIDIA L4", 121e12), ("NVIDIA A10", 125e12),
+    ("NVIDIA GeForce RTX 4090", 165e12), ("NVIDIA GeForce RTX 3090", 71e12),
+    ("NVIDIA A10G", 0.0), ("NVIDIA L40S", 0.0), ("Tesla V100-SXM2-16GB", 0.0),  # not in the table: --peak_flops
+])
+def test_peak_flops_of_known_gpus(name, flops):
+    assert runtime.gpu_peak_flops(name) == flops

@@ -30,6 +30,51 @@ def test_kv_cache_gives_the_same_tokens_as_no_cache_within_block_size(random_mod
     assert not torch.equal(greedy[0], sampled[0])
 
 
+@pytest.mark.parametrize("static", [True, False])
+def test_prefill_and_decode_give_the_logits_of_the_whole_sequence(random_model, static):
+    """Cached decoding, step by step, against one uncached forward pass over the same tokens (float32)."""
+    model = random_model(dtype=torch.float32)
+    model.static_kv_cache = static
+    idx = torch.randint(97, (2, 32), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        full = model(idx)[0]  # (2, 32, 97): every position's next-token logits
+        model.setup_kv_cache(2)
+        steps = [model.prefill(idx[:, :5])]
+        steps += [model.decode_one_token(idx[:, p:p + 1], torch.tensor([p])) for p in range(5, 32)]
+    assert torch.allclose(torch.stack(steps, dim=1), full[:, 4:], atol=1e-5)
+
+
+@pytest.mark.parametrize("static", [True, False])
+def test_static_and_growing_caches_generate_the_same_tokens(random_model, static):
+    model = random_model()
+    model.static_kv_cache = static
+    idx = torch.randint(97, (2, 5), generator=torch.Generator().manual_seed(4))
+    plain = model.generate(idx, 60, temperature=0, use_cache=False)  # 60 > block_size: two rebuilds
+    cached = model.generate(idx, 60, temperature=0)
+    assert torch.equal(cached[:, :32], plain[:, :32])
+    model.static_kv_cache = not static
+    assert torch.equal(model.generate(idx, 60, temperature=0), cached)
+
+
+def test_every_decode_step_hands_attention_the_same_shapes(random_model, monkeypatch):
+    model = random_model()
+    model.static_kv_cache = True  # the default on GPUs, where it matters
+    seen, sdpa = [], torch.nn.functional.scaled_dot_product_attention
+
+    def recording(q, k, v, attn_mask=None, **kw):
+        seen.append((q.shape, k.shape, v.shape, None if attn_mask is None else attn_mask.shape))
+        return sdpa(q, k, v, attn_mask=attn_mask, **kw)
+
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", recording)
+    list(model.generate_tokens(torch.randint(97, (1, 7)), 20, temperature=0))
+    layers = model.config.num_hidden_layers
+    prefill, decode = seen[:layers], seen[layers:]
+    assert len(decode) == 19 * layers and len(set(decode)) == 1  # 19 one-token steps, one shape
+    q, k, v, mask = decode[0]
+    assert q == (1, 4, 1, 8) and k == v == (1, 4, 32, 8) and mask == (1, 32)  # the whole buffer, masked
+    assert prefill[0][0] == (1, 4, 7, 8) and prefill[0][1] == (1, 4, 32, 8)
+
+
 def test_generation_past_block_size_keeps_working(random_model):
     model = random_model(block_size=16)
     idx = torch.randint(97, (1, 4), generator=torch.Generator().manual_seed(2))
