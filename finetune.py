@@ -165,6 +165,23 @@ def fit(model, config, train_set, val_set, collate, loss_fn, score, save):
             save(epoch, row)
     return rows
 
+# ----------------------------------------------------------------------------- the instruction template
+
+
+def format_prompt(record):
+    """The Alpaca template that finetune_instruct.py trains with (and serve.py's chat endpoint writes), up to where
+    the response begins: {"instruction": "Name a color."} -> "Below is an instruction ... ### Response:\\n"."""
+    text = ("Below is an instruction that describes a task. Write a response that appropriately completes the "
+            f"request.\n\n### Instruction:\n{record['instruction']}")
+    if record.get("input"):
+        text += f"\n\n### Input:\n{record['input']}"
+    return text + "\n\n### Response:\n"
+
+
+def has_prompt_format(checkpoint):
+    """Whether a checkpoint was instruction-tuned with format_prompt (finetune_instruct.py marks it)."""
+    return checkpoint.get("prompt_format") == "alpaca" or "mask_prompt" in checkpoint.get("finetune_config", {})
+
 # ----------------------------------------------------------------------------- the classifier
 
 

@@ -27,8 +27,8 @@ import torch
 from checkpoint import load_model, save_checkpoint
 from cli import UserError, config_to_dict, parse_config, read_utf8, run_main
 from common import download, write_json
-from finetune import (FinetuneConfig, check_training_settings, count_parameters, fit, load_base_model, run_epoch,
-                      set_trainable)
+from finetune import (FinetuneConfig, check_training_settings, count_parameters, fit, format_prompt, load_base_model,
+                      run_epoch, set_trainable)
 from lora import merged_state_dict
 from runtime import pick_device
 
@@ -83,15 +83,6 @@ def split_records(records, seed, fractions=(0.85, 0.05)):
     train_end = int(len(records) * fractions[0])
     val_end = train_end + int(len(records) * fractions[1])
     return records[:train_end], records[train_end:val_end], records[val_end:]
-
-
-def format_prompt(record):
-    """The Alpaca template, up to the point where the response begins."""
-    text = ("Below is an instruction that describes a task. Write a response that appropriately completes the "
-            f"request.\n\n### Instruction:\n{record['instruction']}")
-    if record.get("input"):
-        text += f"\n\n### Input:\n{record['input']}"
-    return text + "\n\n### Response:\n"
 
 
 def encode_record(tokenizer, record, max_length):
@@ -192,8 +183,8 @@ def train_instruct(config, device):
 
     def save(epoch, row):
         save_checkpoint({"model": merged_state_dict(model), "model_config": asdict(model.config),
-                         "finetune_config": config_to_dict(config), "epoch": epoch, "val_loss": row["val_loss"]},
-                        config.out_dir)
+                         "prompt_format": "alpaca", "finetune_config": config_to_dict(config), "epoch": epoch,
+                         "val_loss": row["val_loss"]}, config.out_dir)
 
     os.makedirs(config.out_dir, exist_ok=True)
     tokenizer.save(config.out_dir)

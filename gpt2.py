@@ -1,8 +1,10 @@
 """
-OpenAI's GPT-2 weights as our GPT: downloaded from the Hugging Face Hub (checked, cached) or read from a local folder
-in Hugging Face's format (model.safetensors + config.json), without pickle and without `transformers`.
+GPT-2's format and ours, both ways. OpenAI's GPT-2 weights as our GPT: downloaded from the Hugging Face Hub (checked,
+cached) or read from a local folder in Hugging Face's format (model.safetensors + config.json), without pickle and
+without `transformers`. And our GPT as a GPT-2 (GPT2LMHeadModel), for export.py.
 
     model, tokenizer = load_gpt2("gpt2")              # gpt2 | gpt2-medium | gpt2-large | gpt2-xl, or a folder
+    tensors, config = hf_state_dict(model), hf_config(model.config, eos_id=tokenizer.eot_id)
 """
 
 import json
@@ -13,6 +15,7 @@ from urllib.parse import urljoin
 
 import requests
 from safetensors import SafetensorError
+import torch
 from safetensors.torch import load_file
 
 from cli import UserError
@@ -88,6 +91,33 @@ def gpt2_state_dict(tensors):
     if "token_emb.weight" in ours:
         ours["lm_head.weight"] = ours["token_emb.weight"]
     return ours
+
+
+def hf_state_dict(model):
+    """Our GPT's weights under GPT2LMHeadModel's names: Conv1D weights transposed, the biases a bias=False model lacks
+    written as zeros (a zero bias adds nothing). The output layer is left out: GPT-2 ties it to wte."""
+    ours = model.state_dict()
+    zeros = lambda size: torch.zeros(size, dtype=ours["token_emb.weight"].dtype)  # noqa: E731
+    theirs = {f"transformer.{hf}": ours[name] for hf, name in GPT2_NAMES.items() if name in ours}
+    theirs.setdefault("transformer.ln_f.bias", zeros(model.config.hidden_size))
+    for i in range(model.config.num_hidden_layers):
+        for hf, name in GPT2_BLOCK_NAMES.items():
+            weight = ours[f"blocks.{i}.{name}.weight"]
+            bias = ours.get(f"blocks.{i}.{name}.bias", zeros(weight.size(0)))
+            theirs[f"transformer.h.{i}.{hf}.weight"] = weight.t().contiguous() if hf in GPT2_CONV1D else weight
+            theirs[f"transformer.h.{i}.{hf}.bias"] = bias
+    return theirs
+
+
+def hf_config(config, eos_id=None):
+    """GPT2LMHeadModel's config.json for our GPTConfig: tanh-GELU ("gelu_new"), LayerNorm eps 1e-5, tied embeddings,
+    no dropout (it is for inference)."""
+    return {"architectures": ["GPT2LMHeadModel"], "model_type": "gpt2", "vocab_size": config.vocab_size,
+            "n_positions": config.block_size, "n_ctx": config.block_size, "n_embd": config.hidden_size,
+            "n_layer": config.num_hidden_layers, "n_head": config.num_attention_heads, "n_inner": None,
+            "activation_function": "gelu_new", "resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0,
+            "layer_norm_epsilon": 1e-5, "initializer_range": 0.02, "scale_attn_weights": True,
+            "tie_word_embeddings": True, "bos_token_id": eos_id, "eos_token_id": eos_id, "torch_dtype": "float32"}
 
 
 def is_gpt2(name_or_dir):

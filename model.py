@@ -60,18 +60,25 @@ class KVCache(nn.Module):
         self.register_buffer("positions", torch.arange(block_size, device=device), persistent=False)
         self.static = static
 
-    def update(self, input_pos, k, v):
-        """Write k, v (B, heads, T, head_dim) at positions input_pos (T, in order). Returns the keys and values to
-        attend to and a mask (T, keys), True where query i may see key j: j <= input_pos[i]; None if it may see all."""
+    def update(self, input_pos, k, v, first_row=0):
+        """Write k, v (B, heads, T, head_dim) into rows first_row.. of the cache at positions input_pos: (T,), the
+        same for every row, in order; or (B, T), each row its own (sequences of different lengths decoding together).
+        Returns the keys and values to attend to and a mask, True where query i may see key j: j <= its position;
+        None where every query may see every key."""
+        keys, values = self.k[first_row:first_row + k.size(0)], self.v[first_row:first_row + k.size(0)]
+        if input_pos.dim() == 2:  # a position per row: each row sees its own length (B, 1, T, keys)
+            rows = torch.arange(k.size(0), device=k.device)[:, None]
+            keys[rows, :, input_pos], values[rows, :, input_pos] = k.transpose(1, 2), v.transpose(1, 2)
+            mask = (self.positions <= input_pos[..., None])[:, None]
+            end = self.positions.numel() if self.static else int(input_pos.max()) + 1
+            return keys[:, :, :end], values[:, :, :end], mask[..., :end]
         if self.static:  # positions as a tensor: the step's graph does not depend on them
-            self.k[:, :, input_pos] = k
-            self.v[:, :, input_pos] = v
-            return self.k, self.v, self.positions <= input_pos[:, None]
+            keys[:, :, input_pos], values[:, :, input_pos] = k, v
+            return keys, values, self.positions <= input_pos[:, None]
         start, end = int(input_pos[0]), int(input_pos[-1]) + 1  # positions 0..end-1 are written after this
-        self.k[:, :, start:end] = k
-        self.v[:, :, start:end] = v
+        keys[:, :, start:end], values[:, :, start:end] = k, v
         mask = None if k.size(2) == 1 else self.positions[:end] <= input_pos[:, None]  # one new token sees all
-        return self.k[:, :, :end], self.v[:, :, :end], mask
+        return keys[:, :, :end], values[:, :, :end], mask
 
 
 def cached_attention(q, k, v, mask):
@@ -101,9 +108,9 @@ class MultiHeadAttention(nn.Module):
         self.use_flash = True  # torch's fused scaled_dot_product_attention; False runs the maths written out below
         self.kv_cache = None   # a KVCache while generating (GPT.setup_kv_cache)
 
-    def forward(self, x, input_pos=None):
-        """x (B, T, C) -> (B, T, C). With input_pos (T,), the positions of these T tokens, the keys and values go
-        into the KV cache and the queries attend to every position written so far."""
+    def forward(self, x, input_pos=None, first_row=0):
+        """x (B, T, C) -> (B, T, C). With input_pos, the positions of these T tokens ((T,) or (B, T)), the keys and
+        values go into the KV cache (rows first_row..) and the queries attend to every position written so far."""
         B, T, C = x.shape
         q, k, v = self.qkv_proj(x).split(C, dim=2)
         # (B, T, C) -> (B, heads, T, head_dim): each head attends in its own subspace
@@ -115,7 +122,7 @@ class MultiHeadAttention(nn.Module):
             else:
                 y = self.attention_written_out(q, k, v, causal_mask(T, T, x.device), dropout)
         else:  # generating: the new tokens see the cache up to their own positions
-            k, v, mask = self.kv_cache.update(input_pos, k, v)
+            k, v, mask = self.kv_cache.update(input_pos, k, v, first_row)
             y = cached_attention(q, k, v, mask) if self.use_flash else self.attention_written_out(q, k, v, mask, 0.0)
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # merge the heads back
         return self.resid_dropout(self.out_proj(y))
@@ -160,8 +167,8 @@ class TransformerBlock(nn.Module):
         self.ln_2 = nn.LayerNorm(config.hidden_size, bias=config.bias)
         self.mlp = MLP(config)
 
-    def forward(self, x, input_pos=None):
-        x = x + self.attn(self.ln_1(x), input_pos)  # pre-norm: the residual stream itself is never normalised
+    def forward(self, x, input_pos=None, first_row=0):
+        x = x + self.attn(self.ln_1(x), input_pos, first_row)  # pre-norm: the residual stream is never normalised
         return x + self.mlp(self.ln_2(x))
 
 
@@ -199,9 +206,10 @@ class GPT(nn.Module):
         for block in self.blocks:
             block.attn.use_flash = enabled
 
-    def hidden_states(self, idx, input_pos=None):
+    def hidden_states(self, idx, input_pos=None, first_row=0):
         """The final-layer representation of every position of idx (B, T): (B, T, hidden_size). Without input_pos
-        the T tokens are positions 0..T-1 of their own; with it (a (T,) tensor), they extend the KV cache."""
+        the T tokens are positions 0..T-1 of their own; with it ((T,), or (B, T): a position per row), they extend
+        the KV cache, in its rows first_row..first_row + B - 1."""
         if input_pos is None:
             if idx.size(1) > self.config.block_size:
                 raise ValueError(f"sequence of {idx.size(1)} tokens is longer than block_size={self.config.block_size}")
@@ -210,7 +218,7 @@ class GPT(nn.Module):
             positions = input_pos
         x = self.dropout(self.token_emb(idx) + self.pos_emb(positions))
         for block in self.blocks:
-            x = block(x, input_pos)
+            x = block(x, input_pos, first_row)
         return self.ln_f(x)
 
     def forward(self, idx, targets=None):
@@ -256,13 +264,16 @@ class GPT(nn.Module):
                 block.attn.kv_cache = KVCache(batch_size, block.attn.num_heads, self.config.block_size,
                                               block.attn.head_dim, weight.dtype, weight.device, static)
 
-    def prefill(self, idx):
-        """Run the prompt idx (B, T) as positions 0..T-1, writing the KV cache; returns the next-token logits (B, vocab)."""
-        return self.lm_head(self.hidden_states(idx, torch.arange(idx.size(1), device=idx.device))[:, -1])
+    def prefill(self, idx, first_row=0):
+        """Run the prompt idx (B, T) as positions 0..T-1, writing the KV cache (rows first_row..); returns the
+        next-token logits (B, vocab)."""
+        positions = torch.arange(idx.size(1), device=idx.device)
+        return self.lm_head(self.hidden_states(idx, positions, first_row)[:, -1])
 
     def decode_one_token(self, idx, input_pos):
-        """One token per sequence, idx (B, 1), at position input_pos (a (1,) tensor), reading and extending the KV
-        cache; returns the next-token logits (B, vocab). Its shapes are the same at every step: compile it once."""
+        """One token per sequence, idx (B, 1), at input_pos: (1,), the same position for every row, or (B, 1), a
+        position per row; it reads and extends the KV cache and returns the next-token logits (B, vocab). Its shapes
+        are the same at every step: compile it once."""
         return self.lm_head(self.hidden_states(idx, input_pos)[:, -1])
 
     @torch.no_grad()
@@ -309,8 +320,9 @@ class GPT(nn.Module):
 
 
 def sample_next_token(logits, temperature=1.0, top_k=None, top_p=None, generator=None):
-    """Pick one token per row from (B, vocab) logits. temperature 0 is greedy."""
-    if temperature == 0:
+    """Pick one token per row from (B, vocab) logits. temperature 0 is greedy (so is one below 1e-5, where dividing
+    the logits by it would overflow)."""
+    if temperature < 1e-5:
         return logits.argmax(dim=-1)
     logits = logits.float() / temperature
     if top_k is not None and top_k < logits.size(-1):
@@ -321,6 +333,7 @@ def sample_next_token(logits, temperature=1.0, top_k=None, top_p=None, generator
         sorted_logits, order = torch.sort(logits, descending=True, dim=-1)
         cumulative = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
         remove_sorted = cumulative - sorted_logits.softmax(dim=-1) >= top_p
+        remove_sorted[:, 0] = False  # even for a top_p that float32 rounds to 0
         remove = remove_sorted.scatter(-1, order, remove_sorted)
         logits = logits.masked_fill(remove, float("-inf"))
     probs = logits.softmax(dim=-1)

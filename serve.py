@@ -1,33 +1,46 @@
 """
-Serve a trained GPT over HTTP: generate text (whole, or token by token as server-sent events), classify text with a
-fine-tuned classifier, and try generation from a small page in the browser.
+Serve a trained GPT over HTTP with OpenAI's API, so that the `openai` client, LangChain or a chat UI can use it:
+text completions (whole, or streamed as server-sent events), chat completions for an instruction-tuned model, the
+model list; plus classification with a fine-tuned classifier and a small page to try it in the browser.
 
     python serve.py --out_dir=out-wikitext-small [--classifier_dir=out-spam] [--host=127.0.0.1 --port=8000]
 
-    curl -s localhost:8000/v1/generate -H 'content-type: application/json' -d '{"prompt": "The history of"}'
-    curl -N localhost:8000/v1/generate -H 'content-type: application/json' -d '{"prompt": "The", "stream": true}'
-    curl -s localhost:8000/v1/classify -H 'content-type: application/json' -d '{"text": "Free entry, win cash now"}'
+    from openai import OpenAI
+    client = OpenAI(base_url="http://127.0.0.1:8000/v1", api_key="unused")      # or the GPT_API_TOKEN value
+    client.completions.create(model="out-wikitext-small", prompt="The history of", max_tokens=50, seed=1)
+    client.chat.completions.create(model="out-instruct", messages=[{"role": "user", "content": "Name a color."}])
+
+    curl -s localhost:8000/v1/completions -d '{"prompt": "The history of", "max_tokens": 50}'
+    curl -N localhost:8000/v1/completions -d '{"prompt": "The history of", "stream": true}'
+    curl -s localhost:8000/v1/classify -d '{"text": "Free entry, win cash now"}'
     curl -s localhost:8000/health
-    http://127.0.0.1:8000/?prompt=The+history+of in a browser: the page (?prompt= starts generating at once)
 
-POST /v1/generate {prompt, max_new_tokens, temperature, top_k, top_p, seed, stream} -> {"text": ..., "model": ...};
-with "stream": true, a `data: {"text": piece}` event per piece of text, then `event: done`. POST /v1/classify {text}
--> {"label": ..., "probability": ...}. GET /health -> the model, its parameter count, the device and dtype, the limits.
-Bad input gets a 4xx and {"error": what is wrong, "field": which field}.
+Endpoints: GET /v1/models (and /v1/models/<id>); POST /v1/completions {prompt, max_tokens, temperature, top_p, n (1),
+stop, seed, stream, stream_options, and our extra top_k}; POST /v1/chat/completions {messages, ...the same}, for a
+model that finetune_instruct.py trained: the messages become its prompt template (the last user message is the
+instruction; earlier messages, the system message first, become its input as a "role: text" transcript); another
+model answers 400. POST /v1/classify {text} -> {"label", "probability"}. GET /health -> the model, the device and
+dtype, the limits. Errors come in OpenAI's shape, {"error": {"message", "type", "param", "code"}}, with a 4xx for
+anything the client can fix. The `model` field is optional and any name is accepted: one model is served.
 
-Set GPT_API_TOKEN to require `Authorization: Bearer <token>` on every request (except the page itself, which holds
-no data and asks for the token). The model serves one request at a time; the others wait their turn. Flask's own
-server is for local use; under a production WSGI server run one process (one copy of the model) with threads:
+Requests are decoded together: one engine thread runs every active request's next token in one forward pass
+(engine.py, continuous batching), so a request waits for one step, not for the others to finish, and its tokens do
+not depend on what else is decoded with it. Set GPT_API_TOKEN to require `Authorization: Bearer <token>` on every
+request (but the page's, which holds no data and asks for the token). Flask's own server is for local use; under a
+production WSGI server run one process (one copy of the model and its engine) with threads:
 
-    gunicorn -w 1 --threads 8 -b 127.0.0.1:8000 'serve:create_app(out_dir="out-wikitext-small")'
+    gunicorn -w 1 --threads 32 -b 127.0.0.1:8000 'serve:create_app(out_dir="out-wikitext-small")'
 """
 
 import contextlib
 import difflib
 import hmac
 import json
+import math
 import os
 import threading
+import time
+import uuid
 from dataclasses import dataclass
 
 from flask import Flask, Response, jsonify, request
@@ -35,8 +48,9 @@ from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
 from checkpoint import load_for_inference
 from cli import UserError, parse_config, run_main
-from finetune import classify, load_classifier
-from generate import stream_text
+from engine import BatchEngine
+from finetune import classify, format_prompt, has_prompt_format, load_classifier
+from generate import decode_stream, encode_prompt
 from runtime import pick_device
 
 
@@ -48,49 +62,105 @@ class ServeConfig:
     port: int = 8000                      # TCP port to listen on
     device: str = "auto"                  # auto: cuda, then mps, then cpu
     dtype: str = "auto"                   # float32 | bfloat16 | float16; auto: bf16 where the hardware has it
-    max_new_tokens_limit: int = 500       # the most tokens one request may ask for
-    max_prompt_chars: int = 10_000        # longest prompt (or text to classify), in characters
+    max_batch_size: int = 32              # requests decoded together (rows of the KV cache); 1: one at a time
+    max_tokens_limit: int = 500           # the most tokens one request may ask for
+    max_prompt_chars: int = 10_000        # longest prompt (all messages, or text to classify), in characters
     max_body_bytes: int = 64 * 1024       # larger request bodies are refused unread
 
 
 TOKEN_ENV = "GPT_API_TOKEN"
 REQUIRED = object()
-TYPE_NAMES = {str: "a string", int: "an integer", float: "a number", bool: "true or false"}
-NULLABLE = ("top_k", "top_p", "seed")  # null: no top-k / top-p filter, a random seed
+
+# ----------------------------------------------------------------------------- what a request may hold
 
 
-def generate_fields(config):
-    """/v1/generate's body: name -> (JSON type, default, test of the value, what the test asks). The defaults are
-    sample.py's, but for the seed: a fresh one per request unless the client sets it."""
-    limit, chars = config.max_new_tokens_limit, config.max_prompt_chars
+def is_json_type(value, kind):
+    """Whether a JSON value is of the Python type a field wants: 1 is a float, True is not an int; NaN, Infinity and
+    numbers beyond float's range are no floats."""
+    if kind is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            return False
+        try:
+            return math.isfinite(float(value))
+        except OverflowError:  # a 400-digit integer
+            return False
+    return isinstance(value, kind) and (kind is bool or not isinstance(value, bool))  # in Python, True is an int
+
+
+def number(kind, low, high):
+    """A test of a number field: of JSON type `kind` (int or float), within [low, high]."""
+    return lambda value: is_json_type(value, kind) and low <= value <= high
+
+
+def stop_strings(value):
+    """OpenAI's stop: a string or a list of up to 4 non-empty strings."""
+    items = [value] if isinstance(value, str) else value
+    return isinstance(items, list) and 0 < len(items) <= 4 and all(isinstance(s, str) and s for s in items)
+
+
+def sampling_fields(config, default_max_tokens):
+    """The fields both completion endpoints take: name -> (default, test, what the test asks). null means the
+    default. Fields of OpenAI's API that this server does not implement are accepted at their neutral value."""
+    limit = config.max_tokens_limit
     return {
-        "prompt": (str, REQUIRED, lambda s: 0 < len(s) <= chars, f"must be 1 to {chars} characters long"),
-        "max_new_tokens": (int, min(200, limit), lambda n: 1 <= n <= limit,
-                           f"must be 1 to {limit} (the server's limit)"),
-        "temperature": (float, 0.8, lambda t: t >= 0, "must be >= 0 (0: the likeliest token)"),
-        "top_k": (int, 200, lambda k: k >= 1, "must be >= 1, or null to keep every token"),
-        "top_p": (float, 1.0, lambda p: 0 < p <= 1, "must be > 0 and <= 1, or null to keep every token"),
-        "seed": (int, None, lambda s: 0 <= s < 2**63, "must be 0 to 2**63 - 1, or null for a random one"),
-        "stream": (bool, False, None, ""),
+        "model": (None, lambda v: isinstance(v, str), "must be a string (any name: one model is served)"),
+        "max_tokens": (default_max_tokens, number(int, 1, limit), f"must be an integer from 1 to {limit}"),
+        "temperature": (1.0, number(float, 0, 2), "must be a number from 0 to 2 (0: the likeliest token)"),
+        "top_p": (1.0, lambda v: number(float, 0, 1)(v) and v > 0, "must be a number above 0, at most 1"),
+        "top_k": (None, number(int, 1, 2**31), "must be an integer >= 1 (keep the k likeliest tokens)"),
+        "n": (1, lambda v: v == 1 and is_json_type(v, int), "must be 1 (one choice per request)"),
+        "stop": (None, stop_strings, "must be a string or a list of up to 4 non-empty strings"),
+        "seed": (None, number(int, 0, 2**63 - 1), "must be an integer from 0 to 2**63 - 1"),
+        "stream": (False, lambda v: isinstance(v, bool), "must be true or false"),
+        "stream_options": (None, lambda v: isinstance(v, dict) and set(v) <= {"include_usage"}
+                           and isinstance(v.get("include_usage", False), bool), 'must be {"include_usage": bool}'),
+        "user": (None, lambda v: isinstance(v, str), "must be a string"),
+        "presence_penalty": (0, lambda v: v == 0, "is not supported: leave it out or 0"),
+        "frequency_penalty": (0, lambda v: v == 0, "is not supported: leave it out or 0"),
+        "logit_bias": (None, lambda v: v == {}, "is not supported: leave it out"),
+        "logprobs": (None, lambda v: v is False or v == 0, "is not supported: leave it out"),
     }
+
+
+def completion_fields(config):
+    fields = sampling_fields(config, default_max_tokens=min(16, config.max_tokens_limit))  # OpenAI's default
+    chars = config.max_prompt_chars
+    fields["prompt"] = (REQUIRED, lambda v: isinstance(v, str) and 0 < len(v) <= chars,
+                        f"must be a string of 1 to {chars} characters")
+    fields["echo"] = (False, lambda v: v is False, "is not supported: leave it out or false")
+    fields["best_of"] = (1, lambda v: v == 1, "is not supported: leave it out or 1")
+    fields["suffix"] = (None, lambda v: False, "is not supported: leave it out")
+    return fields
+
+
+def chat_fields(config):
+    fields = sampling_fields(config, default_max_tokens=config.max_tokens_limit)  # chat: up to the limit
+    fields["messages"] = (REQUIRED, lambda v: isinstance(v, list) and 0 < len(v) <= 100,
+                          "must be a list of 1 to 100 messages")
+    fields["max_completion_tokens"] = (None, *fields["max_tokens"][1:])  # the newer name of max_tokens
+    fields["response_format"] = (None, lambda v: v == {"type": "text"}, 'is not supported beyond {"type": "text"}')
+    return fields
 
 
 def classify_fields(config):
     chars = config.max_prompt_chars
-    return {"text": (str, REQUIRED, lambda s: 0 < len(s) <= chars, f"must be 1 to {chars} characters long")}
+    return {"text": (REQUIRED, lambda v: isinstance(v, str) and 0 < len(v) <= chars,
+                     f"must be a string of 1 to {chars} characters")}
+
+# ----------------------------------------------------------------------------- errors, in OpenAI's shape
 
 
 class ApiError(Exception):
-    """A request the client can fix: answered with `status` and {"error": message, "field": field}."""
+    """A request the client can fix: answered with `status` and {"error": {"message", "type", "param", "code"}}."""
 
-    def __init__(self, message, field=None, status=400):
+    def __init__(self, message, param=None, status=400, code=None):
         super().__init__(message)
-        self.field, self.status = field, status
+        self.param, self.status, self.code = param, status, code
 
 
-def error_response(status, message, field=None):
-    body = {"error": message} if field is None else {"error": message, "field": field}
-    return jsonify(body), status
+def error_response(status, message, param=None, code=None):
+    kind = "server_error" if status >= 500 else "invalid_request_error"
+    return jsonify(error={"message": message, "type": kind, "param": param, "code": code}), status
 
 # ----------------------------------------------------------------------------- reading a request
 
@@ -103,16 +173,9 @@ def excerpt(value):
     return f"a string of {len(value)} characters" if isinstance(value, str) else text[:37] + "..."
 
 
-def is_json_type(value, kind):
-    """Whether a JSON value is of the Python type a field wants: 1 is a float, True is not an int, NaN no float."""
-    if kind is float:  # an integer is a number too; NaN and Infinity (which Python's json accepts) are not
-        return isinstance(value, (int, float)) and not isinstance(value, bool) and abs(value) < float("inf")
-    return isinstance(value, kind) and (kind is bool or not isinstance(value, bool))  # in Python, True is an int
-
-
 def read_body(fields, max_bytes):
-    """The JSON object of the request, defaults filled in. Each field must be known, of its type, and pass its
-    test; the first that is not is an ApiError naming it."""
+    """The JSON object of the request, defaults filled in (null: the default). Each field must be known and pass its
+    test; the first that does not is an ApiError naming it."""
     try:
         body = json.loads(request.get_data(cache=False))  # any content type: curl -d sends a form type
     except RequestEntityTooLarge:
@@ -127,19 +190,16 @@ def read_body(fields, max_bytes):
             hint = f"did you mean '{close[0]}'?" if close else f"known fields: {', '.join(fields)}"
             raise ApiError(f"unknown field '{name[:40]}'; {hint}", name[:40])
     values = {}
-    for name, (kind, default, test, rule) in fields.items():
-        value = body.get(name, default)
-        if value is REQUIRED:
-            raise ApiError(f"{name} is required", name)
-        if value is None and name in NULLABLE:
-            values[name] = None
-            continue
-        if not is_json_type(value, kind):
-            null = ", or null" if name in NULLABLE else ""
-            raise ApiError(f"{name} must be {TYPE_NAMES[kind]}{null}, got {excerpt(value)}", name)
-        if test is not None and not test(value):
+    for name, (default, test, rule) in fields.items():
+        value = body.get(name)
+        if value is None:
+            if default is REQUIRED:
+                raise ApiError(f"{name} is required", name)
+            values[name] = default
+        elif not test(value):
             raise ApiError(f"{name} {rule}, got {excerpt(value)}", name)
-        values[name] = float(value) if kind is float else value
+        else:
+            values[name] = float(value) if isinstance(default, float) else value
     return values
 
 
@@ -148,33 +208,124 @@ def token_matches(header, token):
     # compare_digest takes as long for a near miss as for a wild guess: the token cannot be found byte by byte
     return scheme.lower() == "bearer" and hmac.compare_digest(given.strip().encode(), token.encode())
 
+
+def chat_to_prompt(messages):
+    """The instruction-template prompt for OpenAI chat messages: the last user message is the instruction, the
+    earlier ones the input, as a transcript. A message's content is a string or a list of text parts."""
+    turns = []
+    for i, message in enumerate(messages):
+        if not (isinstance(message, dict) and message.get("role") in ("system", "user", "assistant")):
+            raise ApiError(f"messages[{i}] must be an object with a role of system, user or assistant", "messages")
+        content = message.get("content")
+        if isinstance(content, list) and all(isinstance(p, dict) and p.get("type") == "text"
+                                             and isinstance(p.get("text"), str) for p in content):
+            content = "".join(part["text"] for part in content)
+        if not isinstance(content, str):
+            raise ApiError(f"messages[{i}].content must be a string (or a list of text parts)", "messages")
+        turns.append((message["role"], content))
+    if turns[-1][0] != "user":
+        raise ApiError("messages must end with the user's: it is the instruction the model answers", "messages")
+    context = "\n".join(f"{role}: {content}" for role, content in turns[:-1])
+    return format_prompt({"instruction": turns[-1][1], "input": context})
+
 # ----------------------------------------------------------------------------- generating
 
 
-def generation(model, tokenizer, lock, req):
-    """The text pieces of one generation, made while holding the model's lock. The lock is taken at the first
-    piece and let go when the generator finishes or is closed (the server closes it when a client goes away)."""
-    options = {name: req[name] for name in ("max_new_tokens", "temperature", "top_k", "top_p", "seed")}
-    with lock, contextlib.closing(stream_text(model, tokenizer, req["prompt"], **options)) as pieces:
-        yield from pieces
+def text_until_stop(pieces, stops):
+    """Yield the text of `pieces` up to the first stop string (left out). Text that could be the start of a stop
+    string waits until the next piece settles it. Returns True (StopIteration's value) if a stop string ended it.
+
+        list(text_until_stop(["Hel", "lo. Bye", "!"], [". B"])) -> ["Hel", "lo"]
+    """
+    held = ""
+    for piece in pieces:
+        held += piece
+        found = [i for i in (held.find(stop) for stop in stops) if i >= 0]
+        if found:
+            if min(found):
+                yield held[:min(found)]
+            return True
+        keep = max((n for stop in stops for n in range(1, len(stop)) if held.endswith(stop[:n])), default=0)
+        if len(held) > keep:
+            yield held[:len(held) - keep]
+            held = held[len(held) - keep:]
+    if held:
+        yield held
+    return False
 
 
-def sse(data, event=None):
-    """One server-sent event; JSON keeps newlines in the text from ending the event early."""
-    return (f"event: {event}\n" if event else "") + f"data: {json.dumps(data)}\n\n"
+class Completion:
+    """One generation of the engine, as text: iterate for the pieces; then finish_reason ("stop": end-of-text or a
+    stop string; "length": max_tokens) and the token counts are set."""
 
+    def __init__(self, engine, tokenizer, prompt, req):
+        self.ids = encode_prompt(tokenizer, prompt)
+        self.sequence = engine.submit(self.ids, req["max_tokens"], req["temperature"], req["top_k"], req["top_p"],
+                                      req["seed"], tokenizer.eot_id)
+        self.tokenizer, self.stops, self.finish_reason = tokenizer, req["stop"], None
+        if isinstance(self.stops, str):
+            self.stops = [self.stops]
 
-def event_stream(pieces, logger):
-    """A server-sent event per text piece, then `done` (or `error`, should generation fail)."""
-    with contextlib.closing(pieces):
+    def __iter__(self):
         try:
-            for piece in pieces:
-                yield sse({"text": piece})
-        except Exception:  # the status line is already sent: the stream itself has to say it failed
-            logger.exception("generation failed mid-stream")
-            yield sse({"error": "generation failed"}, "error")
-            return
-    yield sse({}, "done")
+            stopped = yield from text_until_stop(decode_stream(self.tokenizer, self.sequence), self.stops or [])
+            self.finish_reason = "stop" if stopped else self.sequence.finish_reason
+        finally:
+            self.sequence.close()  # a stop string, or a client gone: the engine frees the row at its next step
+
+    def close(self):
+        self.sequence.close()
+
+    def usage(self):
+        prompt, completion = len(self.ids), self.sequence.generated
+        return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+
+
+def sse(data):
+    """One server-sent event; JSON keeps newlines in the text from ending the event early."""
+    return f"data: {json.dumps(data) if not isinstance(data, str) else data}\n\n"
+
+
+def completion_response(completion, model_name, chat, stream, include_usage, logger):
+    """The OpenAI answer to a completion: one JSON object, or a text/event-stream of chunks ending in [DONE]."""
+    header = {"id": f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}", "created": int(time.time()),
+              "model": model_name}
+    if not stream:
+        text = "".join(completion)
+        choice = ({"message": {"role": "assistant", "content": text}} if chat else {"text": text, "logprobs": None})
+        return jsonify(**header, object="chat.completion" if chat else "text_completion",
+                       choices=[{"index": 0, **choice, "finish_reason": completion.finish_reason}],
+                       usage=completion.usage())
+
+    def chunk(text=None, finish_reason=None, first=False):
+        if chat:
+            delta = {"role": "assistant", "content": ""} if first else {} if text is None else {"content": text}
+            choice = {"delta": delta}
+        else:
+            choice = {"text": text or "", "logprobs": None}
+        return sse({**header, "object": "chat.completion.chunk" if chat else "text_completion",
+                    "choices": [{"index": 0, **choice, "finish_reason": finish_reason}]})
+
+    def events():
+        with contextlib.closing(completion):
+            try:
+                if chat:
+                    yield chunk(first=True)
+                for piece in completion:
+                    yield chunk(piece)
+                yield chunk(finish_reason=completion.finish_reason)
+                if include_usage:
+                    yield sse({**header, "object": "chat.completion.chunk" if chat else "text_completion",
+                               "choices": [], "usage": completion.usage()})
+            except Exception:  # the status line is already sent: the stream itself has to say it failed
+                logger.exception("generation failed mid-stream")
+                yield sse({"error": {"message": "generation failed", "type": "server_error", "param": None,
+                                     "code": None}})
+            yield sse("[DONE]")
+
+    # no-cache and X-Accel-Buffering: proxies pass each event on as it comes
+    return Response(events(), mimetype="text/event-stream", headers={"Cache-Control": "no-cache",
+                                                                      "X-Accel-Buffering": "no"})
 
 # ----------------------------------------------------------------------------- the app
 
@@ -186,7 +337,7 @@ def serve_config(config, settings):
         config, settings = None, {"out_dir": config, **settings}
     if config is None:  # the command line's checks and messages, for settings given in Python
         config = parse_config(ServeConfig, [f"--{name}={value}" for name, value in settings.items()])
-    for name in ("max_new_tokens_limit", "max_prompt_chars", "max_body_bytes"):
+    for name in ("max_batch_size", "max_tokens_limit", "max_prompt_chars", "max_body_bytes"):
         if getattr(config, name) < 1:
             raise UserError(f"--{name} must be at least 1, got {getattr(config, name)}")
     return config
@@ -199,7 +350,8 @@ def require_token(app, token):
     def check_token():
         if token and request.path != "/" and not token_matches(request.headers.get("Authorization", ""), token):
             response, status = error_response(401, "this server needs 'Authorization: Bearer <token>' (see "
-                                                   f"{TOKEN_ENV}); the token was missing or wrong")
+                                                   f"{TOKEN_ENV}); the token was missing or wrong",
+                                              code="invalid_api_key")
             response.headers["WWW-Authenticate"] = "Bearer"
             return response, status
 
@@ -209,12 +361,14 @@ def answer_errors_in_json(app):
 
     @app.errorhandler(ApiError)
     def api_error(e):
-        return error_response(e.status, str(e), e.field)
+        return error_response(e.status, str(e), e.param, e.code)
 
     @app.errorhandler(HTTPException)
     def http_error(e):  # 404, 405 (its Allow header kept), ...: JSON like every other answer
         response = e.get_response()
-        response.data, response.content_type = json.dumps({"error": f"{e.name}: {e.description}"}), "application/json"
+        body = {"error": {"message": f"{e.name}: {e.description}", "type": "invalid_request_error", "param": None,
+                          "code": None}}
+        response.data, response.content_type = json.dumps(body), "application/json"
         return response
 
     @app.errorhandler(Exception)
@@ -224,20 +378,29 @@ def answer_errors_in_json(app):
 
 
 def create_app(config=None, **settings):
-    """The Flask app, with the model(s) loaded. config: a ServeConfig, or an out_dir; settings: ServeConfig fields by
-    name. For a WSGI server: gunicorn 'serve:create_app(out_dir="out-wikitext-small", classifier_dir="out-spam")'."""
+    """The Flask app, with the model(s) loaded and the batching engine started. config: a ServeConfig, or an out_dir;
+    settings: ServeConfig fields by name. For a WSGI server:
+    gunicorn 'serve:create_app(out_dir="out-wikitext-small", classifier_dir="out-spam")'."""
     config = serve_config(config, settings)
     device = pick_device(config.device)
-    model, tokenizer, _ = load_for_inference(config.out_dir, device, config.dtype)
+    model, tokenizer, checkpoint = load_for_inference(config.out_dir, device, config.dtype)
+    engine = BatchEngine(model, config.max_batch_size)
     classifier = load_classifier(config.classifier_dir, device) if config.classifier_dir else None
-    model_lock, classifier_lock = threading.Lock(), threading.Lock()  # one request at a time on each model
+    classifier_lock = threading.Lock()  # one classification at a time
     name = os.path.basename(os.path.abspath(config.out_dir))
-    gen_fields, cls_fields = generate_fields(config), classify_fields(config)
+    fields = {"completions": completion_fields(config), "chat": chat_fields(config),
+              "classify": classify_fields(config)}
 
     app = Flask(__name__)
     app.config["MAX_CONTENT_LENGTH"] = config.max_body_bytes
+    app.engine = engine  # for whoever embeds the app: app.engine.close() stops its thread
     require_token(app, os.environ.get(TOKEN_ENV, ""))
     answer_errors_in_json(app)
+
+    def complete(prompt, req, chat):
+        completion = Completion(engine, tokenizer, prompt, req)
+        include_usage = bool((req["stream_options"] or {}).get("include_usage"))
+        return completion_response(completion, name, chat, req["stream"], include_usage, app.logger)
 
     @app.get("/")
     def page():
@@ -245,28 +408,54 @@ def create_app(config=None, **settings):
 
     @app.get("/health")
     def health():
-        labels = classifier[0].labels if classifier else None
         return jsonify(status="ok", model=name, parameters=model.num_params(non_embedding=False), device=device,
                        dtype=str(model.token_emb.weight.dtype).removeprefix("torch."),
                        block_size=model.config.block_size, vocab_size=model.config.vocab_size,
-                       classifier={"labels": labels} if classifier else None,
-                       limits={"max_new_tokens": config.max_new_tokens_limit, "prompt_chars": config.max_prompt_chars,
-                               "body_bytes": config.max_body_bytes})
+                       chat=has_prompt_format(checkpoint),
+                       classifier={"labels": classifier[0].labels} if classifier else None,
+                       batch={"active": len(engine.active), "waiting": engine.waiting.qsize(),
+                              "peak": engine.peak_batch},
+                       limits={"max_tokens": config.max_tokens_limit, "prompt_chars": config.max_prompt_chars,
+                               "body_bytes": config.max_body_bytes, "batch_size": config.max_batch_size})
 
-    @app.post("/v1/generate")
-    def generate():
-        req = read_body(gen_fields, config.max_body_bytes)
-        pieces = generation(model, tokenizer, model_lock, req)
-        if req["stream"]:  # no-cache and X-Accel-Buffering: proxies pass each event on as it comes
-            return Response(event_stream(pieces, app.logger), mimetype="text/event-stream",
-                            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-        return jsonify(text="".join(pieces), model=name)
+    @app.get("/v1/models")
+    def models():
+        return jsonify(object="list", data=[model_card()])
+
+    @app.get("/v1/models/<path:model_id>")
+    def one_model(model_id):
+        if model_id != name:
+            raise ApiError(f"no model '{model_id[:60]}' here; this server has '{name}'", "model", 404,
+                           "model_not_found")
+        return jsonify(model_card())
+
+    def model_card():
+        created = int(os.path.getmtime(config.out_dir)) if os.path.exists(config.out_dir) else 0
+        return {"id": name, "object": "model", "created": created, "owned_by": "local"}
+
+    @app.post("/v1/completions")
+    def completions():
+        req = read_body(fields["completions"], config.max_body_bytes)
+        return complete(req["prompt"], req, chat=False)
+
+    @app.post("/v1/chat/completions")
+    def chat_completions():
+        req = read_body(fields["chat"], config.max_body_bytes)
+        if not has_prompt_format(checkpoint):
+            raise ApiError(f"{name} was not instruction-tuned, so it has no chat template: use /v1/completions, or "
+                           f"serve a model that finetune_instruct.py trained", "messages")
+        prompt = chat_to_prompt(req["messages"])
+        if len(prompt) > config.max_prompt_chars:
+            raise ApiError(f"messages make a prompt of {len(prompt)} characters with the template, beyond the "
+                           f"server's limit of {config.max_prompt_chars}", "messages")
+        req["max_tokens"] = req["max_completion_tokens"] or req["max_tokens"]  # the newer name wins
+        return complete(prompt, req, chat=True)
 
     @app.post("/v1/classify")
     def classify_text():
         if classifier is None:
             raise ApiError("no classifier is loaded: start the server with --classifier_dir=DIR", status=404)
-        req = read_body(cls_fields, config.max_body_bytes)
+        req = read_body(fields["classify"], config.max_body_bytes)
         with classifier_lock:
             label, probability = classify(*classifier, [req["text"]])[0]
         return jsonify(label=label, probability=probability)
@@ -287,37 +476,38 @@ input { width: 5rem } label { margin-right: .8rem } #status { color: #666 }
 </style></head><body>
 <h1>GPT</h1>
 <textarea id="prompt" rows="3">The history of</textarea>
-<p><label>tokens <input id="max_new_tokens" type="number" value="100" min="1"></label>
+<p><label>tokens <input id="max_tokens" type="number" value="100" min="1"></label>
 <label>temperature <input id="temperature" type="number" value="0.8" step="0.1" min="0"></label>
 <label>token <input id="token" type="password" placeholder="if set"></label>
 <button id="go">Generate</button> <button id="stop">Stop</button></p>
-<pre><b id="shown"></b><span id="out"></span></pre><p id="status"></p>
+<pre><b id="prompt_text"></b><span id="out"></span></pre><p id="status"></p>
 <script>
 const $ = id => document.getElementById(id);
 let controller = null;
 async function generate() {
   controller?.abort();
   controller = new AbortController();
-  const body = {prompt: $("prompt").value, stream: true, max_new_tokens: Number($("max_new_tokens").value),
+  const body = {prompt: $("prompt").value, stream: true, max_tokens: Number($("max_tokens").value),
                 temperature: Number($("temperature").value)};
   const headers = {"content-type": "application/json"};
   if ($("token").value) headers.authorization = "Bearer " + $("token").value;
-  $("shown").textContent = body.prompt; $("out").textContent = ""; $("status").textContent = "generating...";
+  $("prompt_text").textContent = body.prompt; $("out").textContent = ""; $("status").textContent = "generating...";
   const t0 = performance.now();
   try {
-    const response = await fetch("v1/generate", {method: "POST", headers, body: JSON.stringify(body),
-                                                 signal: controller.signal});
-    if (!response.ok) throw new Error((await response.json()).error);
+    const response = await fetch("v1/completions", {method: "POST", headers, body: JSON.stringify(body),
+                                                    signal: controller.signal});
+    if (!response.ok) throw new Error((await response.json()).error.message);
     const reader = response.body.pipeThrough(new TextDecoderStream()).getReader();
     let buffer = "", finished = false;
     for (let r = await reader.read(); !r.done; r = await reader.read()) {
       const events = (buffer + r.value).split("\\n\\n");
       buffer = events.pop();  // the last part may be an event cut in two
       for (const event of events) {
-        const data = JSON.parse(event.slice(event.indexOf("data: ") + 6));
-        if (event.startsWith("event: error")) throw new Error(data.error);
-        finished ||= event.startsWith("event: done");
-        if (data.text) $("out").textContent += data.text;
+        const data = event.slice(event.indexOf("data: ") + 6);
+        if (data === "[DONE]") { finished = true; continue; }
+        const chunk = JSON.parse(data);
+        if (chunk.error) throw new Error(chunk.error.message);
+        $("out").textContent += chunk.choices[0].text;
       }
     }
     const seconds = ((performance.now() - t0) / 1000).toFixed(2);
@@ -341,7 +531,7 @@ def main():
     app = create_app(config)
     if config.host not in ("127.0.0.1", "localhost", "::1") and not os.environ.get(TOKEN_ENV):
         print(f"warning: listening on {config.host} without {TOKEN_ENV}: anyone who can reach it can use the model")
-    print(f"serving {config.out_dir} on http://{config.host}:{config.port}/", flush=True)
+    print(f"serving {config.out_dir} on http://{config.host}:{config.port}/v1 (OpenAI API; a page at /)", flush=True)
     app.run(config.host, config.port, debug=False, use_reloader=False, threaded=True)
 
 

@@ -235,17 +235,39 @@ class Tokenizer:
         return self.decode_bytes(ids).decode("utf-8", errors="replace")
 
     def save(self, out_dir):
-        """Write HF byte-level vocab.json + merges.txt into out_dir, each atomically; returns their file names."""
+        """Write the tokenizer into out_dir as Hugging Face's files, each atomically: vocab.json + merges.txt (GPT-2's
+        format) and tokenizer.json (HF tokenizers' one file, special tokens marked). Returns their names."""
         out_dir = Path(out_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
+        vocab, merges = self._vocab_and_merges()
+        files = {"vocab.json": json.dumps(vocab, ensure_ascii=False),
+                 "merges.txt": "#version: 0.2\n" + "".join(f"{merge}\n" for merge in merges),
+                 "tokenizer.json": json.dumps(self.hf_tokenizer_json(), ensure_ascii=False)}
+        for name, text in files.items():
+            atomic_write(out_dir / name, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+        return list(files)
+
+    def _vocab_and_merges(self):
+        """{token as written in the files: id}, ordered by id, and the merges as "left right" lines. The files
+        write bytes with GPT-2's printable characters: b" the" -> "Ġthe"."""
         char = bytes_to_unicode()
         show = lambda token: "".join(char[b] for b in token)  # noqa: E731
         vocab = {show(token): i for token, i in self.token_ids.items()} | self.special_tokens
-        vocab_json = json.dumps(dict(sorted(vocab.items(), key=lambda kv: kv[1])), ensure_ascii=False)
-        merges_txt = "#version: 0.2\n" + "".join(f"{show(a)} {show(b)}\n" for a, b in self.merges)
-        for name, text in (("vocab.json", vocab_json), ("merges.txt", merges_txt)):
-            atomic_write(out_dir / name, lambda tmp: tmp.write_text(text, encoding="utf-8"))
-        return ["vocab.json", "merges.txt"]
+        return dict(sorted(vocab.items(), key=lambda kv: kv[1])), [f"{show(a)} {show(b)}" for a, b in self.merges]
+
+    def hf_tokenizer_json(self):
+        """The tokenizer as Hugging Face tokenizers' tokenizer.json: byte-level BPE with GPT-2's pre-tokenizer (the
+        same regex), our vocab and merges, the special tokens as added tokens (so decoding can skip them)."""
+        vocab, merges = self._vocab_and_merges()
+        byte_level = {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": True}
+        return {"version": "1.0", "truncation": None, "padding": None,
+                "added_tokens": [{"id": i, "content": s, "single_word": False, "lstrip": False, "rstrip": False,
+                                  "normalized": False, "special": True} for s, i in self.special_tokens.items()],
+                "normalizer": None, "pre_tokenizer": byte_level, "post_processor": {**byte_level, "trim_offsets": False},
+                "decoder": byte_level,
+                "model": {"type": "BPE", "dropout": None, "unk_token": None, "continuing_subword_prefix": "",
+                          "end_of_word_suffix": "", "fuse_unk": False, "byte_fallback": False, "vocab": vocab,
+                          "merges": merges}}
 
 
 class BPETokenizer(Tokenizer):

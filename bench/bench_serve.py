@@ -1,11 +1,16 @@
 """
-Load-test serve.py: start it in a subprocess on a free port, send --requests requests, --concurrency at a time, of
-five kinds in turn (whole generation, streamed generation, classification, health check, a request with a bad
-field), check every answer, and print the latency per kind as a markdown table. Exits 1 on any 5xx or malformed
-answer.
+Load-test serve.py, started in a subprocess on a free port, in two parts.
+
+1. Throughput: `clients` clients at once, each asking for `rounds` completions of `max_tokens` tokens, against the
+   server decoding one request at a time (--max_batch_size=1) and then batching them (--max_batch_size=clients):
+   generated tokens per second in all, and the latency of a request (p50, p95), for each.
+2. Every kind of request under load: `requests` requests, `concurrency` at a time, five kinds in turn (completion,
+   streamed completion, classification, health check, a request with a bad field), each answer checked.
+
+Prints markdown tables; exits 1 on any 5xx or malformed answer.
 
     python bench/bench_serve.py                       # a tiny model and classifier trained on the spot (~20 s)
-    python bench/bench_serve.py --out_dir=out-wikitext-small --classifier_dir=out-spam --max_new_tokens=50
+    python bench/bench_serve.py --out_dir=out-wikitext-tiny --classifier_dir=out-spam --clients=64
 """
 
 import json
@@ -33,9 +38,11 @@ import cli  # noqa: E402
 class BenchServeConfig:
     out_dir: str = ""            # the model to serve; empty: train a tiny one (and a classifier) in a temp folder
     classifier_dir: str = ""     # empty: no classification requests (unless the tiny one is trained)
-    requests: int = 200          # in all, the five kinds in turn
-    concurrency: int = 16        # requests in flight at once
-    max_new_tokens: int = 32     # per generation request
+    clients: int = 64            # throughput: clients at once, each sending its requests one after another
+    rounds: int = 2              # throughput: requests per client
+    max_tokens: int = 64         # tokens per completion
+    requests: int = 200          # every kind: requests in all, the five kinds in turn
+    concurrency: int = 16        # every kind: requests in flight at once
     threads: int = 1             # torch threads in the server (OMP_NUM_THREADS); 0: torch's default
 
 
@@ -67,14 +74,14 @@ def train_tiny(root):
     return root / "out", root / "cls"
 
 
-def start_server(out_dir, classifier_dir, threads, log):
+def start_server(out_dir, classifier_dir, threads, log, *args):
     """serve.py on a free port of 127.0.0.1; returns (process, base URL) once /health answers."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     env = {**os.environ, **({"OMP_NUM_THREADS": str(threads)} if threads else {})}
     env.pop("GPT_API_TOKEN", None)
-    args = [f"--out_dir={out_dir}", f"--port={port}", "--device=cpu", "--max_new_tokens_limit=100000"]
+    args = [f"--out_dir={out_dir}", f"--port={port}", "--device=cpu", "--max_tokens_limit=100000", *args]
     args += [f"--classifier_dir={classifier_dir}"] if classifier_dir else []
     process = subprocess.Popen([sys.executable, str(REPO / "serve.py"), *args], cwd=REPO, env=env, stdout=log,
                                stderr=subprocess.STDOUT)
@@ -92,14 +99,46 @@ def start_server(out_dir, classifier_dir, threads, log):
     raise cli.UserError("serve.py did not answer within 60 s")
 
 
-def request_kinds(max_new_tokens, with_classifier):
+def percentile(values, p):
+    """Nearest-rank percentile: the smallest value with at least p% of the values at or below it."""
+    values = sorted(values)
+    return values[max(0, math.ceil(p / 100 * len(values)) - 1)]
+
+# ----------------------------------------------------------------------------- 1. throughput
+
+
+def throughput(url, config):
+    """(generated tokens per second in all, latencies in s) of clients x rounds completions, all clients at once."""
+    body = {"prompt": "The history of", "max_tokens": config.max_tokens, "temperature": 1.0}
+
+    def client(i):
+        results = []
+        for r in range(config.rounds):
+            t0 = time.perf_counter()
+            answer = requests.post(f"{url}/v1/completions", json={**body, "seed": i * config.rounds + r},
+                                   timeout=600)
+            answer.raise_for_status()
+            results.append((answer.json()["usage"]["completion_tokens"], time.perf_counter() - t0))
+        return results
+
+    requests.post(f"{url}/v1/completions", json={**body, "max_tokens": 4}, timeout=60)  # warm-up
+    t0 = time.perf_counter()
+    with ThreadPoolExecutor(config.clients) as pool:
+        results = [row for rows in pool.map(client, range(config.clients)) for row in rows]
+    seconds = time.perf_counter() - t0
+    return sum(tokens for tokens, _ in results) / seconds, [latency for _, latency in results]
+
+# ----------------------------------------------------------------------------- 2. every kind under load
+
+
+def request_kinds(max_tokens, with_classifier):
     """kind -> (method, path, JSON body)."""
-    prompt = {"prompt": "The cat sat on", "max_new_tokens": max_new_tokens}
-    kinds = {"generate": ("post", "/v1/generate", prompt),
-             "stream": ("post", "/v1/generate", {**prompt, "stream": True}),
+    prompt = {"prompt": "The cat sat on", "max_tokens": max_tokens}
+    kinds = {"completion": ("post", "/v1/completions", prompt),
+             "stream": ("post", "/v1/completions", {**prompt, "stream": True}),
              "classify": ("post", "/v1/classify", {"text": "WIN free cash prize now"}),
              "health": ("get", "/health", None),
-             "bad field": ("post", "/v1/generate", {**prompt, "top_p": 2})}
+             "bad field": ("post", "/v1/completions", {**prompt, "top_p": 2})}
     if not with_classifier:
         del kinds["classify"]
     return kinds
@@ -116,27 +155,34 @@ def send(url, kind, method, path, body):
                 for line in r.iter_lines():
                     if line.startswith(b"data: "):
                         first = first or time.perf_counter() - t0
-                        events.append(json.loads(line[6:]))
-                ok = r.status_code == 200 and events[-1] == {} and all("text" in e for e in events[:-1])
+                        events.append(line[6:])
+                chunks = [json.loads(e) for e in events[:-1]]
+                ok = (r.status_code == 200 and events[-1] == b"[DONE]" and chunks[-1]["choices"][0]["finish_reason"]
+                      and all("text" in c["choices"][0] for c in chunks))
             else:
                 answer = r.json()
-                expected = {"generate": "text", "classify": "label", "health": "parameters", "bad field": "field"}
+                expected = {"completion": "choices", "classify": "label", "health": "parameters", "bad field": "error"}
                 ok = r.status_code == (400 if kind == "bad field" else 200) and expected[kind] in answer
             problem = None if ok else f"{r.status_code}: {r.text[:200]}"
             return kind, r.status_code, time.perf_counter() - t0, first, problem
-    except (requests.RequestException, ValueError, IndexError) as e:  # no answer, or not JSON / SSE
+    except (requests.RequestException, ValueError, IndexError, KeyError) as e:  # no answer, or not JSON / SSE
         return kind, 0, time.perf_counter() - t0, first, repr(e)
 
 
-def percentile(values, p):
-    """Nearest-rank percentile: the smallest value with at least p% of the values at or below it."""
-    values = sorted(values)
-    return values[max(0, math.ceil(p / 100 * len(values)) - 1)]
+def every_kind(url, config, with_classifier):
+    kinds = request_kinds(config.max_tokens, with_classifier)
+    for kind, spec in kinds.items():  # warm up: first calls pay one-off costs
+        send(url, kind, *spec)
+    order = [list(kinds)[i % len(kinds)] for i in range(config.requests)]
+    t0 = time.perf_counter()
+    with ThreadPoolExecutor(config.concurrency) as pool:
+        results = list(pool.map(lambda kind: send(url, kind, *kinds[kind]), order))
+    return results, time.perf_counter() - t0
 
 
-def report(results, seconds, config):
-    print(f"\n{len(results)} requests, {config.concurrency} at a time, in {seconds:.1f} s "
-          f"({len(results) / seconds:.1f} requests/s); max_new_tokens={config.max_new_tokens}\n")
+def report_kinds(results, seconds, config):
+    print(f"\n{len(results)} requests of every kind, {config.concurrency} at a time, in {seconds:.1f} s "
+          f"({len(results) / seconds:.1f} requests/s); max_tokens={config.max_tokens}\n")
     print("| kind | requests | status codes | p50 ms | p95 ms | first event p50 / p95 ms |")
     print("|---|---:|---|---:|---:|---:|")
     by_kind = defaultdict(list)
@@ -155,32 +201,41 @@ def report(results, seconds, config):
 
 def main():
     config = cli.parse_config(BenchServeConfig)
-    if config.requests < 1 or config.concurrency < 1:
-        raise cli.UserError("--requests and --concurrency must be at least 1")
+    if min(config.clients, config.rounds, config.max_tokens, config.requests, config.concurrency) < 1:
+        raise cli.UserError("--clients, --rounds, --max_tokens, --requests and --concurrency must be at least 1")
+    rows, problems = [], []
     with tempfile.TemporaryDirectory(prefix="bench_serve_") as tmp:
         out_dir, classifier_dir = config.out_dir, config.classifier_dir
         if not out_dir:
             t0 = time.time()
             out_dir, classifier_dir = train_tiny(tmp)
             print(f"trained a tiny model and classifier in {time.time() - t0:.0f} s")
-        with open(Path(tmp) / "server.log", "w") as log:
-            process, url = start_server(out_dir, classifier_dir, config.threads, log)
-            try:
-                health = requests.get(f"{url}/health", timeout=10).json()
-                print(f"serving {health['model']} ({health['parameters']:,} parameters) on {health['device']}, "
-                      f"{config.threads or 'default'} torch thread(s); client and server share {os.cpu_count()} CPUs")
-                kinds = request_kinds(config.max_new_tokens, bool(classifier_dir))
-                for kind, spec in kinds.items():  # warm up: first calls pay one-off costs
-                    send(url, kind, *spec)
-                order = [list(kinds)[i % len(kinds)] for i in range(config.requests)]
-                t0 = time.perf_counter()
-                with ThreadPoolExecutor(config.concurrency) as pool:
-                    results = list(pool.map(lambda kind: send(url, kind, *kinds[kind]), order))
-                seconds = time.perf_counter() - t0
-            finally:
-                process.terminate()
-                process.wait(timeout=30)
-    report(results, seconds, config)
+        for batch in (1, config.clients):
+            with open(Path(tmp) / "server.log", "w") as log:
+                process, url = start_server(out_dir, classifier_dir, config.threads, log, f"--max_batch_size={batch}")
+                try:
+                    health = requests.get(f"{url}/health", timeout=10).json()
+                    print(f"serving {health['model']} ({health['parameters']:,} parameters) on {health['device']}, "
+                          f"max_batch_size={batch}, {config.threads or 'default'} torch thread(s); client and "
+                          f"server share {os.cpu_count()} CPUs", flush=True)
+                    tokens_per_second, latencies = throughput(url, config)
+                    peak = requests.get(f"{url}/health", timeout=10).json()["batch"]["peak"]
+                    rows.append((batch, peak, tokens_per_second, latencies))
+                    if batch > 1:
+                        results, seconds = every_kind(url, config, bool(classifier_dir))
+                finally:
+                    process.terminate()
+                    process.wait(timeout=30)
+    base = rows[0][2]
+    print(f"\n{config.clients} clients x {config.rounds} completions of {config.max_tokens} tokens "
+          f"(temperature 1, seeded):\n")
+    print("| server | most decoded together | generated tokens/s | vs one at a time | p50 s | p95 s |")
+    print("|---|---:|---:|---:|---:|---:|")
+    for batch, peak, tokens_per_second, latencies in rows:
+        name = "one request at a time" if batch == 1 else f"batched (--max_batch_size={batch})"
+        print(f"| {name} | {peak} | {tokens_per_second:,.0f} | {tokens_per_second / base:.2f}x | "
+              f"{percentile(latencies, 50):.2f} | {percentile(latencies, 95):.2f} |")
+    report_kinds(results, seconds, config)
     problems = [(kind, problem) for kind, status, _, _, problem in results if problem or status >= 500]
     for kind, problem in problems[:10]:
         print(f"problem ({kind}): {problem}")

@@ -1,5 +1,6 @@
-"""serve.py: every endpoint and every kind of bad input through Flask's test client, the bearer token, and a real
-server on a free port (whole and streamed answers, a client that hangs up mid-stream, a small load test)."""
+"""serve.py: OpenAI's API through Flask's test client (completions, chat, models, streaming, every kind of bad input,
+the bearer token), then a real server on a free port driven by the official `openai` client, batched requests
+against single ones, a client that hangs up mid-stream, and a small load test."""
 import json
 import os
 import socket
@@ -10,15 +11,21 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import openai
 import pytest
 import requests
+import torch
 from werkzeug.serving import make_server
 
+from checkpoint import CHECKPOINT_NAME, save_checkpoint
 from cli import UserError, run_main
-from serve import TOKEN_ENV, create_app, main
+from finetune import format_prompt
+from generate import encode_prompt
+from serve import TOKEN_ENV, chat_to_prompt, create_app, main, text_until_stop
+from tokenizer import load_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
-LIMITS = {"max_new_tokens_limit": 64, "max_prompt_chars": 200, "max_body_bytes": 2000}
+LIMITS = {"max_tokens_limit": 64, "max_prompt_chars": 200, "max_body_bytes": 2000}
 
 
 @pytest.fixture(scope="module")
@@ -27,8 +34,14 @@ def checkpoint(tiny_ckpt):
 
 
 @pytest.fixture(scope="module")
-def classifier_dir(tiny_classifier):
-    return tiny_classifier
+def instruct_dir(tiny_ckpt, tmp_path_factory):
+    """tiny_ckpt marked as finetune_instruct.py marks its checkpoints: a model with the chat template."""
+    folder = tmp_path_factory.mktemp("instruct")
+    saved = torch.load(tiny_ckpt / CHECKPOINT_NAME, weights_only=True)
+    save_checkpoint({"model": saved["model"], "model_config": saved["model_config"], "prompt_format": "alpaca"},
+                    folder)
+    load_tokenizer(tiny_ckpt).save(folder)
+    return folder
 
 
 def make_app(checkpoint, token="", **settings):
@@ -38,17 +51,24 @@ def make_app(checkpoint, token="", **settings):
 
 
 @pytest.fixture(scope="module")
-def client(checkpoint, classifier_dir):
-    return make_app(checkpoint, classifier_dir=str(classifier_dir), **LIMITS).test_client()
+def client(checkpoint, tiny_classifier):
+    app = make_app(checkpoint, classifier_dir=str(tiny_classifier), **LIMITS)
+    yield app.test_client()
+    app.engine.close()
 
 
-def events(raw):
-    """[(event name, data)] of a server-sent event stream."""
-    out = []
-    for block in raw.strip().split("\n\n"):
-        fields = dict(line.split(": ", 1) for line in block.split("\n"))
-        out.append((fields.get("event", "message"), json.loads(fields["data"])))
-    return out
+@pytest.fixture(scope="module")
+def chat_client(instruct_dir):
+    app = make_app(instruct_dir, **LIMITS)
+    yield app.test_client()
+    app.engine.close()
+
+
+def chunks(raw):
+    """The data of each server-sent event; the last must be [DONE], which is left out."""
+    data = [block.removeprefix("data: ") for block in raw.strip().split("\n\n")]
+    assert data[-1] == "[DONE]" and all(block.startswith("data: ") for block in raw.strip().split("\n\n"))
+    return [json.loads(d) for d in data[:-1]]
 
 # ----------------------------------------------------------------------------- the endpoints
 
@@ -58,35 +78,108 @@ def test_health(client, checkpoint):
     assert r.status_code == 200
     assert r.json["status"] == "ok" and r.json["model"] == checkpoint.name and r.json["device"] == "cpu"
     assert r.json["parameters"] > 30_000 and r.json["block_size"] == 32 and r.json["vocab_size"] == 300
-    assert r.json["classifier"] == {"labels": ["ham", "spam"]}
-    assert r.json["limits"]["max_new_tokens"] == 64
+    assert r.json["classifier"] == {"labels": ["ham", "spam"]} and r.json["chat"] is False
+    assert r.json["limits"]["max_tokens"] == 64 and r.json["limits"]["batch_size"] == 32
 
 
 def test_page(client):
     r = client.get("/")
     assert r.status_code == 200 and r.mimetype == "text/html"
-    assert b"v1/generate" in r.data and b"getReader" in r.data and b"TextDecoderStream" in r.data
+    assert b"v1/completions" in r.data and b"getReader" in r.data and b"[DONE]" in r.data
 
 
-def test_generate(client):
-    r = client.post("/v1/generate", json={"prompt": "The cat", "max_new_tokens": 10, "seed": 1})
+def test_models(client, checkpoint):
+    listed = client.get("/v1/models").json
+    assert listed["object"] == "list" and [m["id"] for m in listed["data"]] == [checkpoint.name]
+    assert client.get(f"/v1/models/{checkpoint.name}").json["object"] == "model"
+    r = client.get("/v1/models/gpt-4")
+    assert r.status_code == 404 and r.json["error"]["code"] == "model_not_found"
+
+
+def test_completion(client, checkpoint):
+    body = {"model": "anything", "prompt": "The cat", "max_tokens": 10, "seed": 1}
+    r = client.post("/v1/completions", json=body)
     assert r.status_code == 200 and r.is_json
-    assert set(r.json) == {"text", "model"} and isinstance(r.json["text"], str) and r.json["text"]
-    again = client.post("/v1/generate", json={"prompt": "The cat", "max_new_tokens": 10, "seed": 1})
-    assert again.json["text"] == r.json["text"]  # the seed fixes the sample
-    unfiltered = {"prompt": "The cat", "max_new_tokens": 3, "top_k": None, "top_p": None, "seed": None}
-    assert client.post("/v1/generate", json=unfiltered).status_code == 200  # null: no filter, a random seed
+    assert r.json["object"] == "text_completion" and r.json["id"].startswith("cmpl-") and r.json["model"] == "ckpt"
+    choice = r.json["choices"][0]
+    assert set(choice) == {"index", "text", "logprobs", "finish_reason"} and choice["finish_reason"] in ("stop", "length")
+    prompt_tokens = len(encode_prompt(load_tokenizer(checkpoint), "The cat"))
+    usage = r.json["usage"]
+    assert usage["prompt_tokens"] == prompt_tokens and 1 <= usage["completion_tokens"] <= 10
+    assert usage["total_tokens"] == prompt_tokens + usage["completion_tokens"]
+    again = client.post("/v1/completions", json=body)
+    assert again.json["choices"][0]["text"] == choice["text"]  # the seed fixes the sample
+    nulls = {"prompt": "The cat", "max_tokens": None, "top_k": None, "top_p": None, "seed": None, "stop": None}
+    assert client.post("/v1/completions", json=nulls).status_code == 200  # null: the default
 
 
 @pytest.mark.parametrize("params", [{"temperature": 0}, {"seed": 7, "temperature": 1.0, "top_k": 50, "top_p": 0.9}])
 def test_stream_joins_to_the_whole_answer(client, params):
-    body = {"prompt": "The dog", "max_new_tokens": 20, **params}
-    whole = client.post("/v1/generate", json=body).json["text"]
-    r = client.post("/v1/generate", json={**body, "stream": True})
+    body = {"prompt": "The dog", "max_tokens": 20, **params}
+    whole = client.post("/v1/completions", json=body).json
+    r = client.post("/v1/completions", json={**body, "stream": True, "stream_options": {"include_usage": True}})
     assert r.status_code == 200 and r.mimetype == "text/event-stream"
-    got = events(r.get_data(as_text=True))
-    assert got[-1] == ("done", {}) and all(name == "message" for name, _ in got[:-1])
-    assert "".join(data["text"] for _, data in got[:-1]) == whole
+    got = chunks(r.get_data(as_text=True))
+    *texts, last, usage = got
+    assert all(c["object"] == "text_completion" and c["choices"][0]["finish_reason"] is None for c in texts)
+    assert "".join(c["choices"][0]["text"] for c in texts) == whole["choices"][0]["text"]
+    assert last["choices"][0]["finish_reason"] == whole["choices"][0]["finish_reason"]
+    assert usage["choices"] == [] and usage["usage"] == whole["usage"]
+
+
+def test_stop_strings_cut_the_text(client):
+    body = {"prompt": "the café", "max_tokens": 30, "temperature": 1.0, "seed": 3}
+    text = client.post("/v1/completions", json=body).json["choices"][0]["text"]
+    stop = text[5:8]
+    assert len(stop) == 3 and text.find(stop) >= 1, text
+    for stream in (False, True):
+        r = client.post("/v1/completions", json={**body, "stop": [stop, "never appears"], "stream": stream})
+        if stream:
+            got = chunks(r.get_data(as_text=True))
+            cut, reason = "".join(c["choices"][0]["text"] for c in got), got[-1]["choices"][0]["finish_reason"]
+        else:
+            cut, reason = r.json["choices"][0]["text"], r.json["choices"][0]["finish_reason"]
+        assert (cut, reason) == (text[:text.find(stop)], "stop")
+
+
+def test_text_until_stop_holds_back_what_could_start_a_stop():
+    assert list(text_until_stop(["Hel", "lo. Bye", "!"], [". B"])) == ["Hel", "lo"]
+    assert list(text_until_stop(["ab", "c.", " d"], [". B"])) == ["ab", "c", ". d"]  # ". " was held, then let go
+    gen = text_until_stop(["x", "y"], ["z"])
+    assert list(gen) == ["x", "y"]
+
+
+def test_chat(chat_client, instruct_dir):
+    messages = [{"role": "user", "content": "Name a color."}]
+    r = chat_client.post("/v1/chat/completions", json={"messages": messages, "max_tokens": 8, "temperature": 0})
+    assert r.status_code == 200 and r.json["object"] == "chat.completion" and r.json["id"].startswith("chatcmpl-")
+    message = r.json["choices"][0]["message"]
+    assert message["role"] == "assistant" and isinstance(message["content"], str)
+    prompt_tokens = len(encode_prompt(load_tokenizer(instruct_dir), format_prompt({"instruction": "Name a color."})))
+    assert r.json["usage"]["prompt_tokens"] == prompt_tokens
+    s = chat_client.post("/v1/chat/completions", json={"messages": messages, "max_completion_tokens": 8,
+                                                       "temperature": 0, "stream": True})
+    got = chunks(s.get_data(as_text=True))
+    assert got[0]["choices"][0]["delta"] == {"role": "assistant", "content": ""}
+    assert all(c["object"] == "chat.completion.chunk" for c in got)
+    assert "".join(c["choices"][0]["delta"].get("content", "") for c in got) == message["content"]
+    assert got[-1]["choices"][0]["finish_reason"] == r.json["choices"][0]["finish_reason"]
+    assert chat_client.get("/health").json["chat"] is True
+
+
+def test_chat_needs_an_instruction_tuned_model(client):
+    r = client.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "hi"}]})
+    assert r.status_code == 400 and r.json["error"]["param"] == "messages"
+    assert "not instruction-tuned" in r.json["error"]["message"]
+
+
+def test_chat_messages_become_the_template():
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
+                {"role": "assistant", "content": [{"type": "text", "text": "Hello"}]},
+                {"role": "user", "content": "Name a color."}]
+    assert chat_to_prompt(messages) == format_prompt({"instruction": "Name a color.",
+                                                      "input": "system: Be brief.\nuser: Hi\nassistant: Hello"})
+    assert chat_to_prompt(messages[-1:]) == format_prompt({"instruction": "Name a color."})
 
 
 def test_classify(client):
@@ -95,14 +188,14 @@ def test_classify(client):
     assert r.json["label"] in ("ham", "spam") and 0.5 <= r.json["probability"] <= 1.0
 
 
-def test_classify_without_a_classifier(checkpoint):
-    r = make_app(checkpoint).test_client().post("/v1/classify", json={"text": "hello"})
-    assert r.status_code == 404 and "--classifier_dir" in r.json["error"]
+def test_classify_without_a_classifier(chat_client):
+    r = chat_client.post("/v1/classify", json={"text": "hello"})
+    assert r.status_code == 404 and "--classifier_dir" in r.json["error"]["message"]
 
 # ----------------------------------------------------------------------------- bad input: always a 4xx that says why
 
 
-BAD_GENERATE = [  # (body: a dict sent as JSON, or raw bytes; status; the field the error names)
+BAD_COMPLETION = [  # (body: a dict sent as JSON, or raw bytes; status; the param the error names)
     (b"{not json", 400, None),
     (b"\xff\xfe\x00garbage", 400, None),
     (b"", 400, None),
@@ -117,17 +210,17 @@ BAD_GENERATE = [  # (body: a dict sent as JSON, or raw bytes; status; the field 
     ({"prompt": None}, 400, "prompt"),
     ({"prompt": ["The"]}, 400, "prompt"),
     ({"prompt": "x", "promt": "x"}, 400, "promt"),
-    ({"prompt": "x", "max_tokens": 5}, 400, "max_tokens"),
-    ({"prompt": "x", "max_new_tokens": 0}, 400, "max_new_tokens"),
-    ({"prompt": "x", "max_new_tokens": 65}, 400, "max_new_tokens"),
-    ({"prompt": "x", "max_new_tokens": 10**30}, 400, "max_new_tokens"),
-    ({"prompt": "x", "max_new_tokens": "10"}, 400, "max_new_tokens"),
-    ({"prompt": "x", "max_new_tokens": 1.5}, 400, "max_new_tokens"),
-    ({"prompt": "x", "max_new_tokens": True}, 400, "max_new_tokens"),
-    ({"prompt": "x", "max_new_tokens": None}, 400, "max_new_tokens"),
+    ({"prompt": "x", "max_new_tokens": 5}, 400, "max_new_tokens"),
+    ({"prompt": "x", "max_tokens": 0}, 400, "max_tokens"),
+    ({"prompt": "x", "max_tokens": 65}, 400, "max_tokens"),
+    ({"prompt": "x", "max_tokens": 10**30}, 400, "max_tokens"),
+    ({"prompt": "x", "max_tokens": "10"}, 400, "max_tokens"),
+    ({"prompt": "x", "max_tokens": 1.5}, 400, "max_tokens"),
+    ({"prompt": "x", "max_tokens": True}, 400, "max_tokens"),
     ({"prompt": "x", "temperature": -0.1}, 400, "temperature"),
+    ({"prompt": "x", "temperature": 2.5}, 400, "temperature"),
     ({"prompt": "x", "temperature": "hot"}, 400, "temperature"),
-    ({"prompt": "x", "temperature": None}, 400, "temperature"),
+    ({"prompt": "x", "temperature": 10**400}, 400, "temperature"),
     (b'{"prompt": "x", "temperature": NaN}', 400, "temperature"),
     (b'{"prompt": "x", "temperature": Infinity}', 400, "temperature"),
     ({"prompt": "x", "top_k": 0}, 400, "top_k"),
@@ -140,6 +233,15 @@ BAD_GENERATE = [  # (body: a dict sent as JSON, or raw bytes; status; the field 
     ({"prompt": "x", "seed": "abc"}, 400, "seed"),
     ({"prompt": "x", "stream": "yes"}, 400, "stream"),
     ({"prompt": "x", "stream": 1}, 400, "stream"),
+    ({"prompt": "x", "n": 2}, 400, "n"),
+    ({"prompt": "x", "stop": ""}, 400, "stop"),
+    ({"prompt": "x", "stop": ["a", "b", "c", "d", "e"]}, 400, "stop"),
+    ({"prompt": "x", "stop": [1]}, 400, "stop"),
+    ({"prompt": "x", "stream_options": {"include_usage": "yes"}}, 400, "stream_options"),
+    ({"prompt": "x", "presence_penalty": 0.5}, 400, "presence_penalty"),
+    ({"prompt": "x", "logprobs": 3}, 400, "logprobs"),
+    ({"prompt": "x", "echo": True}, 400, "echo"),
+    ({"prompt": "x", "model": 3}, 400, "model"),
 ]
 
 
@@ -149,59 +251,83 @@ def post(client, path, body):
     return client.post(path, json=body)
 
 
-@pytest.mark.parametrize("body, status, field", BAD_GENERATE)
-def test_bad_generate_request(client, body, status, field):
-    r = post(client, "/v1/generate", body)
+def assert_openai_error(r, status, param):
     assert r.status_code == status and r.is_json
-    assert isinstance(r.json["error"], str) and r.json.get("field") == field
-    if field:
-        assert r.json["error"].startswith(field) or f"'{field}'" in r.json["error"]
+    error = r.json["error"]
+    assert set(error) == {"message", "type", "param", "code"} and isinstance(error["message"], str)
+    assert error["type"] == "invalid_request_error" and error["param"] == param
+    if param:
+        assert error["message"].startswith(param) or f"'{param}'" in error["message"]
 
 
-@pytest.mark.parametrize("body, field", [({}, "text"), ({"text": ""}, "text"), ({"text": 3}, "text"),
+@pytest.mark.parametrize("body, status, param", BAD_COMPLETION)
+def test_bad_completion_request(client, body, status, param):
+    assert_openai_error(post(client, "/v1/completions", body), status, param)
+
+
+@pytest.mark.parametrize("body, param", [
+    ({}, "messages"), ({"messages": []}, "messages"), ({"messages": "hi"}, "messages"),
+    ({"messages": [{"role": "user"}]}, "messages"), ({"messages": [{"role": "robot", "content": "x"}]}, "messages"),
+    ({"messages": [{"role": "user", "content": "x"}, {"role": "assistant", "content": "y"}]}, "messages"),
+    ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": "x"}]}]}, "messages"),
+    ({"messages": [{"role": "user", "content": "x" * 300}]}, "messages"),
+    ({"messages": [{"role": "user", "content": "x"}], "max_completion_tokens": 0}, "max_completion_tokens"),
+    ({"messages": [{"role": "user", "content": "x"}], "response_format": {"type": "json_object"}}, "response_format"),
+    ({"messages": [{"role": "user", "content": "x"}], "prompt": "x"}, "prompt"),
+])
+def test_bad_chat_request(chat_client, body, param):
+    assert_openai_error(post(chat_client, "/v1/chat/completions", body), 400, param)
+
+
+@pytest.mark.parametrize("body, param", [({}, "text"), ({"text": ""}, "text"), ({"text": 3}, "text"),
                                          ({"text": "x" * 201}, "text"), ({"txt": "a"}, "txt"),
                                          ({"text": "a", "prompt": "a"}, "prompt")])
-def test_bad_classify_request(client, body, field):
-    r = post(client, "/v1/classify", body)
-    assert r.status_code == 400 and r.json["field"] == field
+def test_bad_classify_request(client, body, param):
+    assert_openai_error(post(client, "/v1/classify", body), 400, param)
 
 
 def test_error_messages_are_helpful(client):
-    assert "did you mean 'prompt'?" in post(client, "/v1/generate", {"promt": "x"}).json["error"]
-    assert "1 to 64" in post(client, "/v1/generate", {"prompt": "x", "max_new_tokens": 65}).json["error"]
-    assert "not valid JSON" in post(client, "/v1/generate", b"{").json["error"]
-    assert "2000 bytes" in post(client, "/v1/generate", b" " * 3000).json["error"]
+    message = lambda body: post(client, "/v1/completions", body).json["error"]["message"]  # noqa: E731
+    assert "did you mean 'prompt'?" in message({"promt": "x"})
+    assert "did you mean 'max_tokens'?" in message({"prompt": "x", "max_token": 5})
+    assert "from 1 to 64" in message({"prompt": "x", "max_tokens": 65})
+    assert "not valid JSON" in message(b"{")
+    assert "2000 bytes" in message(b" " * 3000)
 
 
-@pytest.mark.parametrize("method, path, status", [("get", "/v1/generate", 405), ("put", "/health", 405),
+@pytest.mark.parametrize("method, path, status", [("get", "/v1/completions", 405), ("put", "/health", 405),
                                                   ("delete", "/v1/classify", 405), ("post", "/", 405),
-                                                  ("get", "/nope", 404), ("post", "/v1/generat", 404)])
+                                                  ("get", "/nope", 404), ("post", "/v1/generate", 404)])
 def test_wrong_method_or_path(client, method, path, status):
     r = getattr(client, method)(path)
-    assert r.status_code == status and r.is_json and r.json["error"]
+    assert r.status_code == status and r.is_json and r.json["error"]["message"]
     if status == 405:
         assert r.headers["Allow"]
 
 
 def test_bearer_token(checkpoint):
-    client = make_app(checkpoint, token="s3cret").test_client()
+    app = make_app(checkpoint, token="s3cret")
+    client = app.test_client()
     for header in (None, "Bearer wrong", "Bearer s3cre", "Basic s3cret", "s3cret"):
-        r = client.get("/health", headers={"Authorization": header} if header else {})
-        assert r.status_code == 401 and r.headers["WWW-Authenticate"] == "Bearer" and "token" in r.json["error"]
+        r = client.get("/v1/models", headers={"Authorization": header} if header else {})
+        assert r.status_code == 401 and r.headers["WWW-Authenticate"] == "Bearer"
+        assert r.json["error"]["code"] == "invalid_api_key" and "token" in r.json["error"]["message"]
     assert client.get("/nope").status_code == 401  # no probing of paths without the token
     ok = {"Authorization": "Bearer s3cret"}
     assert client.get("/health", headers=ok).status_code == 200
-    assert client.post("/v1/generate", json={"prompt": "a", "max_new_tokens": 2}, headers=ok).status_code == 200
+    assert client.post("/v1/completions", json={"prompt": "a", "max_tokens": 2}, headers=ok).status_code == 200
     assert client.get("/").status_code == 200  # the page holds no data; it asks for the token
+    app.engine.close()
 
 
 def test_create_app_settings(checkpoint, tmp_path):
-    with pytest.raises(UserError, match="did you mean --max_new_tokens_limit"):
-        create_app(str(checkpoint), max_new_token_limit=5)
-    with pytest.raises(UserError, match="max_body_bytes must be at least 1"):
-        create_app(str(checkpoint), max_body_bytes=0)
+    with pytest.raises(UserError, match="did you mean --max_tokens_limit"):
+        create_app(str(checkpoint), max_token_limit=5)
+    with pytest.raises(UserError, match="max_batch_size must be at least 1"):
+        create_app(str(checkpoint), max_batch_size=0)
     with pytest.raises(UserError, match="no checkpoint"):
         create_app(str(tmp_path))
+
 
 def test_command_line_errors_are_one_line(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr("sys.argv", ["serve.py", f"--out_dir={tmp_path}"])
@@ -238,64 +364,113 @@ def test_command_line_server(checkpoint, tmp_path):
     assert "Running on http://127.0.0.1:" in printed and "Debug mode: off" in printed
 
 
-@pytest.fixture(scope="module")
-def server(checkpoint, classifier_dir):
-    """serve.py's app on a free port of 127.0.0.1, in a thread; a high token limit lets a stream run long."""
-    app = make_app(checkpoint, classifier_dir=str(classifier_dir), max_new_tokens_limit=1_000_000)
+def run_server(app):
+    """The app on a free port of 127.0.0.1, in a thread: (base URL, a function that stops it)."""
     httpd = make_server("127.0.0.1", 0, app, threaded=True)
     thread = threading.Thread(target=httpd.serve_forever, daemon=True)
     thread.start()
-    yield f"http://127.0.0.1:{httpd.server_port}"
-    httpd.shutdown()
-    thread.join()
+
+    def stop():
+        httpd.shutdown()
+        thread.join()
+        app.engine.close()
+
+    return f"http://127.0.0.1:{httpd.server_port}", stop
 
 
-def test_server_whole_and_streamed(server):
-    body = {"prompt": "The bird", "max_new_tokens": 30, "temperature": 0}
-    whole = requests.post(f"{server}/v1/generate", json=body, timeout=30)
-    assert whole.status_code == 200 and whole.headers["Content-Type"] == "application/json"
-    with requests.post(f"{server}/v1/generate", json={**body, "stream": True}, stream=True, timeout=30) as r:
-        assert r.status_code == 200 and r.headers["Content-Type"].startswith("text/event-stream")
-        got = events(r.text)
-    assert got[-1] == ("done", {}) and "".join(d["text"] for _, d in got[:-1]) == whole.json()["text"]
+@pytest.fixture(scope="module")
+def server(checkpoint, tiny_classifier):
+    """A high token limit lets a stream run long; a token tests the client's header."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv(TOKEN_ENV, "s3cret")
+        app = create_app(str(checkpoint), device="cpu", classifier_dir=str(tiny_classifier),
+                         max_tokens_limit=1_000_000)
+    url, stop = run_server(app)
+    yield url
+    stop()
 
 
-def test_client_leaving_mid_stream_frees_the_model(server):
-    body = {"prompt": "The", "max_new_tokens": 1_000_000, "temperature": 0, "stream": True}  # greedy: no early end
-    r = requests.post(f"{server}/v1/generate", json=body, stream=True, timeout=30)
+@pytest.fixture(scope="module")
+def chat_server(instruct_dir):
+    url, stop = run_server(make_app(instruct_dir))
+    yield url
+    stop()
+
+
+def test_the_openai_client(server, chat_server, checkpoint):
+    client = openai.OpenAI(base_url=f"{server}/v1", api_key="s3cret")
+    assert [m.id for m in client.models.list().data] == [checkpoint.name]
+    kw = dict(model=checkpoint.name, prompt="The bird", max_tokens=20, temperature=1.0, seed=5)
+    whole = client.completions.create(**kw)
+    assert whole.usage.completion_tokens == 20 or whole.choices[0].finish_reason == "stop"
+    streamed = list(client.completions.create(**kw, stream=True))
+    assert "".join(c.choices[0].text for c in streamed) == whole.choices[0].text
+    with pytest.raises(openai.BadRequestError, match="max_tokens must be an integer from 1"):
+        client.completions.create(model=checkpoint.name, prompt="x", max_tokens=0)
+    with pytest.raises(openai.AuthenticationError):
+        openai.OpenAI(base_url=f"{server}/v1", api_key="wrong").models.list()
+    chat = openai.OpenAI(base_url=f"{chat_server}/v1", api_key="unused")
+    messages = [{"role": "user", "content": "Name a color."}]
+    answer = chat.chat.completions.create(model="any", messages=messages, max_tokens=10, temperature=0)
+    streamed = chat.chat.completions.create(model="any", messages=messages, max_tokens=10, temperature=0, stream=True)
+    assert "".join(c.choices[0].delta.content or "" for c in streamed) == answer.choices[0].message.content
+
+
+def test_batched_requests_get_the_tokens_they_get_alone(server):
+    """16 greedy requests at once, decoded together, each as it is decoded alone (and seeded samples likewise)."""
+    headers = {"Authorization": "Bearer s3cret"}
+    bodies = [{"prompt": f"The {word}", "max_tokens": 24, "temperature": 0} for word in
+              "cat dog bird tree river stone bridge church café people old near valley grew sat mat".split()]
+    bodies += [{"prompt": "The café", "max_tokens": 24, "temperature": 1.0, "seed": s} for s in range(4)]
+    ask = lambda body: requests.post(f"{server}/v1/completions", json=body, headers=headers,  # noqa: E731
+                                     timeout=60).json()["choices"][0]["text"]
+    alone = [ask(body) for body in bodies]
+    with ThreadPoolExecutor(len(bodies)) as pool:
+        together = list(pool.map(ask, bodies))
+    assert together == alone
+    assert requests.get(f"{server}/health", headers=headers).json()["batch"]["peak"] > 4  # they did share steps
+
+
+def test_client_leaving_mid_stream_frees_its_row(server):
+    headers = {"Authorization": "Bearer s3cret"}
+    body = {"prompt": "The", "max_tokens": 1_000_000, "temperature": 0, "stream": True}  # greedy: no early end
+    r = requests.post(f"{server}/v1/completions", json=body, stream=True, headers=headers, timeout=30)
     lines = r.iter_lines()
-    assert next(lines).startswith(b"data: ")  # generation is under way, holding the model
-    r.close()  # hang up; a million tokens would keep the model busy for minutes
-    after = requests.post(f"{server}/v1/generate", json={"prompt": "The", "max_new_tokens": 5}, timeout=20)
-    assert after.status_code == 200 and after.json()["text"]
+    assert next(lines).startswith(b"data: ")  # generation is under way
+    r.close()  # hang up; a million tokens would keep the engine busy for minutes
+    t0 = time.time()
+    after = requests.post(f"{server}/v1/completions", json={"prompt": "The", "max_tokens": 5}, headers=headers,
+                          timeout=20)
+    assert after.status_code == 200 and after.json()["choices"][0]["text"] and time.time() - t0 < 10
 
 
 def check(kind, r):
     """The status code, after checking that the answer is well-formed for its kind."""
     if kind == "stream":
-        got = events(r.text)
-        assert got[-1] == ("done", {}) and all(isinstance(d["text"], str) for _, d in got[:-1])
+        got = chunks(r.text)
+        assert got[-1]["choices"][0]["finish_reason"] in ("stop", "length")
     elif kind == "bad":
-        assert r.status_code == 400 and r.json()["field"] == "top_p"
+        assert r.status_code == 400 and r.json()["error"]["param"] == "top_p"
     else:
-        assert set(r.json()) >= {"generate": {"text"}, "classify": {"label"}, "health": {"status"}}[kind]
+        assert set(r.json()) >= {"complete": {"choices", "usage"}, "classify": {"label"}, "health": {"status"}}[kind]
     return r.status_code
 
 
 def test_small_load(server):
     """40 requests, 8 at a time, of every kind: no 5xx, every answer well-formed."""
     requests_by_kind = {
-        "generate": ("post", "/v1/generate", {"prompt": "The cat", "max_new_tokens": 16}),
-        "stream": ("post", "/v1/generate", {"prompt": "The cat", "max_new_tokens": 16, "stream": True}),
+        "complete": ("post", "/v1/completions", {"prompt": "The cat", "max_tokens": 16}),
+        "stream": ("post", "/v1/completions", {"prompt": "The cat", "max_tokens": 16, "stream": True}),
         "classify": ("post", "/v1/classify", {"text": "free cash"}),
         "health": ("get", "/health", None),
-        "bad": ("post", "/v1/generate", {"prompt": "x", "top_p": 2}),
+        "bad": ("post", "/v1/completions", {"prompt": "x", "top_p": 2}),
     }
     kinds = list(requests_by_kind) * 8
 
     def one(kind):
         method, path, body = requests_by_kind[kind]
-        return check(kind, requests.request(method, server + path, json=body, timeout=60))
+        r = requests.request(method, server + path, json=body, timeout=60, headers={"Authorization": "Bearer s3cret"})
+        return check(kind, r)
 
     with ThreadPoolExecutor(8) as pool:
         statuses = list(pool.map(one, kinds))

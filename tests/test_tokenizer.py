@@ -152,7 +152,7 @@ def test_special_tokens_only_when_allowed(tok):
 # ----------------------------------------------------------------------------- files
 
 def test_save_load_same_ids(tok, tmp_path):
-    assert tok.save(tmp_path) == ["vocab.json", "merges.txt"]
+    assert tok.save(tmp_path) == ["vocab.json", "merges.txt", "tokenizer.json"]
     assert (tmp_path / "merges.txt").read_text(encoding="utf-8").startswith("#version: 0.2\n")
     loaded = tokenizer.load_tokenizer(tmp_path)
     assert loaded.vocab_size == tok.vocab_size and loaded.special_tokens == tok.special_tokens

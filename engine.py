@@ -1,0 +1,169 @@
+"""
+Batched generation for a server: one thread owns the model and decodes every active sequence in a single forward
+pass per step. A request joins between two steps (its prompt runs alone, into a free row of the KV cache) and leaves
+as soon as it is done, so nobody waits for a whole batch to finish: continuous batching. Each sequence keeps its own
+position, sampling settings, seed and stopping rule: its tokens do not depend on what else is in the batch.
+
+    engine = BatchEngine(model, max_batch_size=32)
+    sequence = engine.submit(prompt_ids, max_new_tokens=64, temperature=0.8, seed=1, stop_id=tokenizer.eot_id)
+    for token in sequence:              # new token ids as they are made; sequence.close() gives the row back
+        ...
+    sequence.finish_reason              # "stop" (stop_id) or "length" (max_new_tokens)
+
+Decoding one token for 32 sequences reads the weights once, as for one sequence: on a small model the step costs
+little more than a single sequence's step, so the server's throughput grows with the batch.
+"""
+
+import queue
+import threading
+
+import torch
+
+from model import sample_next_token
+
+
+class Sequence:
+    """One request: its tokens so far, sampling settings, and the queue its new token ids arrive on. Iterate over
+    it for the new ids; close() (or leaving the loop early) frees its row at the engine's next step."""
+
+    def __init__(self, ids, max_new_tokens, temperature, top_k, top_p, seed, stop_id, device):
+        self.ids, self.max_new_tokens, self.stop_id = list(ids), max_new_tokens, stop_id
+        self.temperature, self.top_k, self.top_p = temperature, top_k or None, top_p
+        self.generator = None if seed is None else torch.Generator(device=device).manual_seed(seed)
+        self.generated, self.length, self.logits = 0, 0, None  # length: positions of this sequence in the KV cache
+        self.finish_reason, self.cancelled = None, False
+        self.tokens = queue.Queue()  # new ids, then None when done (or an exception if the engine failed)
+
+    def __iter__(self):
+        try:
+            while (token := self.tokens.get()) is not None:
+                if isinstance(token, BaseException):
+                    raise token
+                yield token
+        finally:
+            self.close()
+
+    def close(self):
+        self.cancelled = True
+
+
+class BatchEngine:
+    """A thread that decodes the active sequences together, up to max_batch_size at a time (rows of the KV cache);
+    the others wait in line, first come first served."""
+
+    def __init__(self, model, max_batch_size=32):
+        self.model, self.max_batch_size = model, max_batch_size
+        self.device = model.token_emb.weight.device
+        self.waiting = queue.Queue()
+        self.active = []  # self.active[i] owns row i of the KV cache
+        self.peak_batch = 0  # the most sequences decoded together so far
+        model.setup_kv_cache(max_batch_size)
+        self.thread = threading.Thread(target=self._run, name="batch-engine", daemon=True)
+        self.thread.start()
+
+    def submit(self, ids, max_new_tokens, temperature=0.8, top_k=None, top_p=None, seed=None, stop_id=None):
+        """Queue a prompt (token ids); returns its Sequence. Greedy when temperature is 0; top_k 0/None and top_p
+        None/1.0 switch those filters off; a seed makes the sample reproducible, whatever else is in the batch."""
+        sequence = Sequence(ids, max_new_tokens, temperature, top_k, top_p, seed, stop_id, self.device)
+        if max_new_tokens < 1:
+            sequence.finish_reason = "length"
+            sequence.tokens.put(None)
+        else:
+            self.waiting.put(sequence)
+        return sequence
+
+    def close(self):
+        """Stop the thread once the active sequences are done (a None in the queue is the signal)."""
+        self.waiting.put(None)
+        self.thread.join()
+
+    # ------------------------------------------------------------------------- the thread
+
+    @torch.no_grad()
+    def _run(self):
+        while True:
+            if not self._admit():
+                return
+            try:
+                self._step()
+            except Exception as e:  # tell every client of the batch, then serve the next ones
+                for sequence in self.active:
+                    sequence.tokens.put(e)
+                self.active = []
+
+    def _admit(self):
+        """Move waiting sequences into free rows, running each one's prompt; waits while nothing is active. Returns
+        False when told to stop."""
+        while len(self.active) < self.max_batch_size:
+            try:
+                sequence = self.waiting.get(block=not self.active)
+            except queue.Empty:
+                break
+            if sequence is None:
+                return False
+            if sequence.cancelled:
+                continue
+            context = sequence.ids[-self.model.config.block_size:]  # a long prompt keeps its end
+            try:
+                sequence.logits = self.model.prefill(self._tensor([context]), first_row=len(self.active))[0]
+            except Exception as e:  # this request fails alone
+                sequence.tokens.put(e)
+                continue
+            sequence.length = len(context)
+            self.active.append(sequence)
+            self.peak_batch = max(self.peak_batch, len(self.active))
+        return True
+
+    def _step(self):
+        """Sample every active sequence's next token, drop the finished ones, then decode the rest in one pass."""
+        for sequence in self.active:
+            if sequence.cancelled:
+                continue
+            token = int(sample_next_token(sequence.logits[None], sequence.temperature, sequence.top_k,
+                                          sequence.top_p, sequence.generator)[0])
+            if token == sequence.stop_id:
+                sequence.finish_reason = "stop"
+                continue
+            sequence.ids.append(token)
+            sequence.generated += 1
+            sequence.tokens.put(token)
+            if sequence.generated == sequence.max_new_tokens:
+                sequence.finish_reason = "length"
+        self._remove_finished()
+        if not self.active:
+            return
+        block = self.model.config.block_size
+        for row, sequence in enumerate(self.active):
+            if sequence.length == block:  # full: rebuild the row from its last block_size // 2 tokens
+                keep = max(block // 2, 1)
+                prefix = sequence.ids[-keep:-1]  # the newest token is decoded below, after them
+                if prefix:
+                    self.model.prefill(self._tensor([prefix]), first_row=row)
+                sequence.length = len(prefix)
+        tokens = self._tensor([[sequence.ids[-1]] for sequence in self.active])
+        positions = self._tensor([[sequence.length] for sequence in self.active])
+        logits = self.model.decode_one_token(tokens, positions)
+        for sequence, row_logits in zip(self.active, logits):
+            sequence.logits = row_logits
+            sequence.length += 1
+
+    def _remove_finished(self):
+        """Let finished and cancelled sequences go; the last row moves into each freed one, so rows 0..n-1 stay
+        the active ones (a batch is then a view of the cache, never a copy of it)."""
+        row = 0
+        while row < len(self.active):
+            sequence = self.active[row]
+            if sequence.finish_reason is None and not sequence.cancelled:
+                row += 1
+                continue
+            sequence.tokens.put(None)
+            last = len(self.active) - 1
+            if row != last:
+                for block in self.model.blocks:
+                    cache = block.attn.kv_cache
+                    cache.k[row], cache.v[row] = cache.k[last], cache.v[last]
+            self.active[row] = self.active[last]
+            self.active.pop()
+
+    def _tensor(self, rows):
+        return torch.tensor(rows, dtype=torch.long, device=self.device)

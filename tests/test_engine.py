@@ -1,0 +1,107 @@
+"""engine.py: continuous batching. Sequences decoded together give the tokens each gives alone (and model.generate
+gives), past block_size too; seeds fix samples whatever the batch; rows are freed by finishing or leaving."""
+
+import threading
+
+import pytest
+import torch
+
+from engine import BatchEngine
+
+
+@pytest.fixture
+def model(random_model):
+    return random_model(dtype=torch.float32)
+
+
+def prompts(n=8):
+    g = torch.Generator().manual_seed(0)
+    return [torch.randint(97, (length,), generator=g).tolist() for length in (3, 7, 1, 12, 5, 9, 2, 30)][:n]
+
+
+def together(engine, prompts, **kw):
+    """Every prompt submitted at once from its own thread; each one's new tokens."""
+    results = [None] * len(prompts)
+
+    def run(i):
+        results[i] = list(engine.submit(prompts[i], **kw))
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(prompts))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=60)
+    return results
+
+
+def test_a_position_per_row_gives_each_sequence_its_own_logits(model):
+    """Sequences of different lengths in one decode step: each row's logits are those of its sequence alone."""
+    seqs = [torch.randint(97, (n,)) for n in (4, 9, 1)]
+    with torch.no_grad():
+        model.setup_kv_cache(3)
+        for row, seq in enumerate(seqs):  # each prompt but its last token alone, into its own row
+            if len(seq) > 1:
+                model.prefill(seq[None, :-1], first_row=row)
+        logits = model.decode_one_token(torch.stack([s[-1:] for s in seqs]),
+                                        torch.tensor([[len(s) - 1] for s in seqs]))
+        alone = [model(s[None])[0][0, -1] for s in seqs]
+    assert torch.allclose(logits, torch.stack(alone), atol=1e-5)
+
+
+@pytest.mark.parametrize("max_batch_size", [1, 3, 8])
+def test_batched_greedy_tokens_equal_generate_alone(model, max_batch_size):
+    engine = BatchEngine(model, max_batch_size)
+    got = together(engine, prompts(), max_new_tokens=50, temperature=0)  # 30 + 50 > block_size: rebuilds
+    engine.close()
+    expected = [model.generate(torch.tensor([p]), 50, temperature=0)[0, len(p):].tolist() for p in prompts()]
+    assert got == expected and 1 <= engine.peak_batch <= max_batch_size
+
+
+def test_seeded_samples_do_not_depend_on_the_batch(model):
+    engine = BatchEngine(model, 8)
+    kw = dict(max_new_tokens=20, temperature=1.0, top_k=40, top_p=0.9)
+    alone = [list(engine.submit(p, seed=i, **kw)) for i, p in enumerate(prompts())]
+    results = [None] * 8
+
+    def run(i):
+        results[i] = list(engine.submit(prompts()[i], seed=i, **kw))
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    engine.close()
+    assert results == alone and len({tuple(r) for r in results}) > 1
+
+
+def test_stop_id_and_length_finish_a_sequence(model):
+    engine = BatchEngine(model, 4)
+    first = list(engine.submit(prompts()[0], 5, temperature=0))
+    sequence = engine.submit(prompts()[0], 5, temperature=0, stop_id=first[2])
+    assert list(sequence) == first[:first.index(first[2])] and sequence.finish_reason == "stop"
+    sequence = engine.submit(prompts()[0], 5, temperature=0)
+    assert list(sequence) == first and sequence.finish_reason == "length" and sequence.generated == 5
+    engine.close()
+
+
+def test_a_sequence_that_leaves_frees_its_row(model):
+    engine = BatchEngine(model, 1)  # one row: the second request waits for the first
+    endless = engine.submit(prompts()[1], 10**9, temperature=0)
+    tokens = iter(endless)
+    next(tokens)
+    waiting = engine.submit(prompts()[2], 4, temperature=0)
+    endless.close()  # a client gone
+    assert len(list(waiting)) == 4
+    engine.close()
+
+
+def test_an_error_reaches_the_client_and_the_engine_goes_on(model, monkeypatch):
+    engine = BatchEngine(model, 4)
+    real = model.decode_one_token
+    monkeypatch.setattr(model, "decode_one_token", lambda *a: (_ for _ in ()).throw(RuntimeError("boom")))
+    with pytest.raises(RuntimeError, match="boom"):
+        list(engine.submit(prompts()[0], 5, temperature=0))
+    monkeypatch.setattr(model, "decode_one_token", real)
+    assert len(list(engine.submit(prompts()[0], 5, temperature=0))) == 5
+    engine.close()

@@ -1,0 +1,75 @@
+"""export.py and tokenizer.json: a trained model exported as a Hugging Face GPT-2 folder loads in `transformers`
+(same logits) and `AutoTokenizer` (same ids), offline; HF `tokenizers` reads the tokenizer.json prepare.py writes."""
+
+import json
+
+import pytest
+import torch
+
+import export
+from checkpoint import load_model
+from gpt2 import load_gpt2
+from tokenizer import load_tokenizer
+
+TEXTS = ["The river valley was named after a café owner in 1887 .", "naïve crème brûlée , 日本 の 東京 🙂 🇫🇷",
+         "  spaces   and\ttabs\n\nnew lines ", "one<|endoftext|>two", ""]
+
+
+@pytest.fixture(scope="module")
+def exported(tiny_ckpt, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("hf")
+    export.export(tiny_ckpt, folder)
+    return folder
+
+
+def test_transformers_loads_the_export_with_the_same_logits(tiny_ckpt, exported, monkeypatch):
+    transformers = pytest.importorskip("transformers")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    ours, tokenizer, _ = load_model(tiny_ckpt)
+    assert not ours.config.bias  # trained without biases: exported as zeros
+    theirs = transformers.AutoModelForCausalLM.from_pretrained(exported).eval()
+    assert type(theirs).__name__ == "GPT2LMHeadModel"
+    idx = torch.randint(ours.config.vocab_size, (2, ours.config.block_size), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.allclose(theirs(idx).logits, ours(idx)[0], atol=1e-4)
+    back, _ = load_gpt2(exported)  # and back into our GPT
+    with torch.no_grad():
+        assert torch.allclose(back(idx)[0], ours(idx)[0], atol=1e-5)
+
+
+def test_auto_tokenizer_gives_our_ids(tiny_ckpt, exported, monkeypatch):
+    transformers = pytest.importorskip("transformers")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    ours = load_tokenizer(tiny_ckpt)
+    theirs = transformers.AutoTokenizer.from_pretrained(exported)
+    assert theirs.eos_token == theirs.bos_token == "<|endoftext|>" and theirs.eos_token_id == ours.eot_id
+    for text in TEXTS:
+        ids = ours.encode(text, allowed_special="all")  # HF reads a special token's text as the token
+        assert theirs(text)["input_ids"] == ids
+        assert theirs.decode(ids, skip_special_tokens=True) == text.replace("<|endoftext|>", "")
+    config = json.loads((exported / "config.json").read_text())
+    assert config["model_type"] == "gpt2" and config["n_positions"] == 32 and config["tie_word_embeddings"]
+
+
+def test_prepare_writes_a_tokenizer_json_that_hf_tokenizers_reads(tiny_data):
+    tokenizers = pytest.importorskip("tokenizers")
+    ours = load_tokenizer(tiny_data)
+    meta = json.loads((tiny_data / "meta.json").read_text())
+    assert "tokenizer.json" in meta["tokenizer"]["files"]
+    theirs = tokenizers.Tokenizer.from_file(str(tiny_data / "tokenizer.json"))
+    for text in TEXTS:
+        ids = ours.encode(text, allowed_special="all")
+        assert theirs.encode(text).ids == ids
+        assert theirs.decode(ids, skip_special_tokens=True) == text.replace("<|endoftext|>", "")
+
+
+@pytest.mark.parametrize("args, message", [(["--out_dir=X"], "--to=DIR"), (["--out_dir=X", "--to=X"], "another folder"),
+                                           (["--out_dir=/no/such/ckpt", "--to=Y"], "no checkpoint")])
+def test_export_errors_are_one_line(args, message, run_in_process):
+    status, out, err = run_in_process(export, *args)
+    assert status == 2 and message in err and len(err.strip().splitlines()) == 1
+
+
+def test_a_classifier_is_refused(tiny_classifier, tmp_path, run_in_process):
+    status, _, err = run_in_process(export, f"--out_dir={tiny_classifier}", f"--to={tmp_path / 'hf'}")
+    assert status == 2 and "classifier" in err
