@@ -40,9 +40,14 @@ def read_checkpoint(out_dir, map_location="cpu"):
     if not os.path.exists(path):
         raise UserError(f"no checkpoint at {path}: train one first (python train.py ...) or fix --out_dir")
     try:
-        return torch.load(path, map_location=map_location, weights_only=True)
+        checkpoint = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:  # weights_only refuses anything but tensors and plain containers
-        raise UserError(f"cannot read checkpoint {path}: {str(e).splitlines()[0]}")
+        raise UserError(f"cannot read checkpoint {path}: {(str(e).splitlines() or [type(e).__name__])[0]}")
+    if not (isinstance(checkpoint, dict) and isinstance(checkpoint.get("model"), dict)
+            and isinstance(checkpoint.get("model_config"), dict)):
+        raise UserError(f"{path} is not a checkpoint of this project (it lacks the model's weights or shape): "
+                        f"give a folder that train.py wrote")
+    return checkpoint
 
 
 def load_model(name_or_dir, device="cpu", dropout=None, cache_dir="data/cache", tokenizer_dir=""):

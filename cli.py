@@ -20,6 +20,7 @@ import dataclasses
 import difflib
 import inspect
 import io
+import math
 import operator
 import os
 import sys
@@ -44,14 +45,17 @@ def run_main(main):
 
 
 def print_user_errors_as_one_line():
-    """For a script written top to bottom without a main() (train.py): an uncaught UserError prints as one line."""
+    """For a script written top to bottom without a main() (train.py): an uncaught UserError prints as one line and
+    ends the process with status 2, as run_main does."""
     default = sys.excepthook
 
     def hook(kind, value, tb):
-        if issubclass(kind, UserError):
-            print(f"error: {value}", file=sys.stderr)
-        else:
-            default(kind, value, tb)
+        if not issubclass(kind, UserError):
+            return default(kind, value, tb)
+        print(f"error: {value}", file=sys.stderr)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(2)  # an uncaught exception would end with status 1
 
     sys.excepthook = hook
 
@@ -79,20 +83,43 @@ _BINOPS = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul,
            ast.FloorDiv: operator.floordiv, ast.Pow: operator.pow, ast.Mod: operator.mod}
 
 
+MAX_INT, MAX_LENGTH = 10**18, 10_000  # a config value beyond these is a mistake, not a setting
+
+
+def _bounded(value):
+    """value, if it is of a size a setting can have: integers to 1e18, strings and lists to 10,000 items."""
+    too_long = isinstance(value, (str, list, tuple)) and len(value) > MAX_LENGTH
+    if isinstance(value, int) and abs(value) > MAX_INT or too_long:
+        raise ValueError(f"the value is too large for a setting ({type(value).__name__} beyond "
+                         f"{MAX_INT if isinstance(value, int) else f'{MAX_LENGTH} items'})")
+    return value
+
+
 def _safe_eval(node, names):
-    """Evaluate a literal, arithmetic on literals, or an earlier name: enough for configs, unable to run code."""
+    """Evaluate a literal, arithmetic on literals, or an earlier name: enough for configs, unable to run code, and
+    bounded: 9**9**9 or 'x' * 10**10 is refused before it is computed."""
     if isinstance(node, ast.Constant):
-        return node.value
+        return _bounded(node.value)
     if isinstance(node, ast.Name) and node.id in names:
         return names[node.id]
     if isinstance(node, ast.UnaryOp) and isinstance(node.op, (ast.USub, ast.UAdd)):
         value = _safe_eval(node.operand, names)
         return -value if isinstance(node.op, ast.USub) else +value
     if isinstance(node, ast.BinOp) and type(node.op) in _BINOPS:
-        return _BINOPS[type(node.op)](_safe_eval(node.left, names), _safe_eval(node.right, names))
+        left, right = _safe_eval(node.left, names), _safe_eval(node.right, names)
+        if isinstance(node.op, ast.Pow) and isinstance(right, (int, float)) and isinstance(left, (int, float)) \
+                and abs(left) > 1 and right * math.log10(abs(left)) > 18:
+            raise ValueError(f"'{ast.unparse(node)}' is too large for a setting")
+        if isinstance(node.op, ast.Mult) and isinstance(left, int) != isinstance(right, int) and \
+                any(isinstance(x, (str, list, tuple)) for x in (left, right)):
+            count, sequence = (left, right) if isinstance(left, int) else (right, left)
+            if count * len(sequence) > MAX_LENGTH:  # refused before it is built
+                raise ValueError(f"'{ast.unparse(node)}' is too large for a setting ({type(sequence).__name__} "
+                                 f"beyond {MAX_LENGTH} items)")
+        return _bounded(_BINOPS[type(node.op)](left, right))
     if isinstance(node, (ast.Tuple, ast.List)):
         items = [_safe_eval(e, names) for e in node.elts]
-        return items if isinstance(node, ast.List) else tuple(items)
+        return _bounded(items if isinstance(node, ast.List) else tuple(items))
     raise ValueError(f"unsupported expression '{ast.unparse(node)}' (use literals and arithmetic only)")
 
 
@@ -151,7 +178,7 @@ def _coerce(name, value, hint, default):
         if isinstance(value, float) and value.is_integer():
             return int(value)
     elif hint is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
             return float(value)
     elif hint is str:
         return value if isinstance(value, str) else str(value)
@@ -227,7 +254,8 @@ def print_help(config_class, defaults, hints):
     for flag, kind, name in rows:
         for text in section_starts.get(name, []):
             print(f"\n{text}")
-        line = f"  {flag:<{flag_width}}  {kind:<{type_width}}  {helps.get(name, '')}"
+        rule = allowed(config_class.__dataclass_fields__[name].metadata)
+        line = f"  {flag:<{flag_width}}  {kind:<{type_width}}  {helps.get(name, '')}" + (f" [{rule}]" if rule else "")
         print(textwrap.fill(line, width=max(len(indent) + 40, 118), subsequent_indent=indent).rstrip())
 
 
@@ -260,7 +288,10 @@ def parse_config(config_class, argv=None):
             if not eq:  # a bare --flag switches a boolean on
                 text = "True"
             value = text if hints.get(name) is str else _parse_flag_value(text)
-            overrides.append((name, value, "command line"))
+            try:
+                overrides.append((name, _bounded(value), "command line"))
+            except ValueError as e:
+                raise UserError(f"--{name}: {e}")
 
     values = dict(defaults)
     for name, value, where in overrides:
@@ -269,7 +300,45 @@ def parse_config(config_class, argv=None):
             hint = f"; did you mean --{close[0]}?" if close else "; run with --help to see the settings"
             raise UserError(f"unknown setting '{name}' ({where}){hint}")
         values[name] = _coerce(name, value, hints[name], defaults[name])
-    return config_class(**values)
+    return check_settings(config_class(**values))
+
+
+def check_settings(config):
+    """config itself, after checking every setting against what its field allows (see setting())."""
+    for field in dataclasses.fields(config):
+        check_allowed(field.name, getattr(config, field.name), field.metadata)
+    return config
+
+
+def setting(default, *, low=None, high=None, above=None, below=None, choices=None):
+    """A dataclass field that declares the values it allows, checked by parse_config for every script and shown by
+    --help: low/high inclusive, above/below exclusive, or a tuple of choices.
+
+        batch_size: int = setting(16, low=1)                   # sequences per step
+        dropout: float = setting(0.1, low=0, below=1)          # --dropout=1 -> error: --dropout must be < 1, got 1.0
+    """
+    rules = {"low": low, "high": high, "above": above, "below": below, "choices": choices}
+    return dataclasses.field(default=default, metadata={k: v for k, v in rules.items() if v is not None})
+
+
+def allowed(metadata):
+    """The values a setting allows, in words: {"low": 1, "high": 65535} -> ">= 1 and <= 65535"."""
+    if "choices" in metadata:
+        return "one of " + ", ".join(map(str, metadata["choices"]))
+    words = {"low": ">=", "above": ">", "high": "<=", "below": "<"}
+    power_of_two = lambda n: isinstance(n, int) and n > 2**20 and n & (n - 1) == 0  # noqa: E731
+    shown = {k: f"2**{v.bit_length() - 1}" if power_of_two(v) else v for k, v in metadata.items()}
+    return " and ".join(f"{words[k]} {shown[k]}" for k in words if k in metadata)
+
+
+def check_allowed(name, value, metadata):
+    if value is None:
+        return
+    ok = ("low" not in metadata or value >= metadata["low"]) and ("high" not in metadata or value <= metadata["high"])
+    ok = ok and ("above" not in metadata or value > metadata["above"]) and ("below" not in metadata or
+                                                                          value < metadata["below"])
+    if not ok or ("choices" in metadata and value not in metadata["choices"]):
+        raise UserError(f"--{name} must be {allowed(metadata)}, got {value!r}")
 
 
 def config_to_dict(config):

@@ -5,6 +5,7 @@ checked against a sha256, resume where they stopped, try mirrors in order and sh
 No torch here: prepare.py and tokenizer.py use this module and start in a fraction of a second.
 """
 
+import contextlib
 import hashlib
 import json
 import os
@@ -39,6 +40,39 @@ def atomic_write(path, write):
 def write_json(path, data):
     """Write data as indented JSON, atomically."""
     return atomic_write(path, lambda tmp: tmp.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8"))
+
+
+@contextlib.contextmanager
+def folder_lock(folder):
+    """Hold an advisory lock on `folder` (made if missing) while the block runs: a second process that asks for it
+    gets a UserError naming the first one's PID. The lock file, folder/.lock, goes when the lock does, and so does
+    a folder made for it that is still empty. (Where there is no fcntl, as on Windows, nothing is locked.)"""
+    try:
+        import fcntl
+    except ImportError:
+        yield
+        return
+    folder = Path(folder)
+    made = not folder.exists()
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / ".lock"
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.read(fd, 20).decode(errors="replace").strip() or "?"
+        os.close(fd)
+        raise UserError(f"{folder} is in use by another run (PID {holder}): wait for it to end, or choose another "
+                        f"--out_dir")
+    os.ftruncate(fd, 0)
+    os.write(fd, str(os.getpid()).encode())
+    try:
+        yield
+    finally:
+        path.unlink(missing_ok=True)
+        os.close(fd)
+        if made and not any(folder.iterdir()):
+            folder.rmdir()
 
 # ----------------------------------------------------------------------------- downloads
 

@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 
 from checkpoint import load_for_inference
-from cli import UserError, parse_config, read_utf8, run_main
+from cli import UserError, parse_config, read_utf8, run_main, setting
 from common import Progress
 from generate import encode_prompt
 from prepare import count_words, load_meta, load_split
@@ -44,18 +44,20 @@ CONVENTIONS = {"whitespace": "whitespace-separated words",
 
 @dataclass
 class EvaluateConfig:
-    out_dir: str = "out"            # a train.py checkpoint folder, or gpt2 / gpt2-medium / ... / a GPT-2 folder
-    split: str = "test"             # train | val | test
-    data_dir: str = ""              # folder of the split; default: the data_dir the checkpoint was trained on
-    text_file: str = ""             # score this UTF-8 text file instead of a split
-    word_convention: str = "auto"   # whitespace | classic; auto: the split's own (meta.json), whitespace for a file
-    stride: int = 0                 # tokens between window starts; 0: block_size // 2
-    batch_size: int = 8             # windows per forward pass
-    max_tokens: int = 0             # score only the first max_tokens tokens of the split (0: all), for a quick look
-    json: bool = False              # print one JSON object instead of a table
-    device: str = "auto"            # auto: cuda, then mps, then cpu
-    dtype: str = "auto"             # float32 | bfloat16 | float16; auto: bf16 where the hardware has it (runtime.py)
-    quantize: str = "none"          # none | int8 (CPU)
+    out_dir: str = "out"                 # a train.py checkpoint folder, or a GPT-2 name or folder
+    split: str = setting("test", choices=("train", "val", "test"))  # the split of data_dir to score
+    data_dir: str = ""                   # the split's folder; default: the data the checkpoint was trained on
+    text_file: str = ""                  # score this UTF-8 text file instead of a split
+    word_convention: str = setting("auto", choices=("auto", "whitespace", "classic"))  # auto: the split's own
+                                                                                       # (meta.json); a file:
+                                                                                       # whitespace
+    stride: int = setting(0, low=0)      # tokens between window starts; 0: block_size // 2
+    batch_size: int = setting(8, low=1)  # windows per forward pass
+    max_tokens: int = setting(0, low=0)  # score only the first max_tokens tokens (0: all), for a quick look
+    json: bool = False                   # print one JSON object instead of a table
+    device: str = "auto"                 # auto: cuda, then mps, then cpu
+    dtype: str = "auto"                  # float32 | bfloat16 | float16; auto: bf16 where the hardware has it
+    quantize: str = setting("none", choices=("none", "int8"))  # int8 weights, on the CPU
 
 
 # ----------------------------------------------------------------------------- scoring with sliding windows
@@ -158,9 +160,7 @@ def check_convention(convention):
 
 def check_same_tokenizer(tokenizer, data_dir):
     """Token ids only mean something under the tokenizer that made them: refuse a data_dir tokenized differently."""
-    theirs = load_tokenizer(data_dir)
-    if (theirs.merges, theirs.token_ids, theirs.special_tokens) != (tokenizer.merges, tokenizer.token_ids,
-                                                                     tokenizer.special_tokens):
+    if load_tokenizer(data_dir).fingerprint() != tokenizer.fingerprint():
         raise UserError(f"{data_dir} was tokenized with another tokenizer than the model's: give the --data_dir "
                         f"it was trained on, or prepare the data with the model's tokenizer")
 
@@ -169,15 +169,13 @@ def check_same_tokenizer(tokenizer, data_dir):
 
 def main():
     config = parse_config(EvaluateConfig)
-    if config.word_convention != "auto":
-        check_convention(config.word_convention)
-    if config.batch_size < 1 or config.max_tokens < 0:
-        raise UserError("--batch_size must be at least 1 and --max_tokens at least 0")
     model, tokenizer, checkpoint = load_for_inference(config.out_dir, config.device, config.dtype, config.quantize)
     block = model.config.block_size
     stride = config.stride or max(1, block // 2)
     if config.text_file:
         text = read_utf8(config.text_file, "--text_file")
+        if not text.split():
+            raise UserError(f"--text_file={config.text_file} has no text to score (it is empty or only whitespace)")
         convention = "whitespace" if config.word_convention == "auto" else config.word_convention
         result = evaluate_text(model, tokenizer, text, convention, stride, config.batch_size)
         source = config.text_file
@@ -185,6 +183,7 @@ def main():
         data_dir = config.data_dir or checkpoint.get("train_config", {}).get("data_dir")
         if not data_dir:
             raise UserError(f"{config.out_dir} does not say what data it was trained on: pass --data_dir=DIR")
+        load_meta(data_dir)  # a missing data folder says so, and what to run
         check_same_tokenizer(tokenizer, data_dir)
         result = evaluate_split(model, tokenizer, data_dir, config.split, config.word_convention, stride,
                                 config.batch_size, config.max_tokens)

@@ -16,7 +16,7 @@ import torch
 import torch.nn as nn
 
 from checkpoint import is_checkpoint, load_model, read_checkpoint
-from cli import UserError
+from cli import UserError, setting
 from gpt2 import GPT2_MODELS, is_gpt2
 from lora import add_lora
 from model import GPT, GPTConfig
@@ -27,33 +27,33 @@ from tokenizer import load_tokenizer
 @dataclass
 class FinetuneConfig:
     # the model to start from
-    init_from: str = "out-wikitext-tiny"  # a train.py checkpoint folder, gpt2[-medium|-large|-xl], a folder with
-                                          # model.safetensors + config.json (Hugging Face format), or scratch
-                                          # (random weights of the shape below)
-    out_dir: str = "out-finetune"         # the fine-tuned model, its tokenizer and results.json go here
-    trainable: str = "all"                # all | last_block | lora (see finetune_classifier.py)
-    lora_rank: int = 8                    # rank of each LoRA update
-    lora_alpha: float = 16.0              # the update is scaled by lora_alpha / lora_rank
-    dropout: float = 0.1                  # while fine-tuning (replaces the model's own)
-    gpt2_dir: str = ""                    # GPT-2's tokenizer files (vocab.json + merges.txt, or encoder.json +
-                                          # vocab.bpe); empty: beside the weights, else downloaded
-    cache_dir: str = "data/cache"         # downloads: data, GPT-2 weights
+    init_from: str = "out-wikitext-tiny"    # a train.py checkpoint folder, gpt2[-medium|-large|-xl], a folder with
+                                            # model.safetensors + config.json (Hugging Face format), or scratch
+                                            # (random weights of the shape below)
+    out_dir: str = "out-finetune"           # the fine-tuned model, its tokenizer and results.json go here
+    trainable: str = "all"                  # all | last_block | lora (see finetune_classifier.py)
+    lora_rank: int = setting(8, low=1)      # rank of each LoRA update
+    lora_alpha: float = setting(16.0, above=0)  # the update is scaled by lora_alpha / lora_rank
+    dropout: float = setting(0.1, low=0, below=1)  # while fine-tuning (replaces the model's own)
+    gpt2_dir: str = ""                      # GPT-2's tokenizer files (vocab.json + merges.txt, or encoder.json +
+                                            # vocab.bpe); empty: beside the weights, else downloaded
+    cache_dir: str = "data/cache"           # downloads: data, GPT-2 weights
     # --init_from=scratch: the tokenizer and shape (defaults: config/wikitext_tiny.py's, for a fair comparison)
     tokenizer_dir: str = "data/wikitext-2"  # a folder with vocab.json + merges.txt
-    block_size: int = 128                 # context of the random model
-    hidden_size: int = 256                # its width
-    num_hidden_layers: int = 4            # its blocks
-    num_attention_heads: int = 4          # its heads
+    block_size: int = setting(128, low=1)   # context of the random model
+    hidden_size: int = setting(256, low=1)  # its width
+    num_hidden_layers: int = setting(4, low=1)  # its blocks
+    num_attention_heads: int = setting(4, low=1)  # its heads
     # training
-    num_epochs: int = 5                   # passes over the train split; the best val epoch is kept
-    batch_size: int = 8                   # examples per step
-    learning_rate: float = 3e-4           # AdamW, constant
-    weight_decay: float = 0.1             # on matrices only
-    grad_clip: float = 1.0                # clip the gradient norm to this; 0 turns clipping off
-    seed: int = 123                       # data split and order, new weights, dropout
-    device: str = "auto"                  # auto: cuda, then mps, then cpu
-    dtype: str = "auto"                   # float32 | bfloat16 | float16 (with loss scaling); auto: bf16 where the
-                                          # hardware has it (runtime.py)
+    num_epochs: int = setting(5, low=1)     # passes over the train split; the best val epoch is kept
+    batch_size: int = setting(8, low=1)     # examples per step
+    learning_rate: float = setting(3e-4, above=0)  # AdamW, constant
+    weight_decay: float = setting(0.1, low=0)  # on matrices only
+    grad_clip: float = setting(1.0, low=0)  # clip the gradient norm to this; 0 turns clipping off
+    seed: int = setting(123, low=0, high=2**62)  # data split and order, new weights, dropout
+    device: str = "auto"                    # auto: cuda, then mps, then cpu
+    dtype: str = "auto"                     # float32 | bfloat16 | float16 (loss scaled); auto: bf16 where the
+                                            # hardware has it
 
 
 # ----------------------------------------------------------------------------- the model to start from
@@ -93,13 +93,6 @@ def count_parameters(model):
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     return trainable, sum(p.numel() for p in model.parameters())
 
-
-def check_training_settings(config, modes):
-    """The settings both fine-tuning scripts share, checked before any work."""
-    if config.trainable not in modes:
-        raise UserError(f"--trainable={config.trainable}: choose one of {', '.join(modes)}")
-    if config.num_epochs < 1 or config.batch_size < 1:
-        raise UserError("--num_epochs and --batch_size must be at least 1")
 
 # ----------------------------------------------------------------------------- training
 

@@ -44,9 +44,9 @@ import torch
 import torch.nn.functional as F
 
 from checkpoint import save_checkpoint
-from cli import UserError, config_to_dict, parse_config, read_utf8, run_main
+from cli import UserError, config_to_dict, parse_config, read_utf8, run_main, setting
 from common import atomic_write, download, sha256_of, write_json
-from finetune import (FinetuneConfig, GPTClassifier, check_training_settings, classify, count_parameters,
+from finetune import (FinetuneConfig, GPTClassifier, classify, count_parameters,
                       encode_texts, fit, load_base_model, load_classifier, pad_batch, run_epoch, set_trainable)
 from lora import merged_state_dict
 from runtime import pick_device
@@ -54,16 +54,18 @@ from runtime import pick_device
 
 @dataclass
 class FinetuneClassifierConfig(FinetuneConfig):  # the settings of finetune.py, then these
-    out_dir: str = "out-spam"         # the classifier, its tokenizer and results.json go here
-    trainable: str = "all"            # all | last_block | head | lora (see the top of this file)
+    out_dir: str = "out-spam"            # the classifier, its tokenizer and results.json go here
+    trainable: str = setting("all", choices=("all", "last_block", "head", "lora"))  # what learns (see the top of this
+                                                                                    # file)
     # data
-    data: str = ""                    # labelled texts (TSV or CSV); empty: the SMS Spam Collection, downloaded
-    label_column: str = ""            # a header name or a 0-based index; empty: a 'label' header, else column 0
-    text_column: str = ""             # likewise: a 'text' / 'message' header, else column 1
-    balance: bool = True              # cut every label to the rarest one's count (False: keep all, split per label)
-    max_length: int = 0               # tokens read per text, the rest cut; 0: the longest train text (<= block)
+    data: str = ""                       # labelled texts (TSV or CSV); empty: the SMS Spam Collection, downloaded
+    label_column: str = ""               # a header name or a 0-based index; empty: a 'label' header, else column 0
+    text_column: str = ""                # likewise: a 'text' / 'message' header, else column 1
+    balance: bool = True                 # cut every label to the rarest one's count (False: keep all, split per
+                                         # label)
+    max_length: int = setting(0, low=0)  # tokens read per text; 0: the longest train text (<= block)
     # inference only
-    classify: str = ""                # print the label of this text with the model in out_dir
+    classify: str = ""                   # print the label of this text with the model in out_dir
 
 
 TRAINABLE = ("all", "last_block", "head", "lora")
@@ -229,7 +231,6 @@ def main():
         label, probability = classify(model, tokenizer, [config.classify])[0]
         print(f"{label} ({probability:.1%})")
         return
-    check_training_settings(config, TRAINABLE)
     train_classifier(config, device)
 
 

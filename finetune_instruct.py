@@ -25,9 +25,9 @@ from pathlib import Path
 import torch
 
 from checkpoint import load_model, save_checkpoint
-from cli import UserError, config_to_dict, parse_config, read_utf8, run_main
+from cli import UserError, config_to_dict, parse_config, read_utf8, run_main, setting
 from common import download, write_json
-from finetune import (FinetuneConfig, check_training_settings, count_parameters, fit, format_prompt, load_base_model,
+from finetune import (FinetuneConfig, count_parameters, fit, format_prompt, load_base_model,
                       run_epoch, set_trainable)
 from lora import merged_state_dict
 from runtime import pick_device
@@ -35,18 +35,19 @@ from runtime import pick_device
 
 @dataclass
 class FinetuneInstructConfig(FinetuneConfig):  # the settings of finetune.py, then these
-    out_dir: str = "out-instruct"     # the model, its tokenizer, test_responses.json and results.json go here
-    trainable: str = "all"            # all | last_block | lora (see finetune_classifier.py)
+    out_dir: str = "out-instruct"             # the model, its tokenizer, test answers and results go here
+    trainable: str = setting("all", choices=("all", "last_block", "lora"))  # what learns (see finetune_classifier.py)
     # data
-    data: str = ""                    # a JSON list of Alpaca-style records; empty: the 1,100-record set, downloaded
-    mask_prompt: bool = True          # train on the response tokens only
-    max_length: int = 0               # tokens per record (prompt + response + end-of-text), the rest cut; 0: block_size
+    data: str = ""                            # a JSON list of Alpaca-style records; empty: the 1,100-record set,
+                                              # downloaded
+    mask_prompt: bool = True                  # train on the response tokens only
+    max_length: int = setting(0, low=0)       # tokens per record (prompt, response, end-of-text); 0: block_size
     # answering
-    max_new_tokens: int = 200         # the longest answer, in tokens
-    temperature: float = 0.0          # 0: greedy, the most likely token at every step
-    top_k: int = 0                    # sample from the k most likely tokens only (0: all)
-    prompt: str = ""                  # answer this instruction with the model in out_dir (no training)
-    input: str = ""                   # the optional input that goes with --prompt
+    max_new_tokens: int = setting(200, low=0)  # the longest answer, in tokens
+    temperature: float = setting(0.0, low=0)  # 0: greedy, the most likely token at every step
+    top_k: int = setting(0, low=0)            # sample from the k most likely tokens only (0: all)
+    prompt: str = ""                          # answer this instruction with the model in out_dir (no training)
+    input: str = ""                           # the optional input that goes with --prompt
 
 
 DATA_URL = ("https://raw.githubusercontent.com/rasbt/LLMs-from-scratch/main/ch07/01_main-chapter-code/"
@@ -215,7 +216,6 @@ def main():
         print(respond(model, tokenizer, {"instruction": config.prompt, "input": config.input}, config.max_new_tokens,
                       config.temperature, config.top_k))
         return
-    check_training_settings(config, TRAINABLE)
     train_instruct(config, device)
 
 

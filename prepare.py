@@ -16,6 +16,7 @@ split's text back byte for byte. Downloads are cached in cache_dir and checked a
 
 import hashlib
 import json
+import os
 import re
 import sys
 import time
@@ -25,27 +26,28 @@ from pathlib import Path
 
 import numpy as np
 
-from cli import UserError, decode_utf8, parse_config, read_utf8, run_main
+from cli import UserError, check_settings, decode_utf8, parse_config, read_utf8, run_main, setting
 from common import Progress, atomic_write, download, sha256_of, write_json
 from tokenizer import GPT2_MERGES_SHA256, GPT2_VOCAB_SHA256, BPETokenizer
 
 
 @dataclass
 class PrepareConfig:
-    dataset: str = "wikitext-2-raw"     # wikitext-2-raw (plain text) or wikitext-2 (the tokenized release)
-    source: str = ""                    # folder (or the upstream .zip) holding the WikiText files: no download
-    input: str = ""                     # your own UTF-8 text file(s), comma-separated, instead of WikiText
-    val_fraction: float = 0.1           # --input: the last part of the text (cut at a line break) held out for val
-    test_fraction: float = 0.0          # --input: the part after val held out for test (none by default)
-    out_dir: str = ""                   # default: data/<dataset>
-    cache_dir: str = "data/cache"       # where downloads are kept
-    tokenizer: str = "bpe"              # bpe (train our own on the train split) or gpt2 (GPT-2's 50,257 ids)
-    vocab_size: int = 8192              # bpe: ids in all; 8192 keeps the embedding table small next to a
-                                        # ~10M-parameter model, yet most words are one token
-    min_frequency: int = 2              # a pair must occur this often to become a merge
-    special_tokens: tuple[str, ...] = ("<|endoftext|>",)   # bpe: ids after the merges; <|endoftext|> is required
-    gpt2_dir: str = ""                  # folder with GPT-2's encoder.json + vocab.bpe (else downloaded)
-    check_sha256: bool = True           # refuse WikiText/GPT-2 files that differ from the published ones
+    dataset: str = "wikitext-2-raw"         # wikitext-2-raw (plain text) or wikitext-2 (the tokenized release)
+    source: str = ""                        # folder (or the upstream .zip) of the WikiText files: no download
+    input: str = ""                         # your own UTF-8 text file(s), comma-separated, instead of WikiText
+    val_fraction: float = setting(0.1, above=0, below=1)  # --input: the end of the text (at a line break), for val
+    test_fraction: float = setting(0.0, low=0, below=1)  # --input: the part after val held out for test
+    out_dir: str = ""                       # default: data/<dataset>
+    cache_dir: str = "data/cache"           # where downloads are kept
+    tokenizer: str = setting("bpe", choices=("bpe", "gpt2"))  # bpe: trained on the train split; gpt2: GPT-2's 50,257
+                                                              # ids
+    vocab_size: int = setting(8192, low=257, high=65536)  # bpe: ids in all; 8192 keeps the embedding table small, yet
+                                                          # most words are one token
+    min_frequency: int = setting(2, low=1)  # a pair must occur this often to become a merge
+    special_tokens: tuple[str, ...] = ("<|endoftext|>",)  # bpe: ids after the merges; <|endoftext|> is required
+    gpt2_dir: str = ""                      # folder with GPT-2's encoder.json + vocab.bpe (else downloaded)
+    check_sha256: bool = True               # refuse WikiText/GPT-2 files that differ from the published ones
 
 
 SPLITS = ("train", "val", "test")
@@ -261,16 +263,16 @@ def load_split(data_dir, split):
 
 def check_config(config):
     """Everything that can be refused before any download or training."""
+    check_settings(config)
+    if config.out_dir and os.path.exists(config.out_dir) and not os.path.isdir(config.out_dir):
+        raise UserError(f"--out_dir={config.out_dir} is a file: choose a folder")
     if not config.input and config.dataset not in WIKITEXT:
         raise UserError(f"unknown --dataset={config.dataset}: choose {' or '.join(WIKITEXT)}, or give --input=FILE")
     if config.input and config.source:
         raise UserError("--source is for WikiText files; your own files go in --input alone")
-    if config.tokenizer not in ("bpe", "gpt2"):
-        raise UserError(f"unknown --tokenizer={config.tokenizer}: choose bpe or gpt2")
-    if not (0 < config.val_fraction and 0 <= config.test_fraction and config.val_fraction + config.test_fraction < 1):
-        raise UserError("--val_fraction must be > 0, --test_fraction >= 0, and together below 1")
+    if config.val_fraction + config.test_fraction >= 1:
+        raise UserError("--val_fraction and --test_fraction together must be below 1: train needs the rest")
     if config.tokenizer == "bpe":
-        check_vocab_fits(config.vocab_size)
         if "<|endoftext|>" not in config.special_tokens:
             raise UserError("--special_tokens must include <|endoftext|>: it marks where each document starts")
         if config.vocab_size < 256 + len(config.special_tokens):

@@ -21,7 +21,7 @@ class Int8Linear(nn.Module):
         weight = linear.weight.detach().float()
         scale = weight.abs().amax(dim=1).clamp(min=1e-8) / 127  # symmetric: a row's largest weight maps to 127
         zero = torch.zeros(weight.size(0), dtype=torch.long)
-        with warnings.catch_warnings():  # quantized tensors are marked deprecated, yet remain the way to reach the kernels
+        with warnings.catch_warnings():  # quantized tensors are marked deprecated, yet remain the way to the kernels
             warnings.filterwarnings("ignore", message=".*quantize_per_channel.*deprecated", category=UserWarning)
             qweight = torch.quantize_per_channel(weight, scale.double(), zero, axis=0, dtype=torch.qint8)
         bias = None if linear.bias is None else linear.bias.detach().float()

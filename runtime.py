@@ -21,10 +21,18 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 
 def pick_device(device="auto"):
-    """'auto' picks cuda, then mps (Apple), then cpu; any other value is used as given."""
-    if device != "auto":
-        return device
-    return "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
+    """'auto' picks cuda, then mps (Apple), then cpu; cpu, cuda, cuda:N and mps are used as given, if present."""
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
+    if not re.fullmatch(r"cpu|mps|cuda(:\d+)?", device):
+        raise UserError(f"--device must be auto, cpu, cuda, cuda:N or mps, got '{device}'")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError(f"--device={device}, but torch sees no CUDA GPU here: use --device=cpu (or auto)")
+    if device.startswith("cuda:") and int(device[5:]) >= torch.cuda.device_count():
+        raise UserError(f"--device={device}, but there are {torch.cuda.device_count()} GPUs (cuda:0 ...)")
+    if device == "mps" and not torch.backends.mps.is_available():
+        raise UserError("--device=mps, but there is no Apple GPU here: use --device=cpu (or auto)")
+    return device
 
 
 @functools.cache

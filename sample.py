@@ -20,7 +20,7 @@ import time
 from dataclasses import dataclass
 
 from checkpoint import load_for_inference
-from cli import UserError, parse_config, read_utf8, run_main
+from cli import UserError, parse_config, read_utf8, run_main, setting
 from generate import decode_stream, encode_prompt, generate_ids
 
 SEPARATOR = "\n---------------\n"
@@ -28,18 +28,18 @@ SEPARATOR = "\n---------------\n"
 
 @dataclass
 class SampleConfig:
-    out_dir: str = "out"          # a train.py checkpoint folder, or gpt2 / gpt2-medium / ... / a GPT-2 folder
-    start: str = ""               # the prompt, or FILE:path to read it from a file
-    num_samples: int = 1          # samples to write, one after another
-    max_new_tokens: int = 200     # tokens to generate per sample (fewer if the model writes end-of-text)
-    temperature: float = 0.8      # 0: greedy, always the most likely token
-    top_k: int = 200              # sample among the k most likely tokens; 0: all of them
-    top_p: float = 1.0            # sample among the most likely tokens up to this total probability; 1.0: all
-    seed: int = 1337              # sample i uses seed + i, so each sample can be reproduced alone
-    device: str = "auto"          # auto: cuda, then mps, then cpu
-    dtype: str = "auto"           # float32 | bfloat16 | float16; auto: bf16 where the hardware has it (runtime.py)
-    quantize: str = "none"        # none | int8: int8 weights for every linear layer, the output head included (CPU)
-    compile: bool = False         # torch.compile the decode step (CUDA graphs on a GPU): for GPUs
+    out_dir: str = "out"                      # a train.py checkpoint folder, or a GPT-2 name or folder
+    start: str = ""                           # the prompt, or FILE:path to read it from a file
+    num_samples: int = setting(1, low=1)      # samples to write, one after another
+    max_new_tokens: int = setting(200, low=0)  # tokens per sample (fewer if the model writes end-of-text)
+    temperature: float = setting(0.8, low=0)  # 0: greedy, always the most likely token
+    top_k: int = setting(200, low=0)          # sample among the k most likely tokens; 0: all of them
+    top_p: float = setting(1.0, above=0, high=1)  # sample among the likeliest tokens up to this probability; 1: all
+    seed: int = setting(1337, low=0, high=2**62)  # sample i uses seed + i, so each sample can be reproduced alone
+    device: str = "auto"                      # auto: cuda, then mps, then cpu
+    dtype: str = "auto"                       # float32 | bfloat16 | float16; auto: bf16 where the hardware has it
+    quantize: str = setting("none", choices=("none", "int8"))  # int8 weights for every linear layer, on the CPU
+    compile: bool = False                     # torch.compile the decode step (CUDA graphs on a GPU): for GPUs
 
 
 # ----------------------------------------------------------------------------- command line
@@ -58,10 +58,6 @@ def tee_into(items, seen):
 
 def main():
     config = parse_config(SampleConfig)
-    if config.num_samples < 1 or config.max_new_tokens < 0:
-        raise UserError("--num_samples must be at least 1 and --max_new_tokens at least 0")
-    if config.temperature < 0 or config.top_k < 0 or not 0 < config.top_p <= 1:
-        raise UserError("--temperature and --top_k must be >= 0, and --top_p in (0, 1]")
     prompt = read_prompt(config.start)
     model, tokenizer, _ = load_for_inference(config.out_dir, config.device, config.dtype, config.quantize,
                                              config.compile)

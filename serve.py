@@ -35,9 +35,12 @@ production WSGI server run one process (one copy of the model and its engine) wi
 import contextlib
 import difflib
 import hmac
+import itertools
 import json
 import math
 import os
+import select
+import socket
 import threading
 import time
 import uuid
@@ -45,9 +48,10 @@ from dataclasses import dataclass
 
 from flask import Flask, Response, jsonify, request
 from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
+from werkzeug.serving import WSGIRequestHandler
 
 from checkpoint import load_for_inference
-from cli import UserError, parse_config, run_main
+from cli import check_settings, parse_config, run_main, setting
 from engine import BatchEngine
 from finetune import classify, format_prompt, has_prompt_format, load_classifier
 from generate import decode_stream, encode_prompt
@@ -56,16 +60,17 @@ from runtime import pick_device
 
 @dataclass
 class ServeConfig:
-    out_dir: str = "out-wikitext-small"   # a train.py checkpoint folder (or gpt2, ... as sample.py takes them)
-    classifier_dir: str = ""              # a finetune_classifier.py folder; empty: /v1/classify answers 404
-    host: str = "127.0.0.1"               # 0.0.0.0 would answer the whole network: set GPT_API_TOKEN first
-    port: int = 8000                      # TCP port to listen on
-    device: str = "auto"                  # auto: cuda, then mps, then cpu
-    dtype: str = "auto"                   # float32 | bfloat16 | float16; auto: bf16 where the hardware has it
-    max_batch_size: int = 32              # requests decoded together (rows of the KV cache); 1: one at a time
-    max_tokens_limit: int = 500           # the most tokens one request may ask for
-    max_prompt_chars: int = 10_000        # longest prompt (all messages, or text to classify), in characters
-    max_body_bytes: int = 64 * 1024       # larger request bodies are refused unread
+    out_dir: str = "out-wikitext-small"       # a train.py checkpoint folder (or gpt2, ... as sample.py takes them)
+    classifier_dir: str = ""                  # a finetune_classifier.py folder; empty: /v1/classify answers 404
+    host: str = "127.0.0.1"                   # 0.0.0.0 would answer the whole network: set GPT_API_TOKEN first
+    port: int = setting(8000, low=1, high=65535)  # TCP port to listen on
+    device: str = "auto"                      # auto: cuda, then mps, then cpu
+    dtype: str = "auto"                       # float32 | bfloat16 | float16; auto: bf16 where the hardware has it
+    max_batch_size: int = setting(32, low=1)  # requests decoded together (rows of the KV cache); 1: one at a time
+    max_tokens_limit: int = setting(500, low=1)  # the most tokens one request may ask for
+    max_prompt_chars: int = setting(10_000, low=1)  # longest prompt (all messages, or a text to classify)
+    max_body_bytes: int = setting(64 * 1024, low=1)  # larger request bodies are refused unread
+    request_timeout: float = setting(60.0, above=0)  # seconds a client may stall mid-request before it is cut off
 
 
 TOKEN_ENV = "GPT_API_TOKEN"
@@ -115,8 +120,8 @@ def sampling_fields(config, default_max_tokens):
         "stream_options": (None, lambda v: isinstance(v, dict) and set(v) <= {"include_usage"}
                            and isinstance(v.get("include_usage", False), bool), 'must be {"include_usage": bool}'),
         "user": (None, lambda v: isinstance(v, str), "must be a string"),
-        "presence_penalty": (0, lambda v: v == 0, "is not supported: leave it out or 0"),
-        "frequency_penalty": (0, lambda v: v == 0, "is not supported: leave it out or 0"),
+        "presence_penalty": (0, number(float, 0, 0), "is not supported: leave it out or 0"),
+        "frequency_penalty": (0, number(float, 0, 0), "is not supported: leave it out or 0"),
         "logit_bias": (None, lambda v: v == {}, "is not supported: leave it out"),
         "logprobs": (None, lambda v: v is False or v == 0, "is not supported: leave it out"),
     }
@@ -286,12 +291,31 @@ def sse(data):
     return f"data: {json.dumps(data) if not isinstance(data, str) else data}\n\n"
 
 
-def completion_response(completion, model_name, chat, stream, include_usage, logger):
-    """The OpenAI answer to a completion: one JSON object, or a text/event-stream of chunks ending in [DONE]."""
+def client_gone(environ):
+    """Whether the client of this request has closed its connection (a peek: its next request stays unread)."""
+    sock = environ.get("werkzeug.socket") or environ.get("gunicorn.socket")
+    if sock is None:
+        return False
+    try:
+        readable, _, _ = select.select([sock], [], [], 0)
+        return bool(readable) and sock.recv(1, socket.MSG_PEEK) == b""
+    except (OSError, ValueError):  # closed already
+        return True
+
+
+def completion_response(completion, model_name, chat, stream, include_usage, logger, environ):
+    """The OpenAI answer to a completion: one JSON object, or a text/event-stream of chunks ending in [DONE]. A client
+    that hangs up stops its generation, streamed or not."""
     header = {"id": f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}", "created": int(time.time()),
               "model": model_name}
+    pieces = iter(completion)
     if not stream:
-        text = "".join(completion)
+        text = ""
+        for piece in pieces:
+            text += piece
+            if client_gone(environ):
+                completion.close()
+                return Response(status=499)  # nobody reads it: the status is for the log ("client closed request")
         choice = ({"message": {"role": "assistant", "content": text}} if chat else {"text": text, "logprobs": None})
         return jsonify(**header, object="chat.completion" if chat else "text_completion",
                        choices=[{"index": 0, **choice, "finish_reason": completion.finish_reason}],
@@ -306,12 +330,15 @@ def completion_response(completion, model_name, chat, stream, include_usage, log
         return sse({**header, "object": "chat.completion.chunk" if chat else "text_completion",
                     "choices": [{"index": 0, **choice, "finish_reason": finish_reason}]})
 
+    # the first piece before the status line: a request that fails at its start gets a 500, not a 200 and a cut stream
+    first = next(pieces, None)
+
     def events():
         with contextlib.closing(completion):
             try:
                 if chat:
                     yield chunk(first=True)
-                for piece in completion:
+                for piece in itertools.chain([] if first is None else [first], pieces):
                     yield chunk(piece)
                 yield chunk(finish_reason=completion.finish_reason)
                 if include_usage:
@@ -336,11 +363,8 @@ def serve_config(config, settings):
     if isinstance(config, str):
         config, settings = None, {"out_dir": config, **settings}
     if config is None:  # the command line's checks and messages, for settings given in Python
-        config = parse_config(ServeConfig, [f"--{name}={value}" for name, value in settings.items()])
-    for name in ("max_batch_size", "max_tokens_limit", "max_prompt_chars", "max_body_bytes"):
-        if getattr(config, name) < 1:
-            raise UserError(f"--{name} must be at least 1, got {getattr(config, name)}")
-    return config
+        return parse_config(ServeConfig, [f"--{name}={value}" for name, value in settings.items()])
+    return check_settings(config)
 
 
 def require_token(app, token):
@@ -400,7 +424,8 @@ def create_app(config=None, **settings):
     def complete(prompt, req, chat):
         completion = Completion(engine, tokenizer, prompt, req)
         include_usage = bool((req["stream_options"] or {}).get("include_usage"))
-        return completion_response(completion, name, chat, req["stream"], include_usage, app.logger)
+        return completion_response(completion, name, chat, req["stream"], include_usage, app.logger,
+                                   request.environ)
 
     @app.get("/")
     def page():
@@ -532,7 +557,11 @@ def main():
     if config.host not in ("127.0.0.1", "localhost", "::1") and not os.environ.get(TOKEN_ENV):
         print(f"warning: listening on {config.host} without {TOKEN_ENV}: anyone who can reach it can use the model")
     print(f"serving {config.out_dir} on http://{config.host}:{config.port}/v1 (OpenAI API; a page at /)", flush=True)
-    app.run(config.host, config.port, debug=False, use_reloader=False, threaded=True)
+
+    class RequestHandler(WSGIRequestHandler):
+        timeout = config.request_timeout  # a client that stalls sending its request (or reading) is cut off
+
+    app.run(config.host, config.port, debug=False, use_reloader=False, threaded=True, request_handler=RequestHandler)
 
 
 if __name__ == "__main__":

@@ -16,6 +16,7 @@ same algorithm in a few lines of plain Python. Files are Hugging Face's byte-lev
 vocab.bpe are the same format under other names), so HF `tokenizers` and we read each other's files.
 """
 
+import hashlib
 import heapq
 import json
 import multiprocessing
@@ -93,10 +94,10 @@ def count_pretokens_parallel(texts, min_chars=1 << 20):
     workers, readers = [], []
     for group in (texts[i::n_procs] for i in range(n_procs)):
         reader, writer = ctx.Pipe(duplex=False)
-        workers.append(ctx.Process(target=_count_and_send, args=(group, writer), daemon=True))
+        readers.append(reader)
+        workers.append(ctx.Process(target=_count_and_send, args=(group, writer, readers), daemon=True))
         workers[-1].start()
         writer.close()  # the worker holds the only writer now: if it dies, recv() raises EOFError, no hang
-        readers.append(reader)
     total = Counter()
     for reader in readers:
         total.update(reader.recv())
@@ -114,7 +115,11 @@ def cut_text(text, size):
     return pieces + [text[start:]]
 
 
-def _count_and_send(texts, connection):
+def _count_and_send(texts, connection, inherited_readers):
+    """A worker: count, then send. It closes the read ends it inherited from the fork, so that the parent holds the
+    only one: if the parent dies, the send fails (BrokenPipeError) and the worker ends instead of waiting forever."""
+    for reader in inherited_readers:
+        reader.close()
     with connection:
         connection.send(count_pretokens(texts))
 
@@ -247,6 +252,11 @@ class Tokenizer:
             atomic_write(out_dir / name, lambda tmp: tmp.write_text(text, encoding="utf-8"))
         return list(files)
 
+    def fingerprint(self):
+        """A sha256 of the ids, tokens and merges: equal fingerprints, the same tokenizer, whatever its files' names."""
+        vocab, merges = self._vocab_and_merges()
+        return hashlib.sha256(json.dumps([vocab, merges], ensure_ascii=False).encode("utf-8")).hexdigest()
+
     def _vocab_and_merges(self):
         """{token as written in the files: id}, ordered by id, and the merges as "left right" lines. The files
         write bytes with GPT-2's printable characters: b" the" -> "Ġthe"."""
@@ -263,8 +273,8 @@ class Tokenizer:
         return {"version": "1.0", "truncation": None, "padding": None,
                 "added_tokens": [{"id": i, "content": s, "single_word": False, "lstrip": False, "rstrip": False,
                                   "normalized": False, "special": True} for s, i in self.special_tokens.items()],
-                "normalizer": None, "pre_tokenizer": byte_level, "post_processor": {**byte_level, "trim_offsets": False},
-                "decoder": byte_level,
+                "normalizer": None, "pre_tokenizer": byte_level, "decoder": byte_level,
+                "post_processor": {**byte_level, "trim_offsets": False},
                 "model": {"type": "BPE", "dropout": None, "unk_token": None, "continuing_subword_prefix": "",
                           "end_of_word_suffix": "", "fuse_unk": False, "byte_fallback": False, "vocab": vocab,
                           "merges": merges}}
@@ -293,6 +303,8 @@ class BPETokenizer(Tokenizer):
             raise ValueError(f"vocab_size={vocab_size} leaves no room for the 256 bytes and {special_tokens}")
         t0 = time.time()
         words = count_pretokens_parallel(texts)
+        if not any(word.strip() for word in words):
+            raise cli.UserError("the training text has no words to learn merges from: give a text that has some")
         t1 = time.time()
         merges = learn_merges(words, n_merges, min_frequency)
         if verbose:
@@ -313,6 +325,9 @@ class BPETokenizer(Tokenizer):
         Ids are kept as the file has them. A vocab entry that is neither a byte nor made by a merge is a special
         token. A merge that remakes an existing token is dropped (tiktoken knows one rank per byte string)."""
         vocab_path = Path(directory_or_vocab_path)
+        if merges_path is None and not vocab_path.is_dir():
+            raise cli.UserError(f"no tokenizer in {vocab_path}: it is not a folder (one that prepare.py or train.py "
+                                f"wrote holds vocab.json + merges.txt)")
         if vocab_path.is_dir():
             hf_names = (vocab_path / "vocab.json").exists()
             vocab_path, merges_path = [vocab_path / name for name in (("vocab.json", "merges.txt") if hf_names
@@ -379,17 +394,19 @@ def load_tokenizer(directory):
 
 @dataclass
 class TokenizerConfig:
-    train: str = ""                                  # UTF-8 text file to train on
-    vocab_size: int = 8192                           # ids in all: 256 bytes + merges + special tokens
-    min_frequency: int = 2                           # a pair must occur this often to become a merge
-    special_tokens: tuple[str, ...] = (ENDOFTEXT,)   # added after the merges, in this order
-    out: str = "out-tokenizer"                       # folder for vocab.json + merges.txt
+    train: str = ""             # UTF-8 text file to train on
+    vocab_size: int = cli.setting(8192, low=257)  # ids in all: 256 bytes + merges + special tokens
+    min_frequency: int = cli.setting(2, low=1)  # a pair must occur this often to become a merge
+    special_tokens: tuple[str, ...] = (ENDOFTEXT,)  # added after the merges, in this order
+    out: str = "out-tokenizer"  # folder for vocab.json + merges.txt
 
 
 def main():
     config = cli.parse_config(TokenizerConfig)
     if not config.train:
         raise cli.UserError("give a text file to train on: --train=FILE")
+    if os.path.exists(config.out) and not os.path.isdir(config.out):
+        raise cli.UserError(f"--out={config.out} is a file: choose a folder for vocab.json + merges.txt")
     if config.vocab_size < 256 + len(config.special_tokens):
         raise cli.UserError(f"--vocab_size must be at least {256 + len(config.special_tokens)} "
                             f"(256 bytes + {len(config.special_tokens)} special tokens)")

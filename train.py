@@ -23,57 +23,69 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from checkpoint import read_checkpoint, save_checkpoint
-from cli import UserError, config_to_dict, parse_config, print_user_errors_as_one_line
-from common import atomic_write, write_json
+from checkpoint import is_checkpoint, read_checkpoint, save_checkpoint
+from cli import UserError, config_to_dict, parse_config, print_user_errors_as_one_line, setting
+from common import atomic_write, folder_lock, write_json
 from model import GPT, GPTConfig
 from prepare import load_meta, load_split
+from tokenizer import load_tokenizer
 from runtime import autocast, compile_or_eager, peak_flops, pick_device, pick_dtype
 
 
 @dataclass
 class TrainConfig:
     # I/O
-    data_dir: str = "data/wikitext-2"     # a folder written by prepare.py
-    out_dir: str = "out"                  # checkpoint, log.jsonl, loss.png, config.json and the tokenizer go here
-    init_from: str = "scratch"            # 'scratch' or 'resume' (from out_dir/ckpt.pt)
-    eval_interval: int = 250              # iterations between evaluations (and checkpoints)
-    eval_iters: int = 50                  # batches per evaluation
-    log_interval: int = 10                # iterations between log lines
-    always_save_checkpoint: bool = True   # False: save only when val loss improves
-    wandb_log: bool = False               # also log to wandb (pip install wandb)
-    wandb_project: str = "gpt"            # wandb project name
-    wandb_run_name: str = "run"           # wandb run name
+    data_dir: str = "data/wikitext-2"         # a folder written by prepare.py
+    out_dir: str = "out"                      # the checkpoint, its log, loss curve, config and tokenizer
+    init_from: str = setting("scratch", choices=("scratch", "resume"))  # resume: from out_dir/ckpt.pt
+    overwrite: bool = False                   # scratch into an out_dir holding a checkpoint replaces it
+    eval_interval: int = setting(250, low=1)  # iterations between evaluations (and checkpoints)
+    eval_iters: int = setting(50, low=1)      # batches per evaluation
+    log_interval: int = setting(10, low=1)    # iterations between log lines
+    always_save_checkpoint: bool = True       # False: save only when val loss improves
+    wandb_log: bool = False                   # also log to wandb (pip install wandb)
+    wandb_project: str = "gpt"                # wandb project name
+    wandb_run_name: str = "run"               # wandb run name
     # data
-    batch_size: int = 16                  # sequences per micro-step per process
-    block_size: int = 256                 # tokens per sequence: the model's context
-    gradient_accumulation_steps: int = 1  # micro-steps per optimizer step, summed over all processes
+    batch_size: int = setting(16, low=1)      # sequences per micro-step per process
+    block_size: int = setting(256, low=1)     # tokens per sequence: the model's context
+    gradient_accumulation_steps: int = setting(1, low=1)  # micro-steps per optimizer step, summed over all processes
     # model
-    hidden_size: int = 384                # width of the residual stream
-    num_hidden_layers: int = 6            # transformer blocks
-    num_attention_heads: int = 6          # must divide hidden_size
-    dropout: float = 0.1                  # on attention weights, residual branches and embeddings while training
-    bias: bool = False                    # biases in Linear layers and LayerNorms (GPT-2 has them)
+    hidden_size: int = setting(384, low=1)    # width of the residual stream
+    num_hidden_layers: int = setting(6, low=1)  # transformer blocks
+    num_attention_heads: int = setting(6, low=1)  # must divide hidden_size
+    dropout: float = setting(0.1, low=0, below=1)  # on attention weights, residuals and embeddings in training
+    bias: bool = False                        # biases in Linear layers and LayerNorms (GPT-2 has them)
     # AdamW and the learning-rate schedule (linear warmup, then cosine decay to min_lr)
-    learning_rate: float = 1e-3           # the peak, reached after warmup_iters
-    max_iters: int = 5000                 # optimizer steps in all
-    weight_decay: float = 0.1             # on matrices only
-    beta1: float = 0.9                    # AdamW's first-moment decay
-    beta2: float = 0.99                   # AdamW's second-moment decay
-    grad_clip: float = 1.0                # clip the gradient norm to this; 0 turns clipping off
-    warmup_iters: int = 100               # linear warmup from ~0 to learning_rate
-    lr_decay_iters: int = 5000            # cosine decay ends here; usually = max_iters
-    min_lr: float = 1e-4                  # the rate after lr_decay_iters; usually learning_rate / 10
+    learning_rate: float = setting(1e-3, above=0)  # the peak, reached after warmup_iters
+    max_iters: int = setting(5000, low=1)     # optimizer steps in all
+    weight_decay: float = setting(0.1, low=0)  # on matrices only
+    beta1: float = setting(0.9, low=0, below=1)  # AdamW's first-moment decay
+    beta2: float = setting(0.99, low=0, below=1)  # AdamW's second-moment decay
+    grad_clip: float = setting(1.0, low=0)    # clip the gradient norm to this; 0 turns clipping off
+    warmup_iters: int = setting(100, low=0)   # linear warmup from ~0 to learning_rate
+    lr_decay_iters: int = setting(5000, low=0)  # cosine decay ends here; usually = max_iters
+    min_lr: float = setting(1e-4, low=0)      # the rate after lr_decay_iters; usually learning_rate / 10
     # system
-    device: str = "auto"                  # auto picks cuda, then mps, then cpu
-    dtype: str = "auto"                   # bfloat16 | float16 | float32; auto: bf16 where the hardware has it
-    compile: str = "auto"                 # torch.compile: auto = on for CUDA only
-    peak_flops: float = 0.0               # device peak FLOP/s for MFU; 0 = known GPUs only
-    seed: int = 1337                      # model init, data order and dropout
+    device: str = "auto"                      # auto picks cuda, then mps, then cpu
+    dtype: str = "auto"                       # bfloat16 | float16 | float32; auto: bf16 where the hardware has it
+    compile: str = setting("auto", choices=("auto", "True", "False"))  # torch.compile; auto: on CUDA only
+    peak_flops: float = setting(0.0, low=0)   # device peak FLOP/s for MFU; 0 = known GPUs only
+    seed: int = setting(1337, low=0, high=2**62)  # model init, data order and dropout
 
 
 print_user_errors_as_one_line()
 config = parse_config(TrainConfig)
+
+# ----------------------------------------------------------------------------- what out_dir may become
+
+# Nothing is written into out_dir before the first checkpoint, so a run that fails before it leaves the folder as it
+# found it; a trained folder is replaced only when asked.
+if os.path.exists(config.out_dir) and not os.path.isdir(config.out_dir):
+    raise UserError(f"--out_dir={config.out_dir} is a file: choose a folder")
+if config.init_from == "scratch" and is_checkpoint(config.out_dir) and not config.overwrite:
+    raise UserError(f"{config.out_dir} holds a trained model: continue it with --init_from=resume, choose another "
+                    f"--out_dir, or replace it with --overwrite=True")
 
 # ----------------------------------------------------------------------------- processes, device, precision
 
@@ -99,10 +111,7 @@ dtype = str(ptdtype).removeprefix("torch.")
 amp = autocast(device, ptdtype)
 scaler = torch.amp.GradScaler(device_type, enabled=ptdtype == torch.float16)  # fp16 gradients underflow unscaled
 
-compile_setting = config.compile.lower()
-if compile_setting not in ("auto", "true", "false"):
-    raise UserError(f"--compile must be auto, True or False, got '{config.compile}'")
-use_compile = compile_setting == "true" or (compile_setting == "auto" and device_type == "cuda")
+use_compile = config.compile == "True" or (config.compile == "auto" and device_type == "cuda")
 
 torch.manual_seed(config.seed)
 if device_type == "cuda":
@@ -152,12 +161,20 @@ try:
 except ValueError as e:  # a shape that cannot be built: the settings say so
     raise UserError(str(e))
 iter_num, best_val_loss, checkpoint = 0, float("inf"), None
+tokenizer_sha256 = load_tokenizer(config.data_dir).fingerprint()
 if config.init_from == "resume":
     checkpoint = read_checkpoint(config.out_dir)
     saved = checkpoint["model_config"]
     if saved["vocab_size"] != meta["vocab_size"]:
         raise UserError(f"vocab mismatch: the checkpoint has vocab_size={saved['vocab_size']} but {config.data_dir} "
                         f"has {meta['vocab_size']}; resume with the data it was trained on")
+    trained_with = checkpoint.get("tokenizer_sha256") or load_tokenizer(config.out_dir).fingerprint()
+    if trained_with != tokenizer_sha256:
+        raise UserError(f"{config.data_dir} was tokenized with another tokenizer than the checkpoint in "
+                        f"{config.out_dir}: resume with the data it was trained on")
+    if checkpoint["iter_num"] >= config.max_iters:
+        raise UserError(f"the checkpoint is at iteration {checkpoint['iter_num']}, and --max_iters={config.max_iters}: "
+                        f"raise --max_iters (and --lr_decay_iters) to train on")
     if config.block_size > saved["block_size"]:
         raise UserError(f"block_size={config.block_size} is beyond the model's {saved['block_size']} positions")
     changed = {k: (saved[k], v) for k, v in asdict(model_config).items() if k != "block_size" and saved[k] != v}
@@ -165,8 +182,6 @@ if config.init_from == "resume":
         print(f"resuming with the checkpoint's model shape; ignoring {changed}")
     model_config = GPTConfig(**saved)
     iter_num, best_val_loss = checkpoint["iter_num"], checkpoint["best_val_loss"]
-elif config.init_from != "scratch":
-    raise UserError(f"--init_from must be 'scratch' or 'resume', got '{config.init_from}'")
 
 model = GPT(model_config).to(device)
 if checkpoint is not None:
@@ -226,14 +241,30 @@ def estimate_loss():
 
 
 def write_checkpoint():
+    """Save the run atomically. The first save also writes what makes out_dir usable alone (meta.json, the tokenizer,
+    config.json) and the log so far: until then the folder is as this run found it."""
+    global pending_log
     checkpoint = {
         "model": raw_model.state_dict(), "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
         "model_config": asdict(model_config), "train_config": config_to_dict(config),
-        "iter_num": iter_num, "best_val_loss": best_val_loss,
+        "tokenizer_sha256": tokenizer_sha256, "iter_num": iter_num, "best_val_loss": best_val_loss,
         "rng": {"torch": torch.get_rng_state(), "data": train_gen.get_state(),
                 **({"cuda": torch.cuda.get_rng_state()} if device_type == "cuda" else {})},
     }
-    path = save_checkpoint(checkpoint, config.out_dir)
+    try:
+        if pending_log is not None:
+            for name in ["meta.json"] + meta["tokenizer"]["files"]:  # the out_dir alone is enough to sample from
+                source = os.path.join(config.data_dir, name)
+                atomic_write(os.path.join(config.out_dir, name), lambda tmp: shutil.copyfile(source, tmp))
+            write_json(os.path.join(config.out_dir, "config.json"), config_to_dict(config))
+            earlier = open(log_path).read() if config.init_from == "resume" and os.path.exists(log_path) else ""
+            rows = earlier + "".join(json.dumps(row) + "\n" for row in pending_log)
+            atomic_write(log_path, lambda tmp: tmp.write_text(rows))
+            pending_log = None
+        path = save_checkpoint(checkpoint, config.out_dir)
+    except OSError as e:  # a full disk, a read-only folder: the previous checkpoint is intact
+        raise UserError(f"cannot save into {config.out_dir} ({e.strerror or e}); the last checkpoint there is intact: "
+                        f"free some space or fix the permissions, then --init_from=resume")
     print(f"saved checkpoint to {path}")
 
 
@@ -245,7 +276,10 @@ def plot_losses(log_path, png_path):
         import matplotlib.pyplot as plt
     except ImportError:
         return
-    rows = [json.loads(line) for line in open(log_path)]
+    rows = []
+    for line in open(log_path):
+        with contextlib.suppress(ValueError):  # a line cut short by a crash
+            rows.append(json.loads(line))
     fig, ax = plt.subplots(figsize=(7, 4))
     for key, style in (("train_loss", "-"), ("val_loss", "o-")):
         points = [(r["iter"], r[key]) for r in rows if key in r]
@@ -260,10 +294,6 @@ def plot_losses(log_path, png_path):
 # ----------------------------------------------------------------------------- logging set-up
 
 if master:
-    os.makedirs(config.out_dir, exist_ok=True)
-    for name in ["meta.json"] + meta["tokenizer"]["files"]:  # the out_dir alone is enough to sample from
-        shutil.copy(os.path.join(config.data_dir, name), os.path.join(config.out_dir, name))
-    write_json(os.path.join(config.out_dir, "config.json"), config_to_dict(config))
     print("config:", json.dumps(config_to_dict(config)))
     print(f"parameters: {raw_model.num_params(non_embedding=False) / 1e6:.2f}M "
           f"({raw_model.num_params() / 1e6:.2f}M without the position table)")
@@ -271,8 +301,7 @@ if master:
           f"{config.gradient_accumulation_steps} micro-steps x {config.batch_size} x {config.block_size} "
           f"= {tokens_per_iter:,}")
 log_path = os.path.join(config.out_dir, "log.jsonl")
-if master and config.init_from == "scratch" and os.path.exists(log_path):
-    os.remove(log_path)  # a fresh run starts a fresh log
+pending_log = []  # the log rows before the first checkpoint; None once they are in log_path
 wandb = None
 if master and config.wandb_log:
     try:
@@ -284,8 +313,11 @@ if master and config.wandb_log:
 
 def log(row):
     if master:
-        with open(log_path, "a") as f:
-            f.write(json.dumps(row) + "\n")
+        if pending_log is not None:
+            pending_log.append(row)
+        else:
+            with open(log_path, "a") as f:
+                f.write(json.dumps(row) + "\n")
         if wandb is not None:
             wandb.log(row, step=row["iter"])
 
@@ -294,7 +326,8 @@ device_peak_flops = config.peak_flops or peak_flops(device)
 if master and device_type == "cuda" and not device_peak_flops:
     print(f"MFU: set --peak_flops (the dense bf16 FLOP/s of {torch.cuda.get_device_name(device)}) to see it")
 
-# Ctrl-C: finish the current step, save, exit. A second Ctrl-C stops at once.
+# Ctrl-C, or SIGTERM (what SLURM, Kubernetes and spot instances send before they kill a job): finish the current
+# step, save, exit; --init_from=resume goes on exactly from there. A second Ctrl-C stops at once.
 stop_requested = False
 
 
@@ -302,77 +335,85 @@ def request_stop(signum, frame):
     global stop_requested
     stop_requested = True
     signal.signal(signal.SIGINT, signal.default_int_handler)
-    print("\nstopping: saving a checkpoint after this step (Ctrl-C again to quit without saving)", flush=True)
+    print(f"\nstopping ({signal.Signals(signum).name}): saving a checkpoint after this step (Ctrl-C again to quit "
+          f"without saving)", flush=True)
 
 
 signal.signal(signal.SIGINT, request_stop)
+signal.signal(signal.SIGTERM, request_stop)
 
 # ----------------------------------------------------------------------------- the training loop
 
-start_iter, last_log_iter, t0, run_start = iter_num, iter_num, time.time(), time.time()
-loss_sum = torch.zeros((), device=device)
-while True:
-    lr = get_lr(iter_num)
-    for group in optimizer.param_groups:
-        group["lr"] = lr
+# one run per out_dir at a time: a second one is refused, naming this one's PID
+with folder_lock(config.out_dir) if master else contextlib.nullcontext():
+    start_iter, last_log_iter, t0, run_start = iter_num, iter_num, time.time(), time.time()
+    loss_sum = torch.zeros((), device=device)
+    while True:
+        lr = get_lr(iter_num)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
 
-    if (iter_num % config.eval_interval == 0 or iter_num == config.max_iters or stop_requested) and master:
-        eval_start = time.time()
-        losses = estimate_loss()
-        print(f"eval {iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}, "
-              f"val perplexity {math.exp(losses['val']):.2f}")
-        log({"iter": iter_num, "train_loss_eval": losses["train"], "val_loss": losses["val"], "lr": lr})
-        improved = losses["val"] < best_val_loss
-        best_val_loss = min(best_val_loss, losses["val"])
-        if iter_num > start_iter or stop_requested or iter_num == config.max_iters:
-            if improved or config.always_save_checkpoint:
-                write_checkpoint()
-            plot_losses(log_path, os.path.join(config.out_dir, "loss.png"))
-        t0 += time.time() - eval_start  # keep evaluation and saving out of the ms/iter figure
-    if iter_num >= config.max_iters or stop_requested:
-        break
+        if (iter_num % config.eval_interval == 0 or iter_num == config.max_iters or stop_requested) and master:
+            eval_start = time.time()
+            losses = estimate_loss()
+            print(f"eval {iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}, "
+                  f"val perplexity {math.exp(losses['val']):.2f}")
+            log({"iter": iter_num, "train_loss_eval": losses["train"], "val_loss": losses["val"], "lr": lr})
+            improved = losses["val"] < best_val_loss
+            best_val_loss = min(best_val_loss, losses["val"])
+            if iter_num > start_iter or stop_requested or iter_num == config.max_iters:
+                if improved or config.always_save_checkpoint:
+                    write_checkpoint()
+                if pending_log is None:  # the log is in out_dir: so is its curve
+                    plot_losses(log_path, os.path.join(config.out_dir, "loss.png"))
+            t0 += time.time() - eval_start  # keep evaluation and saving out of the ms/iter figure
+        if iter_num >= config.max_iters or stop_requested:
+            break
 
-    x, y = get_batch(train_data, train_gen, None)
-    for micro in range(micro_steps):
-        # DDP averages gradients across processes on backward; only the last micro-step needs to
-        sync = contextlib.nullcontext() if not ddp or micro == micro_steps - 1 else model.no_sync()
-        with sync:
-            with amp:
-                _, loss = model(x[micro], y[micro])
-            loss = loss / micro_steps  # the mean over micro-steps equals the loss of one big batch
-            scaler.scale(loss).backward()
-        loss_sum += loss.detach()
-    if config.grad_clip > 0:
-        scaler.unscale_(optimizer)  # clip the true gradients, not the fp16-scaled ones
-        torch.nn.utils.clip_grad_norm_(raw_model.parameters(), config.grad_clip)
-    scaler.step(optimizer)  # skips the step if fp16 gradients overflowed
-    scaler.update()
-    optimizer.zero_grad(set_to_none=True)
-    iter_num += 1
+        x, y = get_batch(train_data, train_gen, None)
+        for micro in range(micro_steps):
+            # DDP averages gradients across processes on backward; only the last micro-step needs to
+            sync = contextlib.nullcontext() if not ddp or micro == micro_steps - 1 else model.no_sync()
+            with sync:
+                with amp:
+                    _, loss = model(x[micro], y[micro])
+                loss = loss / micro_steps  # the mean over micro-steps equals the loss of one big batch
+                scaler.scale(loss).backward()
+            loss_sum += loss.detach()
+        if config.grad_clip > 0:
+            scaler.unscale_(optimizer)  # clip the true gradients, not the fp16-scaled ones
+            torch.nn.utils.clip_grad_norm_(raw_model.parameters(), config.grad_clip)
+        scaler.step(optimizer)  # skips the step if fp16 gradients overflowed
+        scaler.update()
+        optimizer.zero_grad(set_to_none=True)
+        iter_num += 1
 
-    if iter_num % config.log_interval == 0:
-        if ddp:
-            dist.all_reduce(loss_sum, op=dist.ReduceOp.AVG)  # the loss of the whole global batch
-        steps, last_log_iter = iter_num - last_log_iter, iter_num
-        train_loss = loss_sum.item() / steps
-        loss_sum.zero_()
-        if not math.isfinite(train_loss):
-            raise UserError(f"loss is {train_loss} at iteration {iter_num}: training diverged; lower "
-                            f"--learning_rate, use --dtype=bfloat16 or float32, and resume from the last checkpoint")
-        dt = (time.time() - t0) / steps
-        t0 = time.time()
-        tokens_per_sec = tokens_per_iter / dt
-        mfu = raw_model.estimate_mfu(tokens_per_sec, device_peak_flops) if device_peak_flops else None
-        eta = (config.max_iters - iter_num) * dt
-        if master:
-            print(f"iter {iter_num}/{config.max_iters}: loss {train_loss:.4f}, lr {lr:.2e}, {dt * 1000:.1f} ms/iter, "
-                  f"{tokens_per_sec:,.0f} tok/s" + (f", MFU {mfu * 100:.1f}%" if mfu is not None else "") +
-                  f", eta {int(eta // 60)}m{int(eta % 60):02d}s", flush=True)
-        log({"iter": iter_num, "train_loss": train_loss, "lr": lr, "ms_per_iter": dt * 1000,
-             "tokens_per_sec": tokens_per_sec, **({"mfu": mfu} if mfu is not None else {})})
+        if iter_num % config.log_interval == 0:
+            if ddp:
+                dist.all_reduce(loss_sum, op=dist.ReduceOp.AVG)  # the loss of the whole global batch
+            steps, last_log_iter = iter_num - last_log_iter, iter_num
+            train_loss = loss_sum.item() / steps
+            loss_sum.zero_()
+            if not math.isfinite(train_loss):
+                raise UserError(f"loss is {train_loss} at iteration {iter_num}: training diverged; lower "
+                                f"--learning_rate, use --dtype=bfloat16 or float32, and resume from the last "
+                                f"checkpoint")
+            dt = (time.time() - t0) / steps
+            t0 = time.time()
+            tokens_per_sec = tokens_per_iter / dt
+            mfu = raw_model.estimate_mfu(tokens_per_sec, device_peak_flops) if device_peak_flops else None
+            eta = (config.max_iters - iter_num) * dt
+            if master:
+                print(f"iter {iter_num}/{config.max_iters}: loss {train_loss:.4f}, lr {lr:.2e}, "
+                      f"{dt * 1000:.1f} ms/iter, {tokens_per_sec:,.0f} tok/s"
+                      + (f", MFU {mfu * 100:.1f}%" if mfu is not None else "") +
+                      f", eta {int(eta // 60)}m{int(eta % 60):02d}s", flush=True)
+            log({"iter": iter_num, "train_loss": train_loss, "lr": lr, "ms_per_iter": dt * 1000,
+                 "tokens_per_sec": tokens_per_sec, **({"mfu": mfu} if mfu is not None else {})})
 
-if master:
-    print(f"done: {iter_num} iterations in {time.time() - run_start:.0f}s, best val loss {best_val_loss:.4f}")
+    if master:
+        print(f"done: {iter_num} iterations in {time.time() - run_start:.0f}s, best val loss {best_val_loss:.4f}")
+
 if ddp:
     dist.barrier()  # no process tears the group down while another still writes the last checkpoint
     dist.destroy_process_group()

@@ -112,7 +112,8 @@ def cold_child(config, model):
     """--child=device:compile: prepare the model (compiling if asked), time one generation, print it as JSON."""
     device, compile = config.child.split(":")
     model = prepared(model, device, compile == "True")
-    prompt = torch.randint(model.config.vocab_size, (1, config.prompt_tokens), generator=torch.Generator().manual_seed(0))
+    g = torch.Generator().manual_seed(0)
+    prompt = torch.randint(model.config.vocab_size, (1, config.prompt_tokens), generator=g)
     print(json.dumps({"tokens_per_second": tokens_per_second(model, prompt.to(device), config.new_tokens, True)}))
 
 
@@ -132,7 +133,8 @@ def speed_table(config, model, devices):
         variants["cuda, KV cache, bfloat16"] = (gpu, True)
         if config.compile:
             variants["cuda, KV cache, bfloat16, compiled decode (CUDA graphs)"] = (prepared(model, "cuda", True), True)
-    prompt = torch.randint(model.config.vocab_size, (1, config.prompt_tokens), generator=torch.Generator().manual_seed(0))
+    g = torch.Generator().manual_seed(0)
+    prompt = torch.randint(model.config.vocab_size, (1, config.prompt_tokens), generator=g)
     best = {name: 0.0 for name in variants}
     for name, (m, cache) in variants.items():  # warm-up: allocations, kernels, caches
         tokens_per_second(m, prompt.to(m.token_emb.weight.device), 8, cache)

@@ -6,6 +6,8 @@ import contextlib
 import io
 import os
 import random
+import runpy
+import signal
 import subprocess
 import sys
 import threading
@@ -69,6 +71,45 @@ def _run_in_process(module, *args):
     finally:
         sys.argv = argv
     return status, out.getvalue(), err.getvalue()
+
+
+def _run_train(*args):
+    """train.py run in this process (no interpreter start-up), with these arguments; raises what it raises. The
+    Ctrl-C and SIGTERM handlers it installs are put back afterwards."""
+    argv, handlers = sys.argv, {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    sys.argv = ["train.py", *map(str, args)]
+    try:
+        runpy.run_path(str(ROOT / "train.py"), run_name="__main__")
+    finally:
+        sys.argv = argv
+        for number, handler in handlers.items():
+            signal.signal(number, handler)
+
+
+@pytest.fixture
+def run_train():
+    """run_train(*args): train.py in this process."""
+    return _run_train
+
+
+def _signal_training(signum, *args):
+    """train.py with these arguments in a fresh process, sent `signum` once it has logged iteration 3 (give it
+    --log_interval=1): (exit status, stdout, stderr)."""
+    proc = subprocess.Popen([sys.executable, str(ROOT / "train.py"), *map(str, args)], cwd=ROOT, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            env={**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"})
+    for line in proc.stdout:
+        if line.startswith("iter 3/"):
+            break
+    proc.send_signal(signum)
+    stdout, stderr = proc.communicate(timeout=60)
+    return proc.returncode, stdout, stderr
+
+
+@pytest.fixture
+def signal_training():
+    """signal_training(signum, *args): train.py stopped by a signal after iteration 3."""
+    return _signal_training
 
 
 @pytest.fixture

@@ -11,6 +11,7 @@ from checkpoint import load_model
 from gpt2 import load_gpt2
 from tokenizer import load_tokenizer
 
+# ASCII, accents, CJK, emoji, whitespace, the special token, nothing
 TEXTS = ["The river valley was named after a café owner in 1887 .", "naïve crème brûlée , 日本 の 東京 🙂 🇫🇷",
          "  spaces   and\ttabs\n\nnew lines ", "one<|endoftext|>two", ""]
 

@@ -178,7 +178,7 @@ def test_oversized_vocab_refused_before_any_work(tmp_path, monkeypatch):
         prepare.prepare_data(config)
     assert not (tmp_path / "out").exists() and not (tmp_path / "cache").exists()
     prepare.check_config(replace(config, vocab_size=65_536))  # ids 0..65535 fit
-    with pytest.raises(UserError, match="at least 257"):
+    with pytest.raises(UserError, match="--vocab_size must be >= 257"):
         prepare.check_config(replace(config, vocab_size=200))
     with pytest.raises(UserError, match="endoftext"):
         prepare.check_config(replace(config, vocab_size=8192, special_tokens=("<|pad|>",)))

@@ -1,9 +1,6 @@
 """runtime.py: one dtype rule over the device / CPU-flag matrix, applied the same way by training, fine-tuning,
 inference (evaluate, sample) and serving; torch.compile's fallback."""
 
-import runpy
-import signal
-import sys
 from pathlib import Path
 
 import pytest
@@ -87,17 +84,12 @@ def test_fine_tuning_runs_under_the_rules_autocast(hardware, random_model, cpu_f
 
 
 @pytest.mark.parametrize("cpu_flags, expected", [(BF16_CPU, "bfloat16"), (PLAIN_CPU, "float32")])
-def test_training_runs_under_the_rules_autocast(hardware, tiny_data, tmp_path, capsys, cpu_flags, expected):
+def test_training_runs_under_the_rules_autocast(hardware, tiny_data, tmp_path, capsys, run_train, cpu_flags,
+                                                expected):
     hardware(cpu_flags)
-    argv, handler = sys.argv, signal.getsignal(signal.SIGINT)
-    sys.argv = ["train.py", f"--data_dir={tiny_data}", f"--out_dir={tmp_path}", "--max_iters=1", "--eval_iters=1",
-                "--batch_size=2", "--block_size=16", "--hidden_size=16", "--num_hidden_layers=1",
-                "--num_attention_heads=1", "--device=cpu", "--compile=False"]
-    try:
-        runpy.run_path(str(ROOT / "train.py"), run_name="__main__")
-    finally:
-        sys.argv = argv
-        signal.signal(signal.SIGINT, handler)
+    run_train(f"--data_dir={tiny_data}", f"--out_dir={tmp_path}", "--max_iters=1", "--eval_iters=1", "--batch_size=2",
+              "--block_size=16", "--hidden_size=16", "--num_hidden_layers=1", "--num_attention_heads=1",
+              "--device=cpu", "--compile=False")
     assert f"device cpu, dtype {expected}," in capsys.readouterr().out
 
 # ----------------------------------------------------------------------------- torch.compile

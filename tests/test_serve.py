@@ -102,7 +102,8 @@ def test_completion(client, checkpoint):
     assert r.status_code == 200 and r.is_json
     assert r.json["object"] == "text_completion" and r.json["id"].startswith("cmpl-") and r.json["model"] == "ckpt"
     choice = r.json["choices"][0]
-    assert set(choice) == {"index", "text", "logprobs", "finish_reason"} and choice["finish_reason"] in ("stop", "length")
+    assert set(choice) == {"index", "text", "logprobs", "finish_reason"}
+    assert choice["finish_reason"] in ("stop", "length")
     prompt_tokens = len(encode_prompt(load_tokenizer(checkpoint), "The cat"))
     usage = r.json["usage"]
     assert usage["prompt_tokens"] == prompt_tokens and 1 <= usage["completion_tokens"] <= 10
@@ -323,7 +324,7 @@ def test_bearer_token(checkpoint):
 def test_create_app_settings(checkpoint, tmp_path):
     with pytest.raises(UserError, match="did you mean --max_tokens_limit"):
         create_app(str(checkpoint), max_token_limit=5)
-    with pytest.raises(UserError, match="max_batch_size must be at least 1"):
+    with pytest.raises(UserError, match="max_batch_size must be >= 1, got 0"):
         create_app(str(checkpoint), max_batch_size=0)
     with pytest.raises(UserError, match="no checkpoint"):
         create_app(str(tmp_path))
@@ -429,6 +430,32 @@ def test_batched_requests_get_the_tokens_they_get_alone(server):
         together = list(pool.map(ask, bodies))
     assert together == alone
     assert requests.get(f"{server}/health", headers=headers).json()["batch"]["peak"] > 4  # they did share steps
+
+
+@pytest.mark.parametrize("params", [{"temperature": 1e-45}, {"temperature": 5e-324}, {"top_p": 5e-324},
+                                    {"top_p": 1e-300, "temperature": 2}])
+def test_extreme_sampling_values_are_answered(client, params):
+    """Numbers the sampler once failed on (a 500): tiny temperatures decode greedily, a tiny top_p keeps one token."""
+    r = client.post("/v1/completions", json={"prompt": "The cat", "max_tokens": 5, **params})
+    assert r.status_code == 200 and r.json["usage"]["completion_tokens"] >= 1
+
+
+def test_a_dropped_request_stops_its_generation(server):
+    """A client that sends a long non-streamed request and hangs up: the engine lets its row go."""
+    headers = {"Authorization": "Bearer s3cret"}
+    host, port = server.removeprefix("http://").split(":")
+    body = json.dumps({"prompt": "The", "max_tokens": 1_000_000, "temperature": 0}).encode()
+    with socket.create_connection((host, int(port))) as s:
+        s.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer s3cret\r\n"
+                  b"Content-Type: application/json\r\nContent-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
+        deadline = time.time() + 20
+        while requests.get(f"{server}/health", headers=headers).json()["batch"]["active"] == 0:
+            assert time.time() < deadline
+            time.sleep(0.05)  # until it is being decoded
+    deadline = time.time() + 20
+    while requests.get(f"{server}/health", headers=headers).json()["batch"]["active"] > 0:
+        assert time.time() < deadline, "the dropped request is still decoding"
+        time.sleep(0.1)
 
 
 def test_client_leaving_mid_stream_frees_its_row(server):

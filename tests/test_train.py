@@ -1,7 +1,6 @@
 """train.py end to end on a tiny corpus: loss goes down, resume is exact, DDP matches one process, errors are clear."""
 import json
 import os
-import runpy
 import signal
 import subprocess
 import sys
@@ -24,15 +23,10 @@ def data_dir(tiny_data):
     return tiny_data
 
 
-def train(data_dir, out_dir, *args):
-    """Run train.py in this process (no interpreter start-up per run); returns what it printed."""
-    argv, handler = sys.argv, signal.getsignal(signal.SIGINT)
-    sys.argv = ["train.py", f"--data_dir={data_dir}", f"--out_dir={out_dir}", *TINY, *args]
-    try:
-        runpy.run_path(str(ROOT / "train.py"), run_name="__main__")
-    finally:
-        sys.argv = argv
-        signal.signal(signal.SIGINT, handler)  # train.py installs its own Ctrl-C handler
+@pytest.fixture
+def train(run_train):
+    """train(data_dir, out_dir, *args): train.py in this process with the tiny settings."""
+    return lambda data_dir, out_dir, *args: run_train(f"--data_dir={data_dir}", f"--out_dir={out_dir}", *TINY, *args)
 
 
 def weights(out_dir):
@@ -43,7 +37,7 @@ def log_rows(out_dir, key):
     return [r for r in map(json.loads, open(Path(out_dir) / "log.jsonl")) if key in r]
 
 
-def test_loss_goes_down_and_out_dir_is_self_contained(data_dir, tmp_path):
+def test_loss_goes_down_and_out_dir_is_self_contained(data_dir, tmp_path, train):
     out = tmp_path / "out"
     train(data_dir, out, "--max_iters=30", "--eval_interval=15")
     val = [row["val_loss"] for row in log_rows(out, "val_loss")]
@@ -56,7 +50,7 @@ def test_loss_goes_down_and_out_dir_is_self_contained(data_dir, tmp_path):
     assert tokenizer.vocab_size == model.config.vocab_size == 300
 
 
-def test_resume_is_exact(data_dir, tmp_path):
+def test_resume_is_exact(data_dir, tmp_path, train):
     straight, halves = tmp_path / "straight", tmp_path / "halves"
     args = ["--max_iters=12", "--eval_interval=6", "--dropout=0.1"]  # dropout: the RNG state must resume too
     train(data_dir, straight, *args)
@@ -66,7 +60,7 @@ def test_resume_is_exact(data_dir, tmp_path):
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_bf16_autocast_on_cpu_tracks_fp32(data_dir, tmp_path):
+def test_bf16_autocast_on_cpu_tracks_fp32(data_dir, tmp_path, train):
     args = ["--max_iters=20", "--eval_interval=10", "--dropout=0"]
     train(data_dir, tmp_path / "fp32", *args)
     train(data_dir, tmp_path / "bf16", *args, "--dtype=bfloat16")
@@ -74,7 +68,7 @@ def test_bf16_autocast_on_cpu_tracks_fp32(data_dir, tmp_path):
     assert bf16[-1] < bf16[0] - 1.0 and bf16 == pytest.approx(fp32, abs=0.05)
 
 
-def test_gradient_accumulation_matches_the_big_batch(data_dir, tmp_path):
+def test_gradient_accumulation_matches_the_big_batch(data_dir, tmp_path, train):
     train(data_dir, tmp_path / "big", "--max_iters=5", "--eval_interval=100", "--dropout=0", "--batch_size=8")
     train(data_dir, tmp_path / "acc", "--max_iters=5", "--eval_interval=100", "--dropout=0", "--batch_size=4",
           "--gradient_accumulation_steps=2")
@@ -83,7 +77,7 @@ def test_gradient_accumulation_matches_the_big_batch(data_dir, tmp_path):
     assert big == pytest.approx(acc, abs=1e-5)
 
 
-def test_two_gloo_processes_match_one(data_dir, tmp_path):
+def test_two_gloo_processes_match_one(data_dir, tmp_path, train):
     args = ["--max_iters=6", "--eval_interval=100", "--dropout=0", "--gradient_accumulation_steps=2"]
     train(data_dir, tmp_path / "one", *args)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -97,23 +91,16 @@ def test_two_gloo_processes_match_one(data_dir, tmp_path):
     assert len(one) == 6 and one == pytest.approx(two, abs=1e-4)
 
 
-def test_ctrl_c_saves_and_exits_cleanly(data_dir, tmp_path):
+def test_ctrl_c_saves_and_exits_cleanly(data_dir, tmp_path, signal_training):
     out = tmp_path / "out"
-    proc = subprocess.Popen([sys.executable, str(ROOT / "train.py"), f"--data_dir={data_dir}", f"--out_dir={out}",
-                             *TINY, "--max_iters=100000", "--eval_interval=100000"],
-                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"})
-    for line in proc.stdout:
-        if line.startswith("iter 3/"):
-            break
-    proc.send_signal(signal.SIGINT)
-    stdout, stderr = proc.communicate(timeout=60)
-    assert proc.returncode == 0, stderr
+    returncode, stdout, stderr = signal_training(signal.SIGINT, f"--data_dir={data_dir}", f"--out_dir={out}", *TINY,
+                                                 "--max_iters=100000", "--eval_interval=100000")
+    assert returncode == 0, stderr
     assert "saved checkpoint" in stdout and "Traceback" not in stderr
     assert torch.load(out / "ckpt.pt", weights_only=True)["iter_num"] >= 3
 
 
-def test_diverging_loss_stops_with_a_clear_message(data_dir, tmp_path):
+def test_diverging_loss_stops_with_a_clear_message(data_dir, tmp_path, train):
     with pytest.raises(UserError, match="loss is (nan|inf) at iteration .* training diverged"):
         train(data_dir, tmp_path / "out", "--max_iters=50", "--eval_interval=100", "--learning_rate=1e30",
               "--warmup_iters=0", "--grad_clip=0")
@@ -126,7 +113,7 @@ def test_diverging_loss_stops_with_a_clear_message(data_dir, tmp_path):
     (["--init_from=resume", "--out_dir=/nonexistent"], "no checkpoint"),
     (["--block_size=100000"], "fewer than block_size"),
 ])
-def test_bad_input_raises_a_clear_error(data_dir, tmp_path, args, message):
+def test_bad_input_raises_a_clear_error(data_dir, tmp_path, args, message, train):
     with pytest.raises(UserError, match=message):
         train(data_dir, tmp_path, "--max_iters=1", *args)
 
@@ -137,7 +124,7 @@ def test_bad_input_on_the_command_line_is_one_line_without_traceback(data_dir, t
     assert r.stderr.strip() == "error: unknown setting 'batchsize' (command line); did you mean --batch_size?"
 
 
-def test_resume_refuses_other_vocab_and_longer_context(data_dir, tmp_path):
+def test_resume_refuses_other_vocab_and_longer_context(data_dir, tmp_path, train):
     out = tmp_path / "out"
     train(data_dir, out, "--max_iters=2", "--eval_interval=2")
     with pytest.raises(UserError, match="beyond the model's 32 positions"):

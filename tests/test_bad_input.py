@@ -1,0 +1,278 @@
+"""Nothing a user types can hurt their work: every bad setting, file or checkpoint is one `error:` line and exit
+status 2 (no traceback), a failed run leaves a trained folder byte for byte as it was, two runs cannot share a
+folder, SIGTERM saves like Ctrl-C, a full disk loses nothing, and counting workers do not outlive prepare.py."""
+
+import errno
+import hashlib
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+import evaluate
+import finetune_classifier
+import finetune_instruct
+import prepare
+import sample
+import serve
+import tokenizer
+from checkpoint import CHECKPOINT_NAME
+from cli import UserError
+from common import folder_lock
+from tokenizer import BPETokenizer
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ["--eval_iters=1", "--log_interval=1", "--batch_size=4", "--block_size=32", "--hidden_size=32",
+        "--num_hidden_layers=2", "--num_attention_heads=2", "--warmup_iters=2", "--device=cpu", "--compile=False"]
+
+
+def folder_hash(folder):
+    """One sha256 over every file's name and bytes: equal hashes, an untouched folder."""
+    h = hashlib.sha256()
+    for path in sorted(Path(folder).rglob("*")):
+        h.update(str(path.relative_to(folder)).encode())
+        if path.is_file():
+            h.update(path.read_bytes())
+    return h.hexdigest()
+
+
+@pytest.fixture
+def trained(tiny_ckpt, tmp_path):
+    """A copy of a trained folder (checkpoint, log, curve, config, tokenizer) to aim bad runs at."""
+    folder = tmp_path / "trained"
+    shutil.copytree(tiny_ckpt, folder)
+    return folder
+
+
+def assert_one_line(status, err, *fragments):
+    assert status == 2, err
+    assert err.startswith("error: ") and err.count("\n") == 1 and "Traceback" not in err, err
+    for fragment in fragments:
+        assert fragment in err, err
+
+
+def train_error(run_train, *args):
+    """The UserError message of a train.py run that must fail."""
+    with pytest.raises(UserError) as error:
+        run_train(*args)
+    return str(error.value)
+
+# ----------------------------------------------------------------------------- settings out of range
+
+
+@pytest.mark.parametrize("arg, fragment", [
+    ("--batch_size=-1", "--batch_size must be >= 1, got -1"), ("--batch_size=0", "--batch_size must be >= 1"),
+    ("--eval_iters=0", "--eval_iters must be >= 1"), ("--eval_interval=0", "--eval_interval must be >= 1"),
+    ("--log_interval=0", "--log_interval must be >= 1"),
+    ("--gradient_accumulation_steps=0", "--gradient_accumulation_steps must be >= 1"),
+    ("--dropout=2", "--dropout must be >= 0 and < 1, got 2.0"), ("--learning_rate=-1", "--learning_rate must be > 0"),
+    ("--max_iters=-5", "--max_iters must be >= 1, got -5"), ("--device=tpu", "--device must be auto, cpu, cuda"),
+    ("--device=cuda", "no CUDA GPU"), ("--compile=maybe", "--compile must be one of auto, True, False"),
+    ("--init_from=gpt2", "--init_from must be one of scratch, resume"), ("--seed=100000000000000000000000", "--seed"),
+    ("--learning_rate=1e400", "--learning_rate must be float"), ("--dtype=float64", "--dtype must be"),
+    ("--beta2=1", "--beta2 must be >= 0 and < 1"),
+])
+def test_train_settings_out_of_range(arg, fragment, run_train, tiny_data, trained):
+    before = folder_hash(trained)
+    message = train_error(run_train, f"--data_dir={tiny_data}", f"--out_dir={trained}", "--init_from=resume", *TINY,
+                          "--max_iters=100", arg)
+    assert fragment in message and "\n" not in message
+    assert folder_hash(trained) == before
+
+
+@pytest.mark.parametrize("module, args, fragment", [
+    (sample, ["--seed=100000000000000000000000"], "--seed"), (sample, ["--seed=-1"], "--seed must be >= 0"),
+    (sample, ["--temperature=-1"], "--temperature must be >= 0"), (sample, ["--top_p=0"], "--top_p must be > 0"),
+    (sample, ["--num_samples=0"], "--num_samples must be >= 1"), (sample, ["--device=tpu"], "--device must be"),
+    (evaluate, ["--stride=-1"], "--stride must be >= 0"), (evaluate, ["--batch_size=0"], "--batch_size must be >= 1"),
+    (evaluate, ["--split=dev"], "--split must be one of train, val, test"),
+    (evaluate, ["--quantize=int4"], "--quantize must be one of none, int8"),
+    (finetune_instruct, ["--temperature=-1"], "--temperature must be >= 0"),
+    (finetune_instruct, ["--trainable=head"], "--trainable must be one of all, last_block, lora"),
+    (finetune_classifier, ["--lora_rank=0"], "--lora_rank must be >= 1"),
+    (finetune_classifier, ["--dropout=1"], "--dropout must be >= 0 and < 1"),
+    (serve, ["--port=70000"], "--port must be >= 1 and <= 65535, got 70000"),
+    (serve, ["--port=-1"], "--port must be >= 1"), (serve, ["--max_batch_size=0"], "--max_batch_size must be >= 1"),
+    (prepare, ["--vocab_size=70000"], "--vocab_size must be >= 257 and <= 65536"),
+    (prepare, ["--val_fraction=1.5"], "--val_fraction must be > 0 and < 1"),
+    (prepare, ["--tokenizer=sentencepiece"], "--tokenizer must be one of bpe, gpt2"),
+    (tokenizer, ["--train=x.txt", "--vocab_size=10"], "--vocab_size must be >= 257"),
+])
+def test_other_scripts_settings_out_of_range(module, args, fragment, run_in_process):
+    status, _, err = run_in_process(module, *args)  # refused before anything is read or loaded
+    assert_one_line(status, err, fragment)
+
+
+def test_help_shows_the_allowed_values(run_in_process):
+    status, out, _ = run_in_process(serve, "--help")
+    assert status == 0 and "TCP port to listen on [>= 1 and <= 65535]" in out
+
+# ----------------------------------------------------------------------------- config files
+
+
+@pytest.mark.parametrize("content, fragment", [
+    ("max_iters = 9**9**9".encode(), "too large for a setting"),
+    ("wandb_run_name = 'x' * 10**10".encode(), "too large for a setting"),
+    ("max_iters = 1\nwandb_run_name = 'café'\n".encode("latin-1"), "is not UTF-8 text"),
+    (b"max_iters = (", "syntax error"),
+])
+def test_config_files_that_cannot_be_settings(content, fragment, tmp_path, run_script):
+    config = tmp_path / "config.py"
+    config.write_bytes(content)
+    t0 = time.time()
+    r = run_script("train.py", str(config), f"--out_dir={tmp_path / 'out'}", timeout=60)
+    assert_one_line(r.returncode, r.stderr, fragment)
+    assert time.time() - t0 < 30 and not (tmp_path / "out").exists()
+
+# ----------------------------------------------------------------------------- a trained folder survives
+
+
+def test_scratch_into_a_trained_folder_is_refused(run_train, tiny_data, trained):
+    before = folder_hash(trained)
+    message = train_error(run_train, f"--data_dir={tiny_data}", f"--out_dir={trained}", *TINY, "--max_iters=2")
+    assert "holds a trained model" in message and "--overwrite=True" in message
+    assert folder_hash(trained) == before
+
+
+def test_a_run_that_fails_after_start_up_leaves_the_folder_as_it_was(run_train, tiny_data, trained):
+    """--overwrite=True lets a run start into the folder; it diverges before its first checkpoint: nothing moved."""
+    before = folder_hash(trained)
+    message = train_error(run_train, f"--data_dir={tiny_data}", f"--out_dir={trained}", *TINY, "--overwrite=True",
+                          "--max_iters=50", "--eval_interval=25", "--learning_rate=1e30", "--warmup_iters=0",
+                          "--grad_clip=0")
+    assert "training diverged" in message
+    assert folder_hash(trained) == before
+
+
+def test_resuming_with_another_tokenizer_of_the_same_size_is_refused(run_train, tiny_data, trained, tmp_path):
+    other = tmp_path / "other-data"
+    shutil.copytree(tiny_data, other)
+    vocab = BPETokenizer.load(other).vocab_size
+    text = " ".join(f"zq{i % 97} xv{i % 89}" for i in range(5000))  # other words, other merges
+    BPETokenizer.train(text, vocab_size=vocab, min_frequency=1).save(other)
+    assert BPETokenizer.load(other).vocab_size == vocab
+    before = folder_hash(trained)
+    message = train_error(run_train, f"--data_dir={other}", f"--out_dir={trained}", *TINY, "--init_from=resume",
+                          "--max_iters=100")
+    assert "another tokenizer" in message and folder_hash(trained) == before
+
+
+def test_resume_past_max_iters_is_refused(run_train, tiny_data, trained):
+    message = train_error(run_train, f"--data_dir={tiny_data}", f"--out_dir={trained}", *TINY, "--init_from=resume",
+                          "--max_iters=10")
+    assert "the checkpoint is at iteration 30" in message
+
+
+def test_an_out_dir_that_is_a_file(run_train, tiny_data, tmp_path, run_in_process):
+    (tmp_path / "afile").write_text("x")
+    assert "is a file" in train_error(run_train, f"--data_dir={tiny_data}", f"--out_dir={tmp_path / 'afile'}", *TINY)
+    corpus = tmp_path / "c.txt"
+    corpus.write_text("some words to learn from\n" * 50)
+    status, _, err = run_in_process(prepare, f"--input={corpus}", f"--out_dir={tmp_path / 'afile'}", "--vocab_size=300")
+    assert_one_line(status, err, "is a file")
+    status, _, err = run_in_process(tokenizer, f"--train={corpus}", f"--out={tmp_path / 'afile'}", "--vocab_size=300")
+    assert_one_line(status, err, "is a file")
+
+
+def test_two_runs_cannot_share_a_folder(tiny_data, tmp_path, run_script):
+    out = tmp_path / "out"
+    with folder_lock(out):  # as a running train.py holds it
+        r = run_script("train.py", f"--data_dir={tiny_data}", f"--out_dir={out}", *TINY, "--max_iters=2")
+    assert_one_line(r.returncode, r.stderr, f"is in use by another run (PID {os.getpid()})")
+    assert not out.exists()  # the lock's folder goes with it
+
+
+def test_sigterm_saves_like_ctrl_c(tiny_data, tmp_path, signal_training):
+    out = tmp_path / "out"
+    returncode, stdout, stderr = signal_training(signal.SIGTERM, f"--data_dir={tiny_data}", f"--out_dir={out}", *TINY,
+                                                 "--max_iters=100000", "--eval_interval=100000")
+    assert returncode == 0, stderr
+    assert "stopping (SIGTERM)" in stdout and "saved checkpoint" in stdout and "Traceback" not in stderr
+    assert torch.load(out / CHECKPOINT_NAME, weights_only=True)["iter_num"] >= 3
+    assert not (out / ".lock").exists()
+
+
+def test_a_full_disk_loses_nothing(run_train, tiny_data, trained, monkeypatch):
+    before = torch.load(trained / CHECKPOINT_NAME, weights_only=True)["iter_num"]
+
+    def disk_full(obj, path, *args, **kw):
+        Path(path).write_bytes(b"half a checkpoint")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", disk_full)
+    message = train_error(run_train, f"--data_dir={tiny_data}", f"--out_dir={trained}", *TINY, "--init_from=resume",
+                          "--max_iters=32", "--eval_interval=1")
+    assert "No space left on device" in message and "the last checkpoint there is intact" in message
+    monkeypatch.undo()
+    assert torch.load(trained / CHECKPOINT_NAME, weights_only=True)["iter_num"] == before
+    assert not list(trained.glob("*.tmp")) and not (trained / ".lock").exists()
+
+# ----------------------------------------------------------------------------- checkpoints and data
+
+
+@pytest.mark.parametrize("content, fragment", [(b"", "cannot read checkpoint"),
+                                               (b"\x80\x02junk", "cannot read checkpoint"),
+                                               ({"model": {}}, "is not a checkpoint of this project")])
+def test_broken_checkpoints(content, fragment, tiny_ckpt, tmp_path, run_in_process):
+    folder = tmp_path / "broken"
+    shutil.copytree(tiny_ckpt, folder)
+    if isinstance(content, bytes):
+        (folder / CHECKPOINT_NAME).write_bytes(content)
+    else:
+        torch.save(content, folder / CHECKPOINT_NAME)
+    for module in (sample, evaluate):
+        status, _, err = run_in_process(module, f"--out_dir={folder}", "--device=cpu")
+        assert_one_line(status, err, fragment)
+
+
+def test_evaluate_without_data_or_words(tiny_ckpt, tmp_path, run_in_process):
+    status, _, err = run_in_process(evaluate, f"--out_dir={tiny_ckpt}", f"--data_dir={tmp_path / 'nothing'}")
+    assert_one_line(status, err, "run prepare.py first")
+    (tmp_path / "blank.txt").write_text("  \n\n \t\n")
+    status, _, err = run_in_process(evaluate, f"--out_dir={tiny_ckpt}", f"--text_file={tmp_path / 'blank.txt'}")
+    assert_one_line(status, err, "has no text to score")
+
+
+def test_empty_corpora_are_refused(tmp_path, run_in_process):
+    (tmp_path / "empty.txt").write_text("   \n\n")
+    status, _, err = run_in_process(tokenizer, f"--train={tmp_path / 'empty.txt'}", f"--out={tmp_path / 'tok'}")
+    assert_one_line(status, err, "no words to learn")
+    assert not (tmp_path / "tok").exists()
+    status, _, err = run_in_process(prepare, f"--input={tmp_path / 'empty.txt'}", f"--out_dir={tmp_path / 'data'}")
+    assert_one_line(status, err, "empty")
+
+
+def test_counting_workers_end_with_their_parent(tmp_path):
+    """kill -9 of a process that shares out word counting: its workers must not wait forever."""
+    marker = f"count-{os.getpid()}-{time.time_ns()}"
+    script = tmp_path / f"{marker}.py"
+    script.write_text(f"import sys; sys.path.insert(0, {str(ROOT)!r})\n"
+                      "from tokenizer import count_pretokens_parallel\n"
+                      "print('counting', flush=True)\n"
+                      "count_pretokens_parallel(['some words and more words ' * 400_000], min_chars=0)\n")
+    proc = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == "counting"
+    time.sleep(1.0)  # the workers are forked and counting
+    proc.kill()
+    proc.wait()
+
+    def workers():
+        found = []
+        for stat in Path("/proc").glob("[0-9]*/cmdline"):
+            try:
+                if marker in stat.read_bytes().decode(errors="replace"):
+                    found.append(stat.parent.name)
+            except OSError:
+                pass
+        return found
+
+    deadline = time.time() + 60
+    while workers() and time.time() < deadline:
+        time.sleep(0.5)
+    assert workers() == []
