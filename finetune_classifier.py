@@ -199,13 +199,12 @@ def train_classifier(config, device):
         ids, lengths = pad_batch([ids for ids, _ in items], tokenizer.eot_id)
         return ids.to(device), lengths.to(device), torch.tensor([label for _, label in items], device=device)
 
-    def save(epoch, row):
+    def save(epoch, row):  # the first save writes the tokenizer too: the out_dir alone is enough to classify
+        tokenizer.save(config.out_dir)
         save_checkpoint({"model": merged_state_dict(model), "model_config": asdict(gpt.config), "labels": labels,
                          "max_length": max_length, "finetune_config": config_to_dict(config), "epoch": epoch,
                          "val_loss": row["val_loss"], "val_accuracy": row["val_accuracy"]}, config.out_dir)
 
-    os.makedirs(config.out_dir, exist_ok=True)
-    tokenizer.save(config.out_dir)  # the out_dir alone is enough to classify
     rows = fit(model, config, train_set, val_set, collate, classification_loss,
                lambda val: (val["accuracy"], -val["loss"]), save)
 
