@@ -23,6 +23,7 @@ starts in the token files (a tokenizer without one leaves the first token unscor
 tokens between documents are context only, never scored, so the score covers exactly the bytes of the text.
 """
 
+import contextlib
 import json
 import math
 from dataclasses import dataclass
@@ -36,6 +37,7 @@ from cli import UserError, parse_config, read_utf8, run_main, setting
 from common import Progress
 from generate import encode_prompt
 from prepare import count_words, load_meta, load_split
+from runtime import autocast, pick_dtype
 from tokenizer import load_tokenizer
 
 CONVENTIONS = {"whitespace": "whitespace-separated words",
@@ -49,8 +51,6 @@ class EvaluateConfig:
     data_dir: str = ""                   # the split's folder; default: the data the checkpoint was trained on
     text_file: str = ""                  # score this UTF-8 text file instead of a split
     word_convention: str = setting("auto", choices=("auto", "whitespace", "classic"))  # auto: the split's own
-                                                                                       # (meta.json); a file:
-                                                                                       # whitespace
     stride: int = setting(0, low=0)      # tokens between window starts; 0: block_size // 2
     batch_size: int = setting(8, low=1)  # windows per forward pass
     max_tokens: int = setting(0, low=0)  # score only the first max_tokens tokens (0: all), for a quick look
@@ -58,6 +58,11 @@ class EvaluateConfig:
     device: str = "auto"                 # auto: cuda, then mps, then cpu
     dtype: str = "auto"                  # float32 | bfloat16 | float16; auto: bf16 where the hardware has it
     quantize: str = setting("none", choices=("none", "int8"))  # int8 weights, on the CPU
+    # dynamic evaluation: the model learns from the text as it scores it (see score_tokens_dynamic)
+    dynamic: bool = False                # score with dynamic evaluation instead (its own figures, never mixed)
+    dynamic_segment: int = setting(64, low=1)  # tokens scored, then learned from, at a time
+    dynamic_lr: float = setting(1e-3, low=0)   # SGD step size on each segment
+    dynamic_decay: float = setting(0.0, low=0, high=1)  # pull back towards the trained weights after each step
 
 
 # ----------------------------------------------------------------------------- scoring with sliding windows
@@ -100,12 +105,59 @@ def score_tokens(model, ids, stride=0, batch_size=8, skip_id=None, progress=None
             y[y == skip_id] = -100
         scored = y != -100
         hidden = model.hidden_states(x)[scored]  # the output layer only where a token is scored
-        logits = model.lm_head(hidden)
+        logits = model.logits(hidden)
         logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # half precision: score in fp32
         total += F.cross_entropy(logits, y[scored], reduction="sum").item()
         count += int(scored.sum())
         if progress is not None:
             progress.update(batch[-1][0] + T)
+    if progress is not None:
+        progress.close(len(ids))
+    return total, count
+
+
+def score_tokens_dynamic(model, ids, segment=64, lr=1e-4, decay=0.0, skip_id=None, amp=contextlib.nullcontext(),
+                         progress=None):
+    """score_tokens with dynamic evaluation (Krause et al. 2018): the text is read in segments of `segment` tokens,
+    each one scored by the weights as they are, then learned from: one SGD step on that segment's loss, after which
+    every weight moves back towards its trained value by the fraction `decay`. So a token is always scored before
+    the model has seen it, and the model follows the text it reads (names, topics, style of this article).
+    Each segment is read with the block_size - segment tokens before it as context. The model's weights change:
+    give it a copy. Returns (total negative log-likelihood in nats, tokens scored)."""
+    block = model.config.block_size
+    if not 1 <= segment <= block:
+        raise UserError(f"--dynamic_segment must be between 1 and block_size={block}, got {segment}")
+    if len(ids) < 2:
+        raise UserError("the text is too short to score: it needs at least one token")
+    device = model.token_emb.weight.device
+    params = [p for p in model.parameters()]
+    trained = [p.detach().clone() for p in params]
+    model.eval()  # no dropout: the scores are the model's own
+    total, count = 0.0, 0
+    for first in range(1, len(ids), segment):  # this segment's targets: ids[first:end]
+        end = min(first + segment, len(ids))
+        start = max(0, end - 1 - block)
+        window = torch.from_numpy(np.asarray(ids[start:end], dtype=np.int64)).to(device)
+        x, y = window[None, :-1], window[None, 1:].clone()
+        y[:, :first - start - 1] = -100  # context only: scored by an earlier segment
+        if skip_id is not None:
+            y[y == skip_id] = -100
+        with amp:
+            logits = model(x)[0]
+        logits = logits.to(torch.promote_types(logits.dtype, torch.float32)).view(-1, logits.size(-1))
+        nll = F.cross_entropy(logits, y.view(-1), ignore_index=-100, reduction="sum")
+        scored = int((y != -100).sum())
+        total, count = total + nll.item(), count + scored
+        if scored:  # now learn from it
+            (nll / scored).backward()
+            with torch.no_grad():
+                for p, p0 in zip(params, trained):
+                    if p.grad is not None:
+                        p -= lr * p.grad
+                        p += decay * (p0 - p)
+                        p.grad = None
+        if progress is not None:
+            progress.update(end)
     if progress is not None:
         progress.close(len(ids))
     return total, count
@@ -120,16 +172,24 @@ def report(nll, tokens, n_bytes, words, convention):
 
 # ----------------------------------------------------------------------------- what to score
 
-def evaluate_text(model, tokenizer, text, convention="whitespace", stride=0, batch_size=8, progress=True):
+def score(model, ids, stride, batch_size, skip_id, progress, dynamic):
+    """score_tokens, or score_tokens_dynamic with the settings in `dynamic` (a dict; None: static)."""
+    if dynamic is None:
+        return score_tokens(model, ids, stride, batch_size, skip_id, progress)
+    return score_tokens_dynamic(model, ids, skip_id=skip_id, progress=progress, **dynamic)
+
+
+def evaluate_text(model, tokenizer, text, convention="whitespace", stride=0, batch_size=8, progress=True,
+                  dynamic=None):
     """Score a text: its tokens after an end-of-text token; bytes and words counted from the text itself."""
     ids = encode_prompt(tokenizer, text)  # the same start as a document in the token files
     bar = Progress("scoring", len(ids), "M tokens") if progress else None
-    nll, tokens = score_tokens(model, ids, stride, batch_size, progress=bar)
+    nll, tokens = score(model, ids, stride, batch_size, None, bar, dynamic)
     return report(nll, tokens, len(text.encode("utf-8")), count_words(text, convention), convention)
 
 
 def evaluate_split(model, tokenizer, data_dir, split, convention="auto", stride=0, batch_size=8, max_tokens=0,
-                   progress=True):
+                   progress=True, dynamic=None):
     """Score a split of data_dir; bytes and words from meta.json (from the decoded tokens with max_tokens)."""
     meta = load_meta(data_dir)
     if split not in meta["splits"]:
@@ -149,7 +209,7 @@ def evaluate_split(model, tokenizer, data_dir, split, convention="auto", stride=
                             f"use --word_convention=whitespace")
         n_bytes, words = stats["bytes"], stats[f"words_{convention}"]
     bar = Progress(f"scoring {split}", len(ids), "M tokens") if progress else None
-    nll, tokens = score_tokens(model, ids, stride, batch_size, skip_id=eot, progress=bar)
+    nll, tokens = score(model, ids, stride, batch_size, eot, bar, dynamic)
     return report(nll, tokens, n_bytes, words, convention)
 
 
@@ -169,7 +229,16 @@ def check_same_tokenizer(tokenizer, data_dir):
 
 def main():
     config = parse_config(EvaluateConfig)
-    model, tokenizer, checkpoint = load_for_inference(config.out_dir, config.device, config.dtype, config.quantize)
+    dynamic = None
+    if config.dynamic:  # gradients want float32 weights; the maths runs under the dtype rule's autocast
+        if config.quantize != "none":
+            raise UserError("--dynamic trains the model as it reads: it needs float weights, not --quantize=int8")
+        model, tokenizer, checkpoint = load_for_inference(config.out_dir, config.device, "float32")
+        device = model.token_emb.weight.device.type
+        dynamic = {"segment": config.dynamic_segment, "lr": config.dynamic_lr, "decay": config.dynamic_decay,
+                   "amp": autocast(device, pick_dtype(config.dtype, device))}
+    else:
+        model, tokenizer, checkpoint = load_for_inference(config.out_dir, config.device, config.dtype, config.quantize)
     block = model.config.block_size
     stride = config.stride or max(1, block // 2)
     if config.text_file:
@@ -177,7 +246,7 @@ def main():
         if not text.split():
             raise UserError(f"--text_file={config.text_file} has no text to score (it is empty or only whitespace)")
         convention = "whitespace" if config.word_convention == "auto" else config.word_convention
-        result = evaluate_text(model, tokenizer, text, convention, stride, config.batch_size)
+        result = evaluate_text(model, tokenizer, text, convention, stride, config.batch_size, dynamic=dynamic)
         source = config.text_file
     else:
         data_dir = config.data_dir or checkpoint.get("train_config", {}).get("data_dir")
@@ -186,20 +255,33 @@ def main():
         load_meta(data_dir)  # a missing data folder says so, and what to run
         check_same_tokenizer(tokenizer, data_dir)
         result = evaluate_split(model, tokenizer, data_dir, config.split, config.word_convention, stride,
-                                config.batch_size, config.max_tokens)
+                                config.batch_size, config.max_tokens, dynamic=dynamic)
         source = f"{data_dir} {config.split} split" + (f", first {config.max_tokens:,} tokens" if config.max_tokens
                                                         else "")
-    first = "scored after an end-of-text token" if tokenizer.eot_id is not None else "not scored (no end-of-text token)"
-    result = {"model": config.out_dir, "source": source, "block_size": block, "stride": stride,
-              "first_token": first, "quantize": config.quantize, **result}
+    print_result(config, result, source, block, stride, tokenizer.eot_id is not None)
+
+
+def print_result(config, result, source, block, stride, has_eot):
+    first = "scored after an end-of-text token" if has_eot else "not scored (no end-of-text token)"
+    if config.dynamic:
+        reading = (f"dynamic evaluation: segments of {config.dynamic_segment} tokens, each scored, then learned from "
+                   f"(SGD, lr {config.dynamic_lr:g}, decay {config.dynamic_decay:g}), with up to "
+                   f"{block - config.dynamic_segment} tokens of context")
+    else:
+        reading = (f"windows of {block} tokens, stride {stride}: every token scored once, with >= {block - stride} "
+                   f"tokens of context once the text is that long")
+    result = {"model": config.out_dir, "source": source, "block_size": block, "stride": stride, "first_token": first,
+              "quantize": config.quantize, "scoring": "dynamic" if config.dynamic else "static", **result}
+    if config.dynamic:
+        result |= {"dynamic_segment": config.dynamic_segment, "dynamic_lr": config.dynamic_lr,
+                   "dynamic_decay": config.dynamic_decay}
     if config.json:
         print(json.dumps(result, indent=2))
         return
     print(f"{config.out_dir} on {source}")
     print(f"  {result['tokens']:,} tokens, {result['bytes']:,} bytes, {result['words']:,} words "
           f"({result['word_convention']}: {CONVENTIONS[result['word_convention']]})")
-    print(f"  windows of {block} tokens, stride {stride}: every token scored once, with >= {block - stride} tokens "
-          f"of context once the text is that long; the first token {first}")
+    print(f"  {reading}; the first token {first}")
     print(f"  perplexity       {result['perplexity']:10.3f}   (per token; loss {result['loss']:.4f} nats)")
     print(f"  bits per byte    {result['bits_per_byte']:10.4f}")
     print(f"  word perplexity  {result['word_perplexity']:10.3f}")

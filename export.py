@@ -22,7 +22,7 @@ from safetensors.torch import save_file
 from checkpoint import load_model
 from cli import UserError, parse_config, run_main
 from common import atomic_write, write_json
-from gpt2 import hf_config, hf_state_dict
+from gpt2 import check_gpt2_compatible, hf_config, hf_state_dict
 
 
 @dataclass
@@ -34,6 +34,7 @@ class ExportConfig:
 def export(out_dir, to):
     """Write the model of out_dir as a Hugging Face GPT-2 folder `to`; returns the names of the files written."""
     model, tokenizer, _ = load_model(out_dir)
+    check_gpt2_compatible(model.config)
     os.makedirs(to, exist_ok=True)
     tensors = {name: tensor.contiguous() for name, tensor in hf_state_dict(model).items()}
     atomic_write(os.path.join(to, "model.safetensors"), lambda tmp: save_file(tensors, tmp, {"format": "pt"}))

@@ -93,6 +93,18 @@ def gpt2_state_dict(tensors):
     return ours
 
 
+GPT2_CHOICES = {"position": "learned", "activation": "gelu", "qk_norm": False, "tie_embeddings": True,
+                "logit_softcap": 0.0}  # what GPT2LMHeadModel computes; dropout and initialisation do not matter
+
+
+def check_gpt2_compatible(config):
+    """Refuse a model that GPT2LMHeadModel would compute differently (rotary positions, ReLU², ...)."""
+    differs = [f"{name}={getattr(config, name)}" for name, value in GPT2_CHOICES.items() if getattr(config, name) != value]
+    if differs:
+        raise UserError(f"this model is no GPT-2 ({', '.join(differs)}): transformers' GPT2LMHeadModel would compute "
+                        f"something else; export a model trained with GPT-2's choices")
+
+
 def hf_state_dict(model):
     """Our GPT's weights under GPT2LMHeadModel's names: Conv1D weights transposed, the biases a bias=False model lacks
     written as zeros (a zero bias adds nothing). The output layer is left out: GPT-2 ties it to wte."""

@@ -30,6 +30,14 @@ class GPTConfig:
     num_attention_heads: int = 12
     dropout: float = 0.0
     bias: bool = True               # biases in Linear layers and LayerNorms, as GPT-2 has them
+    # choices beyond GPT-2 (the README's recipe study measures them); the defaults are GPT-2's, so its weights load
+    position: str = "learned"       # learned: a table of block_size positions; rope: rotary, applied to q and k
+    activation: str = "gelu"        # gelu: GPT-2's tanh GELU; relu2: ReLU squared
+    qk_norm: bool = False           # RMS-normalise each head's queries and keys before attention
+    tie_embeddings: bool = True     # the output layer is the token embedding; False: a matrix of its own
+    logit_softcap: float = 0.0      # > 0: logits = softcap * tanh(logits / softcap), smooth and bounded
+    embedding_dropout: float = 0.0  # training: drop whole words, the same embedding rows in the whole batch
+    zero_init_residual: bool = False  # the projections into the residual stream start at zero
 
     def __post_init__(self):
         if self.hidden_size % self.num_attention_heads != 0:
@@ -38,6 +46,11 @@ class GPTConfig:
         for name in ("vocab_size", "block_size", "hidden_size", "num_hidden_layers", "num_attention_heads"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.position not in ("learned", "rope") or self.activation not in ("gelu", "relu2"):
+            raise ValueError(f"position must be learned or rope, activation gelu or relu2; got {self.position}, "
+                             f"{self.activation}")
+        if self.position == "rope" and (self.hidden_size // self.num_attention_heads) % 2:
+            raise ValueError("rope rotates pairs of dimensions: hidden_size / num_attention_heads must be even")
 
 
 # ----------------------------------------------------------------------------- attention
@@ -105,16 +118,22 @@ class MultiHeadAttention(nn.Module):
         self.out_proj = nn.Linear(config.hidden_size, config.hidden_size, bias=config.bias)
         self.dropout = config.dropout
         self.resid_dropout = nn.Dropout(config.dropout)
+        self.qk_norm = config.qk_norm
         self.use_flash = True  # torch's fused scaled_dot_product_attention; False runs the maths written out below
         self.kv_cache = None   # a KVCache while generating (GPT.setup_kv_cache)
 
-    def forward(self, x, input_pos=None, first_row=0):
+    def forward(self, x, input_pos=None, first_row=0, angles=None):
         """x (B, T, C) -> (B, T, C). With input_pos, the positions of these T tokens ((T,) or (B, T)), the keys and
-        values go into the KV cache (rows first_row..) and the queries attend to every position written so far."""
+        values go into the KV cache (rows first_row..) and the queries attend to every position written so far.
+        angles: rotary_angles of the positions, for a rope model."""
         B, T, C = x.shape
         q, k, v = self.qkv_proj(x).split(C, dim=2)
         # (B, T, C) -> (B, heads, T, head_dim): each head attends in its own subspace
         q, k, v = (t.view(B, T, self.num_heads, self.head_dim).transpose(1, 2) for t in (q, k, v))
+        if self.qk_norm:
+            q, k = F.rms_norm(q, (self.head_dim,)), F.rms_norm(k, (self.head_dim,))
+        if angles is not None:
+            q, k = rotate(q, angles), rotate(k, angles)
         dropout = self.dropout if self.training else 0.0
         if input_pos is None:  # training and scoring: each of the T tokens sees itself and the ones before it
             if self.use_flash:
@@ -137,6 +156,23 @@ class MultiHeadAttention(nn.Module):
         return weights @ v
 
 
+def rotary_angles(positions, head_dim, base=10000.0):
+    """(cos, sin) of the rotation that rotary position embeddings (Su et al. 2021) give each pair of a head's
+    dimensions at each position: pair i turns by position * base^(-2i / head_dim). positions (T,) or (B, T) ->
+    (1, T, head_dim / 2) or (B, 1, T, head_dim / 2), to broadcast over (B, heads, T, head_dim / 2)."""
+    freqs = base ** (-torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.float32) / head_dim)
+    angles = (positions.float()[..., None] * freqs).unsqueeze(-3)
+    return angles.cos(), angles.sin()
+
+
+def rotate(x, angles):
+    """x (B, heads, T, head_dim) with each pair (x1, x2) of its dimensions rotated: (x1 cos - x2 sin, x1 sin + x2 cos).
+    A query and a key rotated by their positions have a dot product that depends on their distance only."""
+    cos, sin = angles
+    x1, x2 = x.float().chunk(2, dim=-1)
+    return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1).type_as(x)
+
+
 def causal_mask(num_queries, num_keys, device):
     """True where query i (the last num_queries positions) may look at key j: j <= its own position.
 
@@ -154,9 +190,12 @@ class MLP(nn.Module):
         self.up_proj = nn.Linear(config.hidden_size, 4 * config.hidden_size, bias=config.bias)
         self.down_proj = nn.Linear(4 * config.hidden_size, config.hidden_size, bias=config.bias)
         self.dropout = nn.Dropout(config.dropout)
+        self.relu2 = config.activation == "relu2"
 
     def forward(self, x):
-        return self.dropout(self.down_proj(F.gelu(self.up_proj(x), approximate="tanh")))  # GPT-2's GELU
+        x = self.up_proj(x)
+        x = F.relu(x).square() if self.relu2 else F.gelu(x, approximate="tanh")  # GPT-2's GELU by default
+        return self.dropout(self.down_proj(x))
 
 
 class TransformerBlock(nn.Module):
@@ -167,8 +206,8 @@ class TransformerBlock(nn.Module):
         self.ln_2 = nn.LayerNorm(config.hidden_size, bias=config.bias)
         self.mlp = MLP(config)
 
-    def forward(self, x, input_pos=None, first_row=0):
-        x = x + self.attn(self.ln_1(x), input_pos, first_row)  # pre-norm: the residual stream is never normalised
+    def forward(self, x, input_pos=None, first_row=0, angles=None):
+        x = x + self.attn(self.ln_1(x), input_pos, first_row, angles)  # pre-norm: the residual stream stays as it is
         return x + self.mlp(self.ln_2(x))
 
 
@@ -177,18 +216,22 @@ class GPT(nn.Module):
         super().__init__()
         self.config = config
         self.token_emb = nn.Embedding(config.vocab_size, config.hidden_size)
-        self.pos_emb = nn.Embedding(config.block_size, config.hidden_size)
+        if config.position == "learned":
+            self.pos_emb = nn.Embedding(config.block_size, config.hidden_size)
         self.dropout = nn.Dropout(config.dropout)
         self.blocks = nn.ModuleList(TransformerBlock(config) for _ in range(config.num_hidden_layers))
         self.ln_f = nn.LayerNorm(config.hidden_size, bias=config.bias)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
-        self.lm_head.weight = self.token_emb.weight  # weight tying: one matrix reads and writes tokens
+        if config.tie_embeddings:
+            self.lm_head.weight = self.token_emb.weight  # weight tying: one matrix reads and writes tokens
         self.static_kv_cache = None  # KVCache's static: None picks it on GPUs; a compiled decode step needs True
         self.apply(self._init_weights)
         for name, p in self.named_parameters():
             if name.endswith("out_proj.weight") or name.endswith("down_proj.weight"):
                 # GPT-2: each block adds two residual branches; shrink them so the stream's variance stays ~1
-                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.num_hidden_layers))
+                # (or start them at zero: each block then begins as the identity)
+                std = 0.0 if config.zero_init_residual else 0.02 / math.sqrt(2 * config.num_hidden_layers)
+                nn.init.normal_(p, mean=0.0, std=std)
 
     def _init_weights(self, module):
         if isinstance(module, (nn.Linear, nn.Embedding)):
@@ -200,7 +243,7 @@ class GPT(nn.Module):
         """Parameter count; the position table is left out of the non-embedding count (the tied token
         table is counted, since it is also the output layer)."""
         n = sum(p.numel() for p in self.parameters())
-        return n - self.pos_emb.weight.numel() if non_embedding else n
+        return n - self.pos_emb.weight.numel() if non_embedding and hasattr(self, "pos_emb") else n
 
     def set_flash(self, enabled):
         for block in self.blocks:
@@ -216,14 +259,37 @@ class GPT(nn.Module):
             positions = torch.arange(idx.size(1), device=idx.device)
         else:
             positions = input_pos
-        x = self.dropout(self.token_emb(idx) + self.pos_emb(positions))
+        x = self.embed(idx)
+        angles = None
+        if self.config.position == "learned":
+            x = x + self.pos_emb(positions)
+        else:
+            angles = rotary_angles(positions, self.config.hidden_size // self.config.num_attention_heads)
+        x = self.dropout(x)
         for block in self.blocks:
-            x = block(x, input_pos, first_row)
+            x = block(x, input_pos, first_row, angles)
         return self.ln_f(x)
+
+    def embed(self, idx):
+        """The token embeddings of idx. With embedding_dropout, while training, whole words are dropped (Gal &
+        Ghahramani 2016, as AWD-LSTM does): each vocabulary row is zeroed with that probability for the whole batch,
+        so a dropped word is missing everywhere in it, and the rest are scaled up to keep the expectation."""
+        p = self.config.embedding_dropout
+        if not (self.training and p > 0):
+            return self.token_emb(idx)
+        weight = self.token_emb.weight
+        keep = (torch.rand(weight.size(0), 1, device=weight.device) >= p).to(weight.dtype) / (1 - p)
+        return F.embedding(idx, weight * keep)
+
+    def logits(self, hidden):
+        """Next-token logits of final-layer states; with logit_softcap, squashed smoothly into (-cap, cap)."""
+        logits = self.lm_head(hidden)
+        cap = self.config.logit_softcap
+        return cap * torch.tanh(logits / cap) if cap > 0 else logits
 
     def forward(self, idx, targets=None):
         """Logits for every position and, given targets, the mean cross-entropy (targets of -100 ignored)."""
-        logits = self.lm_head(self.hidden_states(idx))
+        logits = self.logits(self.hidden_states(idx))
         loss = None
         if targets is not None:
             loss = F.cross_entropy(logits.view(-1, logits.size(-1)).float(), targets.reshape(-1), ignore_index=-100)
@@ -268,13 +334,13 @@ class GPT(nn.Module):
         """Run the prompt idx (B, T) as positions 0..T-1, writing the KV cache (rows first_row..); returns the
         next-token logits (B, vocab)."""
         positions = torch.arange(idx.size(1), device=idx.device)
-        return self.lm_head(self.hidden_states(idx, positions, first_row)[:, -1])
+        return self.logits(self.hidden_states(idx, positions, first_row)[:, -1])
 
     def decode_one_token(self, idx, input_pos):
         """One token per sequence, idx (B, 1), at input_pos: (1,), the same position for every row, or (B, 1), a
         position per row; it reads and extends the KV cache and returns the next-token logits (B, vocab). Its shapes
         are the same at every step: compile it once."""
-        return self.lm_head(self.hidden_states(idx, input_pos)[:, -1])
+        return self.logits(self.hidden_states(idx, input_pos)[:, -1])
 
     @torch.no_grad()
     def generate_tokens(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None,
@@ -294,7 +360,7 @@ class GPT(nn.Module):
             logits, length = self.prefill(context), context.size(1)  # length: positions the cache holds
             input_pos = torch.tensor([length], device=idx.device)  # where the next token goes
         else:
-            logits = self.lm_head(self.hidden_states(context)[:, -1])
+            logits = self.logits(self.hidden_states(context)[:, -1])
         for step in range(max_new_tokens):
             next_id = sample_next_token(logits, temperature, top_k, top_p, generator)
             yield next_id
@@ -302,7 +368,7 @@ class GPT(nn.Module):
                 break
             idx = torch.cat([idx, next_id[:, None]], dim=1)
             if not use_cache:
-                logits = self.lm_head(self.hidden_states(idx[:, -block:])[:, -1])
+                logits = self.logits(self.hidden_states(idx[:, -block:])[:, -1])
             elif length < block:
                 logits = self.decode_one_token(next_id[:, None], input_pos)
                 input_pos += 1

@@ -16,7 +16,7 @@ import os
 import shutil
 import signal
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 
 import numpy as np
 import torch
@@ -27,6 +27,7 @@ from checkpoint import is_checkpoint, read_checkpoint, save_checkpoint
 from cli import UserError, config_to_dict, parse_config, print_user_errors_as_one_line, setting
 from common import atomic_write, folder_lock, write_json
 from model import GPT, GPTConfig
+from muon import muon_with_adamw
 from prepare import load_meta, load_split
 from tokenizer import load_tokenizer
 from runtime import autocast, compile_or_eager, peak_flops, pick_device, pick_dtype
@@ -56,8 +57,17 @@ class TrainConfig:
     num_attention_heads: int = setting(6, low=1)  # must divide hidden_size
     dropout: float = setting(0.1, low=0, below=1)  # on attention weights, residuals and embeddings in training
     bias: bool = False                        # biases in Linear layers and LayerNorms (GPT-2 has them)
-    # AdamW and the learning-rate schedule (linear warmup, then cosine decay to min_lr)
+    position: str = setting("learned", choices=("learned", "rope"))  # position encoding (model.py's GPTConfig)
+    activation: str = setting("gelu", choices=("gelu", "relu2"))  # the MLP's nonlinearity
+    qk_norm: bool = False                     # RMS-normalise queries and keys
+    tie_embeddings: bool = True               # the output layer is the token embedding
+    logit_softcap: float = setting(0.0, low=0)  # > 0: logits squashed into (-softcap, softcap)
+    embedding_dropout: float = setting(0.0, low=0, below=1)  # drop whole words while training
+    zero_init_residual: bool = False          # residual projections start at zero
+    # the optimizer and the learning-rate schedule (linear warmup, then cosine decay to min_lr)
+    optimizer: str = setting("adamw", choices=("adamw", "muon"))  # muon: Muon for the blocks' matrices
     learning_rate: float = setting(1e-3, above=0)  # the peak, reached after warmup_iters
+    muon_learning_rate: float = setting(0.02, above=0)  # Muon's peak, on the same schedule
     max_iters: int = setting(5000, low=1)     # optimizer steps in all
     weight_decay: float = setting(0.1, low=0)  # on matrices only
     beta1: float = setting(0.9, low=0, below=1)  # AdamW's first-moment decay
@@ -154,10 +164,9 @@ def get_batch(split_data, generator, micro_step_count):
 
 # ----------------------------------------------------------------------------- model, optimizer, checkpoint
 
+model_settings = {field.name: getattr(config, field.name) for field in fields(GPTConfig) if field.name != "vocab_size"}
 try:
-    model_config = GPTConfig(vocab_size=meta["vocab_size"], block_size=config.block_size,
-                             hidden_size=config.hidden_size, num_hidden_layers=config.num_hidden_layers,
-                             num_attention_heads=config.num_attention_heads, dropout=config.dropout, bias=config.bias)
+    model_config = GPTConfig(vocab_size=meta["vocab_size"], **model_settings)  # the same names in both
 except ValueError as e:  # a shape that cannot be built: the settings say so
     raise UserError(str(e))
 iter_num, best_val_loss, checkpoint = 0, float("inf"), None
@@ -186,10 +195,18 @@ if config.init_from == "resume":
 model = GPT(model_config).to(device)
 if checkpoint is not None:
     model.load_state_dict(checkpoint["model"])
-optimizer = model.configure_optimizer(config.weight_decay, config.learning_rate, (config.beta1, config.beta2),
-                                      device_type)
+betas = (config.beta1, config.beta2)
+if config.optimizer == "muon":
+    optimizer = muon_with_adamw(model, config.muon_learning_rate, config.learning_rate, config.weight_decay, betas,
+                                device_type)
+else:
+    optimizer = model.configure_optimizer(config.weight_decay, config.learning_rate, betas, device_type)
 if checkpoint is not None:
-    optimizer.load_state_dict(checkpoint["optimizer"])
+    try:
+        optimizer.load_state_dict(checkpoint["optimizer"])
+    except (KeyError, ValueError, TypeError):
+        raise UserError(f"the checkpoint's optimizer state is not --optimizer={config.optimizer}'s: resume with the "
+                        f"optimizer it was trained with")
     scaler.load_state_dict(checkpoint["scaler"])
     train_gen.set_state(checkpoint["rng"]["data"])
 raw_model = model  # the plain module: what checkpoints hold (no '_orig_mod.' or 'module.' prefixes)
@@ -351,7 +368,7 @@ with folder_lock(config.out_dir) if master else contextlib.nullcontext():
     while True:
         lr = get_lr(iter_num)
         for group in optimizer.param_groups:
-            group["lr"] = lr
+            group["lr"] = lr * group.get("lr_scale", 1.0)  # Muon's groups run at their own multiple
 
         if (iter_num % config.eval_interval == 0 or iter_num == config.max_iters or stop_requested) and master:
             eval_start = time.time()

@@ -167,3 +167,35 @@ def test_bad_settings_are_user_errors(loaded, tmp_path):
     BPETokenizer.train("other words entirely, other merges " * 50, vocab_size=280).save(tmp_path)
     with pytest.raises(UserError, match="another tokenizer"):
         evaluate.check_same_tokenizer(tokenizer, tmp_path)
+
+
+# ----------------------------------------------------------------------------- dynamic evaluation
+
+def test_dynamic_evaluation_without_learning_is_static_scoring(random_model):
+    ids = torch.randint(97, (150,), generator=torch.Generator().manual_seed(2)).numpy()
+    static = evaluate.score_tokens(random_model(block_size=32), ids, stride=8)
+    dynamic = evaluate.score_tokens_dynamic(random_model(block_size=32), ids, segment=8, lr=0.0)
+    assert dynamic[1] == static[1] and dynamic[0] == pytest.approx(static[0], rel=1e-10)
+
+
+def test_dynamic_evaluation_scores_each_token_before_learning_from_it(random_model):
+    """One segment: every token is scored before the only update, so any lr gives the static score; and a text that
+    repeats itself is predicted better the second time once the model learns as it reads."""
+    ids = torch.randint(97, (17,), generator=torch.Generator().manual_seed(3)).numpy()
+    static = evaluate.score_tokens(random_model(block_size=32), ids, stride=16)
+    assert evaluate.score_tokens_dynamic(random_model(block_size=32), ids, segment=16, lr=10.0)[0] == \
+        pytest.approx(static[0], rel=1e-10)
+    repeated = np.tile(torch.randint(97, (24,), generator=torch.Generator().manual_seed(4)).numpy(), 6)
+    static_nll, n = evaluate.score_tokens(random_model(block_size=32), repeated, stride=8)
+    dynamic_nll, m = evaluate.score_tokens_dynamic(random_model(block_size=32), repeated, segment=8, lr=0.5)
+    assert n == m and dynamic_nll < 0.9 * static_nll
+
+
+def test_cli_dynamic(tiny_ckpt, run_in_process):
+    status, out, err = run_in_process(evaluate, f"--out_dir={tiny_ckpt}", "--split=val", "--dynamic", "--json",
+                                      "--dynamic_segment=8", "--dynamic_lr=0.01", "--device=cpu")
+    assert status == 0, err
+    result = json.loads(out)
+    assert result["scoring"] == "dynamic" and result["dynamic_segment"] == 8 and result["perplexity"] > 1
+    status, _, err = run_in_process(evaluate, f"--out_dir={tiny_ckpt}", "--dynamic", "--quantize=int8")
+    assert status == 2 and "needs float weights" in err

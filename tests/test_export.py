@@ -7,8 +7,9 @@ import pytest
 import torch
 
 import export
-from checkpoint import load_model
+from checkpoint import load_model, save_checkpoint
 from gpt2 import load_gpt2
+from model import GPT, GPTConfig
 from tokenizer import load_tokenizer
 
 # ASCII, accents, CJK, emoji, whitespace, the special token, nothing
@@ -74,3 +75,13 @@ def test_export_errors_are_one_line(args, message, run_in_process):
 def test_a_classifier_is_refused(tiny_classifier, tmp_path, run_in_process):
     status, _, err = run_in_process(export, f"--out_dir={tiny_classifier}", f"--to={tmp_path / 'hf'}")
     assert status == 2 and "classifier" in err
+
+
+def test_a_model_beyond_gpt2_is_refused(tiny_ckpt, tmp_path, run_in_process):
+    saved = torch.load(tiny_ckpt / "ckpt.pt", weights_only=True)
+    config = saved["model_config"] | {"position": "rope", "activation": "relu2"}
+    folder = tmp_path / "rope"
+    save_checkpoint({"model": GPT(GPTConfig(**config)).state_dict(), "model_config": config}, folder)
+    load_tokenizer(tiny_ckpt).save(folder)
+    status, _, err = run_in_process(export, f"--out_dir={folder}", f"--to={tmp_path / 'hf'}")
+    assert status == 2 and "position=rope, activation=relu2" in err and not (tmp_path / "hf").exists()

@@ -122,6 +122,6 @@ def test_help_gives_every_setting_its_type_default_and_comment(script, config_cl
 def test_train_help_prints_sections_and_comments():
     r = subprocess.run([sys.executable, str(ROOT / "train.py"), "--help"], capture_output=True, text=True, timeout=60)
     assert r.returncode == 0 and r.stderr == ""
-    assert "\nAdamW and the learning-rate schedule (linear warmup, then cosine decay to min_lr)\n" in r.stdout
+    assert "\nthe optimizer and the learning-rate schedule (linear warmup, then cosine decay to min_lr)\n" in r.stdout
     assert re.search(r"\n  --batch_size=16 +int +sequences per micro-step per process \[>= 1\]\n", r.stdout)
     assert re.search(r"\n  --dtype=auto +str +bfloat16 \| float16 \| float32; auto: bf16 where", r.stdout)

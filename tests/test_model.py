@@ -125,3 +125,78 @@ def test_bad_shapes_are_one_clear_error():
     m = GPT(tiny_config())
     with pytest.raises(ValueError, match="longer than block_size"):
         m(torch.zeros(1, 33, dtype=torch.long))
+
+
+# ----------------------------------------------------------------------------- choices beyond GPT-2
+
+VARIANTS = [dict(position="rope"), dict(qk_norm=True), dict(activation="relu2"), dict(tie_embeddings=False),
+            dict(logit_softcap=5.0), dict(embedding_dropout=0.3), dict(zero_init_residual=True),
+            dict(position="rope", qk_norm=True, activation="relu2", tie_embeddings=False, logit_softcap=15.0)]
+
+
+@pytest.mark.parametrize("variant", VARIANTS, ids=lambda v: ",".join(v))
+def test_every_variant_learns(variant):
+    torch.manual_seed(0)
+    m = GPT(tiny_config(**variant)).train()
+    idx = torch.randint(0, 97, (4, 16))
+    optimizer = m.configure_optimizer(0.0, 3e-3, (0.9, 0.95), "cpu")
+    losses = []
+    for _ in range(30):  # learn one batch by heart
+        loss = m(idx[:, :-1], idx[:, 1:])[1]
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0] - 1.0
+
+
+def test_rope_scores_depend_on_distance_only():
+    from model import rotary_angles, rotate
+    q, k = torch.randn(1, 1, 1, 8), torch.randn(1, 1, 1, 8)
+    score = lambda i, j: (rotate(q, rotary_angles(torch.tensor([i]), 8)) *  # noqa: E731
+                          rotate(k, rotary_angles(torch.tensor([j]), 8))).sum().item()
+    assert score(7, 3) == pytest.approx(score(107, 103), rel=1e-4) != pytest.approx(score(7, 4), rel=1e-4)
+    assert not hasattr(GPT(tiny_config(position="rope")), "pos_emb")
+
+
+def test_embedding_dropout_drops_whole_words():
+    torch.manual_seed(1)
+    m = GPT(tiny_config(embedding_dropout=0.5)).train()
+    idx = torch.tensor([[5, 6, 5, 7, 5] * 4])
+    x = m.embed(idx)[0]
+    fives = x[idx[0] == 5]
+    assert torch.equal(fives, fives[:1].expand_as(fives))  # the same word, the same fate, everywhere
+    kept = [w for w in range(97) if m.embed(torch.tensor([[w]])).abs().sum() > 0]
+    assert 0 < len(kept) < 97
+    assert torch.equal(m.eval().embed(idx), m.token_emb(idx))  # evaluation drops nothing
+
+
+def test_softcap_untied_and_zero_init():
+    m = GPT(tiny_config(logit_softcap=2.0, tie_embeddings=False, zero_init_residual=True))
+    assert m.lm_head.weight is not m.token_emb.weight
+    assert all(b.attn.out_proj.weight.abs().sum() == 0 and b.mlp.down_proj.weight.abs().sum() == 0 for b in m.blocks)
+    logits, _ = m(torch.randint(0, 97, (2, 8)) * 0 + 3)
+    assert logits.abs().max() < 2.0
+
+
+def test_muon_orthogonalizes_and_learns():
+    from muon import muon_with_adamw, orthogonalize
+    g = torch.randn(48, 16)
+    singular = torch.linalg.svdvals(orthogonalize(g))
+    assert singular.min() > 0.5 and singular.max() < 1.5  # every direction moves by about the same amount
+    torch.manual_seed(0)
+    m = GPT(tiny_config()).train()
+    optimizer = muon_with_adamw(m, muon_lr=0.02, adamw_lr=3e-3, weight_decay=0.0, betas=(0.9, 0.95))
+    assert len(optimizer.param_groups) == 3 and optimizer.param_groups[0]["lr_scale"] == pytest.approx(0.02 / 3e-3)
+    idx = torch.randint(0, 97, (4, 16))
+    first = m(idx[:, :-1], idx[:, 1:])[1].item()
+    for _ in range(30):
+        m(idx[:, :-1], idx[:, 1:])[1].backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    assert m(idx[:, :-1], idx[:, 1:])[1].item() < first - 1.0
+    state = optimizer.state_dict()
+    fresh = muon_with_adamw(m, 0.02, 3e-3, 0.0, (0.9, 0.95))
+    fresh.load_state_dict(state)
+    assert torch.equal(fresh.optimizers[0].state[m.blocks[0].attn.qkv_proj.weight]["momentum"],
+                       optimizer.optimizers[0].state[m.blocks[0].attn.qkv_proj.weight]["momentum"])

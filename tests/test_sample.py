@@ -7,7 +7,7 @@ import generate
 import sample
 from checkpoint import load_for_inference
 from cli import UserError
-from model import sample_next_token
+from model import GPT, GPTConfig, sample_next_token
 
 
 @pytest.fixture(scope="module")
@@ -42,6 +42,25 @@ def test_prefill_and_decode_give_the_logits_of_the_whole_sequence(random_model, 
         steps = [model.prefill(idx[:, :5])]
         steps += [model.decode_one_token(idx[:, p:p + 1], torch.tensor([p])) for p in range(5, 32)]
     assert torch.allclose(torch.stack(steps, dim=1), full[:, 4:], atol=1e-5)
+
+
+@pytest.mark.parametrize("variant", [dict(position="rope"), dict(position="rope", qk_norm=True, activation="relu2",
+                                                                     tie_embeddings=False, logit_softcap=10.0)])
+@pytest.mark.parametrize("static", [True, False])
+def test_cached_decoding_of_the_variants(variant, static):
+    """Rotary positions and the other choices keep cached decoding equal to the uncached forward pass."""
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=97, block_size=32, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                          **variant)).eval()
+    model.static_kv_cache = static
+    idx = torch.randint(97, (2, 32), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        full = model(idx)[0]
+        model.setup_kv_cache(2)
+        steps = [model.prefill(idx[:, :5])]
+        steps += [model.decode_one_token(idx[:, p:p + 1], torch.tensor([p])) for p in range(5, 32)]
+    assert torch.allclose(torch.stack(steps, dim=1), full[:, 4:], atol=1e-5)
+    assert model.generate(idx[:, :4], 60, temperature=0).shape == (2, 64)  # past block_size: rebuilt
 
 
 @pytest.mark.parametrize("static", [True, False])

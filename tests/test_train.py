@@ -60,6 +60,18 @@ def test_resume_is_exact(data_dir, tmp_path, train):
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_resume_is_exact_with_muon_rope_and_embedding_dropout(data_dir, tmp_path, train):
+    args = ["--optimizer=muon", "--position=rope", "--qk_norm=True", "--embedding_dropout=0.1", "--dropout=0.1"]
+    straight, halves = tmp_path / "straight", tmp_path / "halves"
+    train(data_dir, straight, "--max_iters=12", "--eval_interval=6", *args)
+    train(data_dir, halves, "--max_iters=6", "--eval_interval=6", *args)
+    train(data_dir, halves, "--max_iters=12", "--eval_interval=6", "--init_from=resume", *args)
+    a, b = weights(straight), weights(halves)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    with pytest.raises(UserError, match="optimizer state is not --optimizer=adamw's"):
+        train(data_dir, halves, "--max_iters=14", "--init_from=resume", "--position=rope", "--qk_norm=True")
+
+
 def test_bf16_autocast_on_cpu_tracks_fp32(data_dir, tmp_path, train):
     args = ["--max_iters=20", "--eval_interval=10", "--dropout=0"]
     train(data_dir, tmp_path / "fp32", *args)
