@@ -99,7 +99,8 @@ GPT2_CHOICES = {"position": "learned", "activation": "gelu", "qk_norm": False, "
 
 def check_gpt2_compatible(config):
     """Refuse a model that GPT2LMHeadModel would compute differently (rotary positions, ReLU², ...)."""
-    differs = [f"{name}={getattr(config, name)}" for name, value in GPT2_CHOICES.items() if getattr(config, name) != value]
+    differs = [f"{name}={getattr(config, name)}" for name, value in GPT2_CHOICES.items()
+               if getattr(config, name) != value]
     if differs:
         raise UserError(f"this model is no GPT-2 ({', '.join(differs)}): transformers' GPT2LMHeadModel would compute "
                         f"something else; export a model trained with GPT-2's choices")

@@ -74,8 +74,8 @@ class Optimizers:
 
 def muon_with_adamw(model, muon_lr, adamw_lr, weight_decay, betas, device_type="cpu"):
     """Muon for the 2-D weights of model.blocks, without weight decay; AdamW for the rest (embeddings, output layer,
-    norms, biases; decay on its matrices only). Every param group records lr_scale, its learning rate over adamw_lr, so that one schedule
-    (group["lr"] = schedule * lr_scale) drives both."""
+    norms, biases; decay on its matrices only). Every param group records lr_scale, its learning rate over adamw_lr,
+    so that one schedule (group["lr"] = schedule * lr_scale) drives both."""
     in_blocks = {id(p) for p in model.blocks.parameters()}
     params = [p for p in model.parameters() if p.requires_grad]
     matrices = [p for p in params if p.dim() == 2 and id(p) in in_blocks]

@@ -3,6 +3,7 @@ Training throughput: our train.py against nanoGPT's, same shape, same memmaps, s
 
     python bench/bench_train.py --data_dir=data/wikitext-2                       # CPU: fp32 / bf16, compile off / on
     python bench/bench_train.py --data_dir=data/wikitext-2 --device=cuda --shape=gpt2_124m
+    python bench/bench_train.py --variants=float32:False --recipes="--position=rope;--optimizer=muon" --nanogpt=
 
 Runs each variant as a subprocess for `iters` steps and takes the median ms/iter over steps >= 10 (compilation
 and warm-up excluded), and with --repeats the median over interleaved rounds. nanoGPT runs through
@@ -39,11 +40,12 @@ class BenchTrainConfig:
     repeats: int = 1                      # rounds of all the runs, interleaved
     variants: str = "float32:False,bfloat16:False,float32:True,bfloat16:True"  # dtype:compile pairs
     nanogpt: str = str(ROOT.parent / "shared" / "baselines" / "nanogpt" / "run.sh")  # nanoGPT's runner; empty: skip
+    recipes: str = ""                     # train.py flags to time beside each plain variant, recipes split by ';'
 
 
-def run_ours(config, dtype, compile_, out_dir):
+def run_ours(config, dtype, compile_, out_dir, recipe=""):
     shape = SHAPES[config.shape]
-    args = [f"--{k}={v}" for k, v in shape.items()] + [
+    args = [f"--{k}={v}" for k, v in shape.items()] + recipe.split() + [
         f"--data_dir={config.data_dir}", f"--out_dir={out_dir}", f"--device={config.device}", f"--dtype={dtype}",
         f"--compile={compile_}", f"--max_iters={config.iters}", "--eval_interval=100000", "--eval_iters=1",
         "--log_interval=1", "--dropout=0.0", "--bias=False", "--gradient_accumulation_steps=1"]
@@ -64,7 +66,8 @@ def run_nanogpt(config, vocab_size):
              f"--batch_size={shape['batch_size']}", f"--max_iters={config.iters}", f"--device={config.device}"]
     if config.device != "cpu":  # nanoGPT's best GPU settings: bf16 + compile
         extra += ["--dtype=bfloat16", "--compile=True"]
-    result = subprocess.run(["bash", config.nanogpt, config.data_dir, str(vocab_size), *extra], capture_output=True, text=True)
+    result = subprocess.run(["bash", config.nanogpt, config.data_dir, str(vocab_size), *extra], capture_output=True,
+                            text=True)
     found = re.search(r"nanoGPT median ms/iter: ([\d.]+)", result.stdout)
     if not found:
         raise SystemExit(f"nanoGPT run failed:\n{result.stdout[-1500:]}\n{result.stderr[-1500:]}")
@@ -76,29 +79,38 @@ def main():
     meta = load_meta(config.data_dir)
     shape = SHAPES[config.shape]
     tokens_per_iter = shape["batch_size"] * shape["block_size"]
-    runs = {}  # name -> [(ms, loss, mfu)], one per round
+    recipes = ["", *filter(None, (r.strip() for r in config.recipes.split(";")))]
+    runs = {}  # (variant, recipe) -> [(ms, loss, mfu)], one per round; nanoGPT's variant is "nanoGPT"
     for round_ in range(1, config.repeats + 1):  # rounds interleave the runs, so a slow spell hits them all alike
         if os.path.exists(config.nanogpt):
             ms = run_nanogpt(config, meta["vocab_size"])
-            runs.setdefault("nanoGPT train.py (its defaults for this device)", []).append((ms, None, None))
+            runs.setdefault(("nanoGPT", ""), []).append((ms, None, None))
             print(f"round {round_}, nanoGPT: {ms:.1f} ms/iter", file=sys.stderr)
         for variant in config.variants.split(","):
             dtype, compile_ = variant.split(":")
-            with tempfile.TemporaryDirectory() as out_dir:
-                ms, loss, mfu = run_ours(config, dtype, compile_, out_dir)
-            runs.setdefault(f"ours, {dtype}, compile={compile_}", []).append((ms, loss, mfu))
-            print(f"round {round_}, {variant}: {ms:.1f} ms/iter, last loss {loss:.3f}", file=sys.stderr)
-    rows = [(name, statistics.median(r[0] for r in results), *results[-1][1:]) for name, results in runs.items()]
+            for recipe in recipes:
+                with tempfile.TemporaryDirectory() as out_dir:
+                    ms, loss, mfu = run_ours(config, dtype, compile_, out_dir, recipe)
+                runs.setdefault((variant, recipe), []).append((ms, loss, mfu))
+                print(f"round {round_}, {variant} {recipe}: {ms:.1f} ms/iter, last loss {loss:.3f}", file=sys.stderr)
+    median = {key: statistics.median(r[0] for r in results) for key, results in runs.items()}
 
-    base = rows[0][1] if rows[0][0].startswith("nanoGPT") else None
+    base = median.get(("nanoGPT", ""))
     print(f"\nshape {config.shape} ({shape}), vocab {meta['vocab_size']}, device {config.device}, "
           f"{tokens_per_iter} tokens/iter; per run the median ms over iterations 11..{config.iters}, then the median "
           f"over {config.repeats} interleaved round(s)\n")
-    print("| run | ms/iter | tokens/s | vs nanoGPT | MFU | loss at last iter |")
-    print("|---|---:|---:|---:|---:|---:|")
-    for name, ms, loss, mfu in rows:
+    print("| run | ms/iter | tokens/s | vs nanoGPT | recipe vs plain | MFU | loss at last iter |")
+    print("|---|---:|---:|---:|---:|---:|---:|")
+    for (variant, recipe), results in runs.items():
+        ms, (_, loss, mfu) = median[(variant, recipe)], results[-1]
+        if variant == "nanoGPT":
+            name = "nanoGPT train.py (its defaults for this device)"
+        else:
+            dtype, compile_ = variant.split(":")
+            name = f"ours, {dtype}, compile={compile_}" + (f", {recipe}" if recipe else "")
         ratio = f"{base / ms:.2f}x" if base else "-"
-        print(f"| {name} | {ms:.1f} | {tokens_per_iter / ms * 1000:,.0f} | {ratio} | "
+        versus = f"{ms / median[(variant, '')]:.2f}x" if recipe else "-"  # > 1: the recipe's step is slower
+        print(f"| {name} | {ms:.1f} | {tokens_per_iter / ms * 1000:,.0f} | {ratio} | {versus} | "
               f"{f'{mfu * 100:.1f}%' if mfu else '-'} | {f'{loss:.3f}' if loss is not None else '-'} |")
 
 

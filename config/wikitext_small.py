@@ -1,7 +1,10 @@
-"""A GPU-sized model for WikiText-2 (tokenized release, 2.1M words): ~20M parameters with strong regularisation,
-since a transformer this size overfits 2M words within a few epochs.
+"""A GPU-sized model for WikiText-2 (tokenized release, 2.1M words): ~27M parameters with strong regularisation,
+since a transformer this size overfits 2M words within a few epochs. Fits one GPU and 8 minutes of training.
 
     python prepare.py --dataset=wikitext-2 && python train.py config/wikitext_small.py
+
+The previous recipe (learned positions, tied head, AdamW, no embedding dropout) reached test word perplexity 110.5 and
+110.8 on one H100 (two runs, 83-99 s of training); this one is not measured on a GPU yet (the README says how).
 """
 data_dir = "data/wikitext-2"
 out_dir = "out-wikitext-small"
@@ -12,10 +15,17 @@ hidden_size = 512
 block_size = 512
 batch_size = 32
 gradient_accumulation_steps = 1
-dropout = 0.3          # heavy dropout: the corpus is small for a model this size
+dropout = 0.3            # heavy dropout: the corpus is small for a model this size
+embedding_dropout = 0.1  # drop whole words too: reported as the biggest single gain on WikiText-2 (Dettmers)
 weight_decay = 0.2
 
-learning_rate = 1e-3
+# what paid on the CPU (the README's ablation table): rotary positions, an untied output layer, Muon
+position = "rope"
+tie_embeddings = False
+optimizer = "muon"
+
+learning_rate = 1e-3     # AdamW's, for the embeddings and output layer
+muon_learning_rate = 0.02
 max_iters = 6000
 lr_decay_iters = max_iters
 min_lr = learning_rate / 10

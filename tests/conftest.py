@@ -162,13 +162,14 @@ def tiny_classifier(tiny_ckpt):
 
 @pytest.fixture
 def random_model():
-    """random_model(vocab_size=97, block_size=32, dtype=float64): a small GPT with seeded random weights, in eval
-    mode. float64 by default: cached and uncached logits then agree far below any tie."""
+    """random_model(vocab_size=97, block_size=32, dtype=float64, **choices): a small GPT with seeded random weights,
+    in eval mode (choices: GPTConfig's, e.g. position="rope"). float64 by default: cached and uncached logits then
+    agree far below any tie."""
 
-    def make(vocab_size=97, block_size=32, dtype=torch.float64):
+    def make(vocab_size=97, block_size=32, dtype=torch.float64, **choices):
         torch.manual_seed(0)
         config = GPTConfig(vocab_size=vocab_size, block_size=block_size, hidden_size=32, num_hidden_layers=2,
-                           num_attention_heads=4, dropout=0.0)
+                           num_attention_heads=4, dropout=0.0, **choices)
         return GPT(config).to(dtype).eval()
 
     return make

@@ -34,8 +34,11 @@ def together(engine, prompts, **kw):
     return results
 
 
-def test_a_position_per_row_gives_each_sequence_its_own_logits(model):
-    """Sequences of different lengths in one decode step: each row's logits are those of its sequence alone."""
+@pytest.mark.parametrize("position", ["learned", "rope"])
+def test_a_position_per_row_gives_each_sequence_its_own_logits(position, random_model):
+    """Sequences of different lengths in one decode step: each row's logits are those of its sequence alone, with
+    learned and with rotary positions (config/wikitext_tiny.py trains rotary ones)."""
+    model = random_model(dtype=torch.float32, position=position)
     seqs = [torch.randint(97, (n,)) for n in (4, 9, 1)]
     with torch.no_grad():
         model.setup_kv_cache(3)

@@ -1,5 +1,6 @@
 """train.py end to end on a tiny corpus: loss goes down, resume is exact, DDP matches one process, errors are clear."""
 import json
+import math
 import os
 import signal
 import subprocess
@@ -9,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import cli
 from checkpoint import load_model
 from cli import UserError
 
@@ -149,3 +151,19 @@ def test_resume_refuses_other_vocab_and_longer_context(data_dir, tmp_path, train
     (other / "meta.json").write_text(json.dumps({**meta, "vocab_size": 512}))
     with pytest.raises(UserError, match="vocab mismatch"):
         train(other, out, "--max_iters=4", "--init_from=resume")
+
+
+@pytest.mark.parametrize("config_file", sorted(p.name for p in (ROOT / "config").glob("*.py")))
+def test_every_shipped_config_trains_with_its_recipe(config_file, data_dir, tmp_path, run_train):
+    """Each config file's settings are valid and its recipe (positions, head, optimizer, ...) trains: the config's
+    own choices, on a shrunken shape (the tiny settings come after it on the command line) for 4 steps."""
+    out = tmp_path / "out"
+    run_train(str(ROOT / "config" / config_file), f"--data_dir={data_dir}", f"--out_dir={out}", *TINY,
+              "--max_iters=4", "--eval_interval=4", "--gradient_accumulation_steps=1", "--batch_size=2",
+              "--init_from=scratch")
+    saved = json.loads((out / "config.json").read_text())
+    recipe = {k: v for k, v in cli.read_config_file(str(ROOT / "config" / config_file)).items()
+              if k in ("position", "tie_embeddings", "optimizer", "embedding_dropout", "dropout", "activation")}
+    assert recipe.items() <= saved.items()
+    losses = [r["train_loss"] for r in log_rows(out, "train_loss")]
+    assert len(losses) == 4 and all(map(math.isfinite, losses))
