@@ -1,5 +1,6 @@
 """A GPU-sized model for WikiText-2 (tokenized release, 2.1M words): ~27M parameters with strong regularisation,
-since a transformer this size overfits 2M words within a few epochs. Fits one GPU and 8 minutes of training.
+since a transformer this size overfits 2M words within a few epochs. Meant for one GPU and at most 8 minutes of
+training.
 
     python prepare.py --dataset=wikitext-2 && python train.py config/wikitext_small.py
 

@@ -10,9 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 
-import cli
 from checkpoint import load_model
-from cli import UserError
+from cli import UserError, read_config_file
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["--eval_iters=2", "--log_interval=1", "--batch_size=4", "--block_size=32", "--hidden_size=32",
@@ -162,7 +161,7 @@ def test_every_shipped_config_trains_with_its_recipe(config_file, data_dir, tmp_
               "--max_iters=4", "--eval_interval=4", "--gradient_accumulation_steps=1", "--batch_size=2",
               "--init_from=scratch")
     saved = json.loads((out / "config.json").read_text())
-    recipe = {k: v for k, v in cli.read_config_file(str(ROOT / "config" / config_file)).items()
+    recipe = {k: v for k, v in read_config_file(str(ROOT / "config" / config_file)).items()
               if k in ("position", "tie_embeddings", "optimizer", "embedding_dropout", "dropout", "activation")}
     assert recipe.items() <= saved.items()
     losses = [r["train_loss"] for r in log_rows(out, "train_loss")]
