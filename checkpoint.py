@@ -1,24 +1,22 @@
 """
-Checkpoints: the one place that writes and reads them, and that turns a name or a folder into a model.
+A run's folder and its checkpoint: the one place that writes and reads ckpt.pt, guards a folder while a run writes
+into it, and turns a folder (or a GPT-2 name) into a model.
 
 A checkpoint is out_dir/ckpt.pt: a dict of tensors and plain values (model weights, "model_config", and whatever the
 writer adds: optimizer state, RNG state, labels, ...), written atomically and read with torch.load(weights_only=True),
 which refuses to unpickle anything else. The tokenizer files lie beside it, so the folder alone is enough.
 
-    model, tokenizer, checkpoint = load_model("out-wikitext-small")     # or "gpt2", or a Hugging Face folder
-    model, tokenizer, _ = load_for_inference("out-wikitext-small", device="auto", dtype="auto", quantize="none")
+    model, tokenizer, checkpoint = load_model("out-wikitext-tiny")      # or "gpt2", or a Hugging Face folder
 """
 
+import contextlib
 import os
+from pathlib import Path
 
 import torch
 
-from cli import UserError
-from common import atomic_write
-from gpt2 import is_gpt2, load_gpt2
+from cli import UserError, atomic_write
 from model import GPT, GPTConfig
-from quantize import quantize_int8
-from runtime import compile_or_eager, pick_device, pick_dtype
 from tokenizer import load_tokenizer
 
 CHECKPOINT_NAME = "ckpt.pt"
@@ -38,7 +36,7 @@ def read_checkpoint(out_dir, map_location="cpu"):
     """The checkpoint dict of out_dir, loaded without unpickling arbitrary objects."""
     path = os.path.join(out_dir, CHECKPOINT_NAME)
     if not os.path.exists(path):
-        raise UserError(f"no checkpoint at {path}: train one first (python train.py ...) or fix --out_dir")
+        raise UserError(f"no checkpoint at {path}: train one first (python train.py ...) or fix the folder's name")
     try:
         checkpoint = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:  # weights_only refuses anything but tensors and plain containers
@@ -55,9 +53,11 @@ def load_model(name_or_dir, device="cpu", dropout=None, cache_dir="data/cache", 
     gpt2 | gpt2-medium | gpt2-large | gpt2-xl (downloaded once into cache_dir) or a Hugging Face folder, with an
     empty checkpoint dict. dropout: None keeps the model's own; tokenizer_dir: GPT-2 only, where its tokenizer is."""
     name_or_dir = str(name_or_dir)
-    if not is_checkpoint(name_or_dir) and is_gpt2(name_or_dir):
-        model, tokenizer = load_gpt2(name_or_dir, cache_dir, tokenizer_dir, dropout or 0.0, device)
-        return model, tokenizer, {}
+    if not is_checkpoint(name_or_dir):
+        from gpt2 import is_gpt2, load_gpt2  # GPT-2's weights: only when asked for
+        if is_gpt2(name_or_dir):
+            model, tokenizer = load_gpt2(name_or_dir, cache_dir, tokenizer_dir, dropout or 0.0, device)
+            return model, tokenizer, {}
     checkpoint = read_checkpoint(name_or_dir, map_location=device)
     if "labels" in checkpoint:
         raise UserError(f"{name_or_dir} holds a fine-tuned classifier, not a language model: give the folder of a "
@@ -68,35 +68,34 @@ def load_model(name_or_dir, device="cpu", dropout=None, cache_dir="data/cache", 
     return model.to(device).eval(), load_tokenizer(name_or_dir), checkpoint
 
 
-def load_for_inference(name_or_dir, device="auto", dtype="auto", quantize="none", compile=False):
-    """(model, tokenizer, checkpoint dict) ready to generate or score: on `device`, weights in `dtype` (the rule of
-    runtime.pick_dtype), optionally int8 (CPU, float32) and compiled."""
-    if quantize not in ("none", "int8"):
-        raise UserError(f"--quantize must be none or int8, got '{quantize}'")
-    device = "cpu" if quantize == "int8" and device == "auto" else pick_device(device)
-    ptdtype = pick_dtype("float32" if quantize == "int8" and dtype == "auto" else dtype, device)
-    if quantize == "int8" and (device != "cpu" or ptdtype != torch.float32):
-        raise UserError("--quantize=int8 runs on the CPU in float32: add --device=cpu --dtype=float32 "
-                        "(on a GPU use --dtype=bfloat16 instead)")
-    model, tokenizer, checkpoint = load_model(name_or_dir, device)
-    model.to(dtype=ptdtype)  # weights in the compute dtype: no autocast needed, and the KV cache follows them
-    if quantize == "int8":
-        quantize_int8(model)
-    if compile:
-        compile_decoding(model, device)
-    return model, tokenizer, checkpoint
-
-
-def compile_decoding(model, device):
-    """torch.compile the one-token decode step, the step that generation repeats; on a GPU with CUDA graphs
-    ("reduce-overhead"), which replay the whole step as one launch. With a static KVCache its shapes never change,
-    so it compiles once. The prompt's prefill runs eagerly. Where compiling fails: a warning, and eager decoding."""
-
-    def warm_up(decode):
-        model.decode_one_token = decode
-        for _ in model.generate_tokens(torch.zeros(1, 3, dtype=torch.long, device=device), 3, temperature=0):
-            pass
-
-    model.static_kv_cache = True  # the same shapes at every step: one graph
-    mode = "reduce-overhead" if device.startswith("cuda") else "default"
-    model.decode_one_token = compile_or_eager(model.decode_one_token, warm_up, mode=mode, fullgraph=True)
+@contextlib.contextmanager
+def folder_lock(folder):
+    """Hold an advisory lock on `folder` (made if missing) while the block runs: a second process that asks for it
+    gets a UserError naming the first one's PID. The lock file, folder/.lock, goes when the lock does, and so does
+    a folder made for it that is still empty. (Where there is no fcntl, as on Windows, nothing is locked.)"""
+    try:
+        import fcntl
+    except ImportError:
+        yield
+        return
+    folder = Path(folder)
+    made = not folder.exists()
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / ".lock"
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.read(fd, 20).decode(errors="replace").strip() or "?"
+        os.close(fd)
+        raise UserError(f"{folder} is in use by another run (PID {holder}): wait for it to end, or choose another "
+                        f"--out_dir")
+    os.ftruncate(fd, 0)
+    os.write(fd, str(os.getpid()).encode())
+    try:
+        yield
+    finally:
+        path.unlink(missing_ok=True)
+        os.close(fd)
+        if made and not any(folder.iterdir()):
+            folder.rmdir()

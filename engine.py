@@ -2,7 +2,8 @@
 Batched generation for a server: one thread owns the model and decodes every active sequence in a single forward
 pass per step. A request joins between two steps (its prompt runs alone, into a free row of the KV cache) and leaves
 as soon as it is done, so nobody waits for a whole batch to finish: continuous batching. Each sequence keeps its own
-position, sampling settings, seed and stopping rule: its tokens do not depend on what else is in the batch.
+row, position, sampling settings, seed and stopping rule: its tokens do not depend on what else is in the batch.
+The engine owns the rows: it points the model's caches at one row to run a prompt, at rows 0..n-1 to decode.
 
     engine = BatchEngine(model, max_batch_size=32)
     sequence = engine.submit(prompt_ids, max_new_tokens=64, temperature=0.8, seed=1, stop_id=tokenizer.eot_id)
@@ -58,6 +59,7 @@ class BatchEngine:
         self.active = []  # self.active[i] owns row i of the KV cache
         self.peak_batch = 0  # the most sequences decoded together so far
         model.setup_kv_cache(max_batch_size)
+        self.caches = [block.attn.kv_cache for block in model.blocks]  # every row; the model sees some of them
         self.thread = threading.Thread(target=self._run, name="batch-engine", daemon=True)
         self.thread.start()
 
@@ -105,7 +107,8 @@ class BatchEngine:
                 continue
             context = sequence.ids[-self.model.config.block_size:]  # a long prompt keeps its end
             try:
-                sequence.logits = self.model.prefill(self._tensor([context]), first_row=len(self.active))[0]
+                self._use_rows(len(self.active), len(self.active) + 1)
+                sequence.logits = self.model.prefill(self._tensor([context]))[0]
             except Exception as e:  # this request fails alone
                 sequence.tokens.put(e)
                 continue
@@ -132,14 +135,14 @@ class BatchEngine:
         self._remove_finished()
         if not self.active:
             return
-        block = self.model.config.block_size
         for row, sequence in enumerate(self.active):
-            if sequence.length == block:  # full: rebuild the row from its last block_size // 2 tokens
-                keep = max(block // 2, 1)
-                prefix = sequence.ids[-keep:-1]  # the newest token is decoded below, after them
+            if sequence.length == self.model.config.block_size:  # full: rebuild the row (GPT.tokens_kept_when_full)
+                prefix = sequence.ids[-self.model.tokens_kept_when_full():-1]  # the newest is decoded below
                 if prefix:
-                    self.model.prefill(self._tensor([prefix]), first_row=row)
+                    self._use_rows(row, row + 1)
+                    self.model.prefill(self._tensor([prefix]))
                 sequence.length = len(prefix)
+        self._use_rows(0, len(self.active))
         tokens = self._tensor([[sequence.ids[-1]] for sequence in self.active])
         positions = self._tensor([[sequence.length] for sequence in self.active])
         logits = self.model.decode_one_token(tokens, positions)
@@ -159,11 +162,15 @@ class BatchEngine:
             sequence.tokens.put(None)
             last = len(self.active) - 1
             if row != last:
-                for block in self.model.blocks:
-                    cache = block.attn.kv_cache
+                for cache in self.caches:
                     cache.k[row], cache.v[row] = cache.k[last], cache.v[last]
             self.active[row] = self.active[last]
             self.active.pop()
+
+    def _use_rows(self, start, stop):
+        """Point every layer of the model at rows start..stop-1 of the engine's KV cache."""
+        for block, cache in zip(self.model.blocks, self.caches):
+            block.attn.kv_cache = cache.rows(start, stop)
 
     def _tensor(self, rows):
         return torch.tensor(rows, dtype=torch.long, device=self.device)

@@ -1,9 +1,9 @@
 """
 Perplexity of a model on a split that prepare.py wrote, or on a text file: per token, per byte and per word.
 
-    python evaluate.py --out_dir=out-wikitext-small --split=test
-    python evaluate.py --out_dir=out-wikitext-small --text_file=some.txt --word_convention=whitespace --json
-    python evaluate.py --out_dir=gpt2 --data_dir=data/wikitext-2-raw-gpt2 --split=test     # GPT-2, on GPT-2 tokens
+    python evaluate.py --model=out-wikitext-tiny --split=test
+    python evaluate.py --model=out-wikitext-tiny --text_file=some.txt --word_convention=whitespace --json
+    python evaluate.py --model=gpt2 --data_dir=data/wikitext-2-raw-gpt2 --split=test     # GPT-2, on GPT-2 tokens
 
 Three numbers, so results compare across tokenizers and with published tables:
 - perplexity: exp(mean negative log-likelihood per token); it depends on the tokenizer;
@@ -32,12 +32,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from checkpoint import load_for_inference
-from cli import UserError, parse_config, read_utf8, run_main, setting
-from common import Progress
-from generate import encode_prompt
-from prepare import count_words, load_meta, load_split
-from runtime import autocast, pick_dtype
+from cli import Progress, UserError, parse_config, read_utf8, run_main, setting
+from data import count_words, load_meta, load_split
+from runtime import autocast, load_for_inference, pick_dtype
 from tokenizer import load_tokenizer
 
 CONVENTIONS = {"whitespace": "whitespace-separated words",
@@ -46,7 +43,7 @@ CONVENTIONS = {"whitespace": "whitespace-separated words",
 
 @dataclass
 class EvaluateConfig:
-    out_dir: str = "out"                 # a train.py checkpoint folder, or a GPT-2 name or folder
+    model: str = "out-wikitext-tiny"     # a train.py checkpoint folder, or a GPT-2 name or folder
     split: str = setting("test", choices=("train", "val", "test"))  # the split of data_dir to score
     data_dir: str = ""                   # the split's folder; default: the data the checkpoint was trained on
     text_file: str = ""                  # score this UTF-8 text file instead of a split
@@ -182,8 +179,8 @@ def score(model, ids, stride, batch_size, skip_id, progress, dynamic):
 def evaluate_text(model, tokenizer, text, convention="whitespace", stride=0, batch_size=8, progress=True,
                   dynamic=None):
     """Score a text: its tokens after an end-of-text token; bytes and words counted from the text itself."""
-    ids = encode_prompt(tokenizer, text)  # the same start as a document in the token files
-    bar = Progress("scoring", len(ids), "M tokens") if progress else None
+    ids = tokenizer.encode_document(text)  # the same start as a document in the token files
+    bar = Progress("scoring", len(ids), "k tokens", 1e3) if progress else None
     nll, tokens = score(model, ids, stride, batch_size, None, bar, dynamic)
     return report(nll, tokens, len(text.encode("utf-8")), count_words(text, convention), convention)
 
@@ -208,7 +205,7 @@ def evaluate_split(model, tokenizer, data_dir, split, convention="auto", stride=
             raise UserError(f"{data_dir}/meta.json has no '{convention}' word count for {split}: "
                             f"use --word_convention=whitespace")
         n_bytes, words = stats["bytes"], stats[f"words_{convention}"]
-    bar = Progress(f"scoring {split}", len(ids), "M tokens") if progress else None
+    bar = Progress(f"scoring {split}", len(ids), "k tokens", 1e3) if progress else None
     nll, tokens = score(model, ids, stride, batch_size, eot, bar, dynamic)
     return report(nll, tokens, n_bytes, words, convention)
 
@@ -228,17 +225,17 @@ def check_same_tokenizer(tokenizer, data_dir):
 # ----------------------------------------------------------------------------- command line
 
 def main():
-    config = parse_config(EvaluateConfig)
+    config = parse_config(EvaluateConfig, renamed={"out_dir": "model"})
     dynamic = None
     if config.dynamic:  # gradients want float32 weights; the maths runs under the dtype rule's autocast
         if config.quantize != "none":
             raise UserError("--dynamic trains the model as it reads: it needs float weights, not --quantize=int8")
-        model, tokenizer, checkpoint = load_for_inference(config.out_dir, config.device, "float32")
+        model, tokenizer, checkpoint = load_for_inference(config.model, config.device, "float32")
         device = model.token_emb.weight.device.type
         dynamic = {"segment": config.dynamic_segment, "lr": config.dynamic_lr, "decay": config.dynamic_decay,
                    "amp": autocast(device, pick_dtype(config.dtype, device))}
     else:
-        model, tokenizer, checkpoint = load_for_inference(config.out_dir, config.device, config.dtype, config.quantize)
+        model, tokenizer, checkpoint = load_for_inference(config.model, config.device, config.dtype, config.quantize)
     block = model.config.block_size
     stride = config.stride or max(1, block // 2)
     if config.text_file:
@@ -251,7 +248,7 @@ def main():
     else:
         data_dir = config.data_dir or checkpoint.get("train_config", {}).get("data_dir")
         if not data_dir:
-            raise UserError(f"{config.out_dir} does not say what data it was trained on: pass --data_dir=DIR")
+            raise UserError(f"{config.model} does not say what data it was trained on: pass --data_dir=DIR")
         load_meta(data_dir)  # a missing data folder says so, and what to run
         check_same_tokenizer(tokenizer, data_dir)
         result = evaluate_split(model, tokenizer, data_dir, config.split, config.word_convention, stride,
@@ -270,7 +267,7 @@ def print_result(config, result, source, block, stride, has_eot):
     else:
         reading = (f"windows of {block} tokens, stride {stride}: every token scored once, with >= {block - stride} "
                    f"tokens of context once the text is that long")
-    result = {"model": config.out_dir, "source": source, "block_size": block, "stride": stride, "first_token": first,
+    result = {"model": config.model, "source": source, "block_size": block, "stride": stride, "first_token": first,
               "quantize": config.quantize, "scoring": "dynamic" if config.dynamic else "static", **result}
     if config.dynamic:
         result |= {"dynamic_segment": config.dynamic_segment, "dynamic_lr": config.dynamic_lr,
@@ -278,7 +275,7 @@ def print_result(config, result, source, block, stride, has_eot):
     if config.json:
         print(json.dumps(result, indent=2))
         return
-    print(f"{config.out_dir} on {source}")
+    print(f"{config.model} on {source}")
     print(f"  {result['tokens']:,} tokens, {result['bytes']:,} bytes, {result['words']:,} words "
           f"({result['word_convention']}: {CONVENTIONS[result['word_convention']]})")
     print(f"  {reading}; the first token {first}")

@@ -2,16 +2,16 @@
 Export a trained model as a Hugging Face GPT-2 folder, so that `transformers` and HF `tokenizers` load it as they
 load any model:
 
-    python export.py --out_dir=out-wikitext-small --to=hf-wikitext-small
+    python export.py --model=out-tiny-gpt2 --to=hf-tiny
 
     from transformers import AutoModelForCausalLM, AutoTokenizer
-    model = AutoModelForCausalLM.from_pretrained("hf-wikitext-small")      # a GPT2LMHeadModel, offline
-    tokenizer = AutoTokenizer.from_pretrained("hf-wikitext-small")
+    model = AutoModelForCausalLM.from_pretrained("hf-tiny")      # a GPT2LMHeadModel, offline
+    tokenizer = AutoTokenizer.from_pretrained("hf-tiny")
 
 The folder gets model.safetensors (GPT2LMHeadModel's names; the biases of a bias=False model as zeros), config.json,
 the tokenizer as tokenizer.json (and vocab.json + merges.txt), tokenizer_config.json and special_tokens_map.json,
 with <|endoftext|> as the beginning, end and unknown token as GPT-2 has it. Every file is written atomically. The
-same folder loads back here too: `python sample.py --out_dir=hf-wikitext-small`.
+same folder loads back here too: `python sample.py --model=hf-tiny`.
 """
 
 import os
@@ -20,20 +20,19 @@ from dataclasses import dataclass
 from safetensors.torch import save_file
 
 from checkpoint import load_model
-from cli import UserError, parse_config, run_main
-from common import atomic_write, write_json
+from cli import UserError, atomic_write, parse_config, run_main, write_json
 from gpt2 import check_gpt2_compatible, hf_config, hf_state_dict
 
 
 @dataclass
 class ExportConfig:
-    out_dir: str = "out"     # a folder that train.py or finetune_instruct.py wrote
-    to: str = ""             # the Hugging Face folder to write (created if need be)
+    model: str = "out-wikitext-tiny"  # a folder that train.py or finetune_instruct.py wrote
+    to: str = ""                      # the Hugging Face folder to write (created if need be)
 
 
-def export(out_dir, to):
-    """Write the model of out_dir as a Hugging Face GPT-2 folder `to`; returns the names of the files written."""
-    model, tokenizer, _ = load_model(out_dir)
+def export(model_dir, to):
+    """Write the model of model_dir as a Hugging Face GPT-2 folder `to`; returns the names of the files written."""
+    model, tokenizer, _ = load_model(model_dir)
     check_gpt2_compatible(model.config)
     os.makedirs(to, exist_ok=True)
     tensors = {name: tensor.contiguous() for name, tensor in hf_state_dict(model).items()}
@@ -52,13 +51,13 @@ def export(out_dir, to):
 
 
 def main():
-    config = parse_config(ExportConfig)
+    config = parse_config(ExportConfig, renamed={"out_dir": "model"})
     if not config.to:
         raise UserError("say where to write the Hugging Face folder: --to=DIR")
-    if os.path.abspath(config.to) == os.path.abspath(config.out_dir):
-        raise UserError("--to must be another folder than --out_dir (the checkpoint stays as it is)")
-    files = export(config.out_dir, config.to)
-    print(f"exported {config.out_dir} -> {config.to}: {', '.join(files)}")
+    if os.path.abspath(config.to) == os.path.abspath(config.model):
+        raise UserError("--to must be another folder than --model (the checkpoint stays as it is)")
+    files = export(config.model, config.to)
+    print(f"exported {config.model} -> {config.to}: {', '.join(files)}")
 
 
 if __name__ == "__main__":

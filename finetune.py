@@ -15,9 +15,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
-from checkpoint import is_checkpoint, load_model, read_checkpoint
-from cli import UserError, setting
-from gpt2 import GPT2_MODELS, is_gpt2
+from checkpoint import load_model, read_checkpoint
+from cli import Progress, UserError, setting
 from lora import add_lora
 from model import GPT, GPTConfig
 from runtime import autocast, pick_dtype
@@ -27,9 +26,10 @@ from tokenizer import load_tokenizer
 @dataclass
 class FinetuneConfig:
     # the model to start from
-    init_from: str = "out-wikitext-tiny"    # a train.py checkpoint folder, gpt2[-medium|-large|-xl], a folder with
-                                            # model.safetensors + config.json (Hugging Face format), or scratch
-                                            # (random weights of the shape below)
+    model: str = ""                         # the model to fine-tune: a train.py folder, gpt2[-medium|-large|-xl],
+                                            # a Hugging Face folder, or scratch (random weights of the shape below);
+                                            # empty: out-wikitext-tiny. With --classify or --prompt: the fine-tuned
+                                            # model to answer with; empty: out_dir
     out_dir: str = "out-finetune"           # the fine-tuned model, its tokenizer and results.json go here
     trainable: str = "all"                  # all | last_block | lora (see finetune_classifier.py)
     lora_rank: int = setting(8, low=1)      # rank of each LoRA update
@@ -38,7 +38,7 @@ class FinetuneConfig:
     gpt2_dir: str = ""                      # GPT-2's tokenizer files (vocab.json + merges.txt, or encoder.json +
                                             # vocab.bpe); empty: beside the weights, else downloaded
     cache_dir: str = "data/cache"           # downloads: data, GPT-2 weights
-    # --init_from=scratch: the tokenizer and shape (defaults: config/wikitext_tiny.py's, for a fair comparison)
+    # --model=scratch: the tokenizer and shape (defaults: config/wikitext_tiny.py's, for a fair comparison)
     tokenizer_dir: str = "data/wikitext-2"  # a folder with vocab.json + merges.txt
     block_size: int = setting(128, low=1)   # context of the random model
     hidden_size: int = setting(256, low=1)  # its width
@@ -59,18 +59,14 @@ class FinetuneConfig:
 # ----------------------------------------------------------------------------- the model to start from
 
 def load_base_model(config, device):
-    """(GPT, tokenizer) to fine-tune, from config.init_from: a train.py checkpoint, GPT-2, or random weights."""
-    init = config.init_from
+    """(GPT, tokenizer) to fine-tune, from config.model: a train.py checkpoint, GPT-2, or random weights."""
+    init = config.model or "out-wikitext-tiny"
     if init == "scratch":
         tokenizer = load_tokenizer(config.tokenizer_dir)
         gpt = GPT(GPTConfig(vocab_size=tokenizer.vocab_size, block_size=config.block_size,
                             hidden_size=config.hidden_size, num_hidden_layers=config.num_hidden_layers,
                             num_attention_heads=config.num_attention_heads, dropout=config.dropout, bias=False))
         return gpt.to(device), tokenizer
-    if not (is_checkpoint(init) or is_gpt2(init)):
-        raise UserError(f"--init_from={init}: no checkpoint there (train one: python train.py "
-                        f"config/wikitext_tiny.py), and not {', '.join(GPT2_MODELS)}, a folder with model.safetensors, "
-                        f"or scratch")
     gpt, tokenizer, _ = load_model(init, device, config.dropout, config.cache_dir, config.gpt2_dir)
     return gpt, tokenizer
 
@@ -97,10 +93,11 @@ def count_parameters(model):
 # ----------------------------------------------------------------------------- training
 
 
-def run_epoch(model, batches, loss_fn, optimizer=None, grad_clip=1.0, dtype="auto", scaler=None):
+def run_epoch(model, batches, loss_fn, optimizer=None, grad_clip=1.0, dtype="auto", scaler=None, progress=None):
     """One pass over batches: trains with an optimizer (dropout on), else evaluates. loss_fn(model, batch) returns
     (mean loss, correct predictions, predictions); the figures are weighted by predictions. The maths runs under
-    autocast in `dtype` (runtime.pick_dtype's rule); float16 scales the loss (a GradScaler, made here if not given)."""
+    autocast in `dtype` (runtime.pick_dtype's rule); float16 scales the loss (a GradScaler, made here if not given).
+    progress: a cli.Progress of the batches, updated as they go."""
     model.train(optimizer is not None)
     device = next(model.parameters()).device.type
     ptdtype = pick_dtype(dtype, device)
@@ -121,6 +118,10 @@ def run_epoch(model, batches, loss_fn, optimizer=None, grad_clip=1.0, dtype="aut
                 scaler.update()
                 optimizer.zero_grad(set_to_none=True)
             total_loss, correct, count = total_loss + loss.item() * n, correct + n_correct, count + n
+            if progress is not None:
+                progress.update(progress.done + 1)
+    if progress is not None:
+        progress.close(progress.done)
     return {"loss": total_loss / max(count, 1), "accuracy": correct / max(count, 1)}
 
 
@@ -140,7 +141,8 @@ def fit(model, config, train_set, val_set, collate, loss_fn, score, save):
         t0 = time.time()
         order = torch.randperm(len(train_set), generator=generator).tolist()
         train_batches = (collate([train_set[j] for j in order[i:i + size]]) for i in range(0, len(order), size))
-        train = run_epoch(model, train_batches, loss_fn, optimizer, config.grad_clip, config.dtype, scaler)
+        steps = Progress(f"epoch {epoch}/{config.num_epochs}", math.ceil(len(order) / size), "steps", 1)
+        train = run_epoch(model, train_batches, loss_fn, optimizer, config.grad_clip, config.dtype, scaler, steps)
         train_seconds = time.time() - t0
         if not math.isfinite(train["loss"]):
             raise UserError(f"the loss is {train['loss']} in epoch {epoch}: training diverged; lower --learning_rate")
@@ -157,23 +159,6 @@ def fit(model, config, train_set, val_set, collate, loss_fn, score, save):
             best = score(val)
             save(epoch, row)
     return rows
-
-# ----------------------------------------------------------------------------- the instruction template
-
-
-def format_prompt(record):
-    """The Alpaca template that finetune_instruct.py trains with (and serve.py's chat endpoint writes), up to where
-    the response begins: {"instruction": "Name a color."} -> "Below is an instruction ... ### Response:\\n"."""
-    text = ("Below is an instruction that describes a task. Write a response that appropriately completes the "
-            f"request.\n\n### Instruction:\n{record['instruction']}")
-    if record.get("input"):
-        text += f"\n\n### Input:\n{record['input']}"
-    return text + "\n\n### Response:\n"
-
-
-def has_prompt_format(checkpoint):
-    """Whether a checkpoint was instruction-tuned with format_prompt (finetune_instruct.py marks it)."""
-    return checkpoint.get("prompt_format") == "alpaca" or "mask_prompt" in checkpoint.get("finetune_config", {})
 
 # ----------------------------------------------------------------------------- the classifier
 

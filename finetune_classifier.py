@@ -2,11 +2,11 @@
 Fine-tune a GPT to classify text: a linear head reads the model's features at the last real token of each text
 (with causal attention, the only position that has seen the whole text).
 
-    python finetune_classifier.py --init_from=out-wikitext-tiny                   # SMS spam, from our own checkpoint
-    python finetune_classifier.py --init_from=out-wikitext-tiny --data=my_labels.tsv --num_epochs=3 --out_dir=out-mine
-    python finetune_classifier.py --init_from=gpt2 --trainable=last_block --learning_rate=5e-5   # from GPT-2 small
-    python finetune_classifier.py --init_from=scratch --tokenizer_dir=out-wikitext-tiny  # random weights, same shape
-    python finetune_classifier.py --out_dir=out-spam --classify="You won a FREE prize, call now"
+    python finetune_classifier.py --model=out-wikitext-tiny                      # SMS spam, from our own checkpoint
+    python finetune_classifier.py --model=out-wikitext-tiny --data=my_labels.tsv --num_epochs=3 --out_dir=out-mine
+    python finetune_classifier.py --model=gpt2 --trainable=last_block --learning_rate=5e-5   # from GPT-2 small
+    python finetune_classifier.py --model=scratch --tokenizer_dir=out-wikitext-tiny  # random weights, same shape
+    python finetune_classifier.py --model=out-spam --classify="You won a FREE prize, call now"
 
 Data: the SMS Spam Collection (downloaded and checked, or --data=PATH/SMSSpamCollection), or any file of labelled
 texts: tab-separated (quotes are plain text), or .csv with quoted fields. The label and text columns are found by a
@@ -44,8 +44,8 @@ import torch
 import torch.nn.functional as F
 
 from checkpoint import save_checkpoint
-from cli import UserError, config_to_dict, parse_config, read_utf8, run_main, setting
-from common import atomic_write, download, sha256_of, write_json
+from cli import UserError, atomic_write, parse_config, read_utf8, run_main, setting, write_json
+from download import download, sha256_of
 from finetune import (FinetuneConfig, GPTClassifier, classify, count_parameters,
                       encode_texts, fit, load_base_model, load_classifier, pad_batch, run_epoch, set_trainable)
 from lora import merged_state_dict
@@ -65,7 +65,7 @@ class FinetuneClassifierConfig(FinetuneConfig):  # the settings of finetune.py, 
                                          # label)
     max_length: int = setting(0, low=0)  # tokens read per text; 0: the longest train text (<= block)
     # inference only
-    classify: str = ""                   # print the label of this text with the model in out_dir
+    classify: str = ""                   # print the label of this text with the classifier in --model (or out_dir)
 
 
 TRAINABLE = ("all", "last_block", "head", "lora")
@@ -192,7 +192,7 @@ def train_classifier(config, device):
     model = GPTClassifier(gpt, labels, max_length).to(device)
     set_trainable(gpt, config.trainable, config.lora_rank, config.lora_alpha, TRAINABLE)
     trainable, total = count_parameters(model)
-    print(f"init from {config.init_from}: {total / 1e6:.2f}M parameters, {trainable / 1e6:.3f}M trainable "
+    print(f"init from {config.model or 'out-wikitext-tiny'}: {total / 1e6:.2f}M parameters, {trainable / 1e6:.3f}M trainable "
           f"({config.trainable}); AdamW state {8 * trainable / 2**20:.1f} MiB; device {device}")
 
     def collate(items):
@@ -202,7 +202,7 @@ def train_classifier(config, device):
     def save(epoch, row):  # the first save writes the tokenizer too: the out_dir alone is enough to classify
         tokenizer.save(config.out_dir)
         save_checkpoint({"model": merged_state_dict(model), "model_config": asdict(gpt.config), "labels": labels,
-                         "max_length": max_length, "finetune_config": config_to_dict(config), "epoch": epoch,
+                         "max_length": max_length, "finetune_config": asdict(config), "epoch": epoch,
                          "val_loss": row["val_loss"], "val_accuracy": row["val_accuracy"]}, config.out_dir)
 
     rows = fit(model, config, train_set, val_set, collate, classification_loss,
@@ -214,8 +214,8 @@ def train_classifier(config, device):
     best_epoch = max(rows, key=lambda row: (row["val_accuracy"], -row["val_loss"]))["epoch"]  # the first best
     results = {"test_accuracy": test["accuracy"], "test_loss": test["loss"], "best_epoch": best_epoch,
                "labels": labels, "examples": {"train": len(train_set), "val": len(val_set), "test": len(test_set)},
-               "init_from": config.init_from, "trainable": config.trainable, "trainable_parameters": trainable,
-               "parameters": total, "seconds": time.time() - t0, "epochs": rows, "config": config_to_dict(config)}
+               "model": config.model or "out-wikitext-tiny", "trainable": config.trainable, "trainable_parameters": trainable,
+               "parameters": total, "seconds": time.time() - t0, "epochs": rows, "config": asdict(config)}
     write_json(Path(config.out_dir) / "results.json", results)
     print(f"test accuracy {test['accuracy']:.2%} ({round(test['accuracy'] * len(test_set))}/{len(test_set)}), "
           f"test loss {test['loss']:.4f}, from epoch {best_epoch}; {time.time() - t0:.0f}s in all -> "
@@ -223,10 +223,10 @@ def train_classifier(config, device):
 
 
 def main():
-    config = parse_config(FinetuneClassifierConfig)
+    config = parse_config(FinetuneClassifierConfig, renamed={"init_from": "model"})
     device = pick_device(config.device)
     if config.classify:
-        model, tokenizer = load_classifier(config.out_dir, device)
+        model, tokenizer = load_classifier(config.model or config.out_dir, device)
         label, probability = classify(model, tokenizer, [config.classify])[0]
         print(f"{label} ({probability:.1%})")
         return

@@ -2,10 +2,10 @@
 Instruction-tune a GPT on Alpaca-style records ({"instruction", "input", "output"}): each record is written out in
 the Alpaca prompt template, and the model learns to continue the prompt with the response and an end-of-text token.
 
-    python finetune_instruct.py --init_from=out-wikitext-tiny                       # the 1,100-record set, downloaded
-    python finetune_instruct.py --init_from=gpt2-medium --data=instruction-data.json --learning_rate=5e-5 --num_epochs=2
-    python finetune_instruct.py --init_from=gpt2 --trainable=lora --learning_rate=1e-3
-    python finetune_instruct.py --out_dir=out-instruct --prompt="Name the capital of France."
+    python finetune_instruct.py --model=out-wikitext-tiny                       # the 1,100-record set, downloaded
+    python finetune_instruct.py --model=gpt2-medium --data=instruction-data.json --learning_rate=5e-5 --num_epochs=2
+    python finetune_instruct.py --model=gpt2 --trainable=lora --learning_rate=1e-3
+    python finetune_instruct.py --model=out-instruct --prompt="Name the capital of France."
 
 Records are shuffled (seeded) and split 85/5/10 into train/val/test. Batches are padded to their longest record; the
 loss skips the padding and, unless --mask_prompt=False, the prompt: the model is graded on the response alone.
@@ -25,10 +25,10 @@ from pathlib import Path
 import torch
 
 from checkpoint import load_model, save_checkpoint
-from cli import UserError, config_to_dict, parse_config, read_utf8, run_main, setting
-from common import download, write_json
-from finetune import (FinetuneConfig, count_parameters, fit, format_prompt, load_base_model,
-                      run_epoch, set_trainable)
+from cli import UserError, parse_config, read_utf8, run_main, setting, write_json
+from download import download
+from finetune import FinetuneConfig, count_parameters, fit, load_base_model, run_epoch, set_trainable
+from generate import format_prompt, generate_ids
 from lora import merged_state_dict
 from runtime import pick_device
 
@@ -46,7 +46,7 @@ class FinetuneInstructConfig(FinetuneConfig):  # the settings of finetune.py, th
     max_new_tokens: int = setting(200, low=0)  # the longest answer, in tokens
     temperature: float = setting(0.0, low=0)  # 0: greedy, the most likely token at every step
     top_k: int = setting(0, low=0)            # sample from the k most likely tokens only (0: all)
-    prompt: str = ""                          # answer this instruction with the model in out_dir (no training)
+    prompt: str = ""                          # answer this instruction with the model in --model (or out_dir)
     input: str = ""                           # the optional input that goes with --prompt
 
 
@@ -118,19 +118,12 @@ def lm_loss(model, batch):
 # ----------------------------------------------------------------------------- answering
 
 
-@torch.no_grad()
-def respond(model, tokenizer, record, max_new_tokens=200, temperature=0.0, top_k=0, generator=None):
+def respond(model, tokenizer, record, max_new_tokens=200, temperature=0.0, top_k=0, seed=None):
     """The model's response to one record's instruction (and input): the text it writes before end-of-text."""
     model.eval()
-    device = next(model.parameters()).device
-    prompt = torch.tensor([tokenizer.encode(format_prompt(record))], device=device)
-    answer = []
-    for token in model.generate_tokens(prompt, max_new_tokens, temperature=temperature, top_k=top_k or None,
-                                       generator=generator):
-        if token.item() == tokenizer.eot_id:
-            break
-        answer.append(token.item())
-    return tokenizer.decode(answer).strip()
+    ids = tokenizer.encode(format_prompt(record))
+    answer = generate_ids(model, ids, max_new_tokens, temperature, top_k, seed=seed, eot_id=tokenizer.eot_id)
+    return tokenizer.decode(list(answer)).strip()
 
 # ----------------------------------------------------------------------------- main
 
@@ -175,7 +168,7 @@ def train_instruct(config, device):
         raise UserError(f"--max_length={config.max_length} is beyond the model's block_size={model.config.block_size}")
     train_set, val_set, test_set = encode_splits(tokenizer, splits, config.max_length or model.config.block_size)
     trainable, total = count_parameters(model)
-    print(f"init from {config.init_from}: {total / 1e6:.2f}M parameters, {trainable / 1e6:.3f}M "
+    print(f"init from {config.model or 'out-wikitext-tiny'}: {total / 1e6:.2f}M parameters, {trainable / 1e6:.3f}M "
           f"trainable ({config.trainable}); device {device}")
 
     def collate(items, mask_prompt=config.mask_prompt):
@@ -185,7 +178,7 @@ def train_instruct(config, device):
     def save(epoch, row):  # with the tokenizer: the out_dir alone is enough to answer
         tokenizer.save(config.out_dir)
         save_checkpoint({"model": merged_state_dict(model), "model_config": asdict(model.config),
-                         "prompt_format": "alpaca", "finetune_config": config_to_dict(config), "epoch": epoch,
+                         "prompt_format": "alpaca", "finetune_config": asdict(config), "epoch": epoch,
                          "val_loss": row["val_loss"]}, config.out_dir)
 
     rows = fit(model, config, train_set, val_set, collate, lm_loss, lambda val: -val["loss"], save)
@@ -200,18 +193,18 @@ def train_instruct(config, device):
     write_json(Path(config.out_dir) / "test_responses.json", answers)
     write_json(Path(config.out_dir) / "results.json", {
         "test_response_loss": test["loss"], "test_response_perplexity": math.exp(test["loss"]),
-        "test_token_accuracy": test["accuracy"], "best_epoch": checkpoint["epoch"], "init_from": config.init_from,
+        "test_token_accuracy": test["accuracy"], "best_epoch": checkpoint["epoch"], "model": config.model or "out-wikitext-tiny",
         "trainable": config.trainable, "trainable_parameters": trainable, "seconds": time.time() - t0, "epochs": rows,
-        "config": config_to_dict(config)})
+        "config": asdict(config)})
     print(f"example: {answers[0]['instruction']!r} -> {answers[0]['model_response']!r}")
     print(f"answers in {os.path.join(config.out_dir, 'test_responses.json')}; {time.time() - t0:.0f}s in all")
 
 
 def main():
-    config = parse_config(FinetuneInstructConfig)
+    config = parse_config(FinetuneInstructConfig, renamed={"init_from": "model"})
     device = pick_device(config.device)
     if config.prompt:
-        model, tokenizer, _ = load_model(config.out_dir, device)
+        model, tokenizer, _ = load_model(config.model or config.out_dir, device)
         print(respond(model, tokenizer, {"instruction": config.prompt, "input": config.input}, config.max_new_tokens,
                       config.temperature, config.top_k))
         return

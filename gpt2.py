@@ -13,13 +13,11 @@ import re
 from pathlib import Path
 from urllib.parse import urljoin
 
-import requests
-from safetensors import SafetensorError
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 from cli import UserError
-from common import download
 from model import GPT, GPTConfig
 from tokenizer import GPT2_MERGES_SHA256, GPT2_VOCAB_SHA256, load_tokenizer
 
@@ -38,6 +36,8 @@ GPT2_CONV1D = ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")
 def hub_sha256(url):
     """The sha256 the Hugging Face Hub publishes for a large (LFS) file, or None (offline, or a small file).
     The Hub answers HEAD with it in X-Linked-Etag before redirecting to its CDN."""
+    import requests  # the network: only for a download
+
     try:
         for _ in range(5):  # a renamed repo (gpt2 -> openai-community/gpt2) redirects within the Hub first
             r = requests.head(url, allow_redirects=False, timeout=10)
@@ -57,6 +57,8 @@ def download_gpt2(name, cache_dir="data/cache", files=GPT2_FILES):
     if name not in GPT2_MODELS:
         raise UserError(f"unknown model '{name}': use one of {', '.join(GPT2_MODELS)}, a checkpoint folder, or a "
                         f"folder holding model.safetensors + config.json")
+    from download import download  # the network: only when the weights are not here yet
+
     folder = Path(cache_dir) / name
     for file in files:
         url = HF_URL.format(name=name, file=file)

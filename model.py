@@ -1,9 +1,9 @@
 """
 A GPT language model, written out from scratch. Imports nothing but torch: copy this file alone into a project.
 
-    token ids -> token embedding + position embedding
+    token ids -> token embedding (+ a learned position embedding, or rotary positions inside attention)
               -> num_hidden_layers x TransformerBlock (pre-norm: x + attn(ln(x)), x + mlp(ln(x)))
-              -> final LayerNorm -> linear head tied to the token embedding -> next-token logits
+              -> final LayerNorm -> output layer (the token embedding, or a matrix of its own) -> next-token logits
 
 Read top to bottom: the config, attention (with its KV cache), the block, the model, generation.
 
@@ -55,52 +55,38 @@ class GPTConfig:
 
 # ----------------------------------------------------------------------------- attention
 
-class KVCache(nn.Module):
-    """The keys and values of every position so far, for one attention layer, in buffers allocated once for
-    block_size positions; each step writes its positions in place.
+class KVCache:
+    """The keys and values of every position so far, for one attention layer: buffers (batch, heads, block_size,
+    head_dim) allocated once and written in place. A cache of some of another's rows (`rows`) shares its buffers.
 
-    static=True (the default on GPUs): attention reads the whole buffer, with a mask that hides the positions not
-    written yet, so every one-token step hands attention tensors of the same shapes: a compiled step (CUDA graphs)
-    and the attention kernels' plans are made once, not once per length. static=False (the CPU's default): attention
-    reads only the positions written so far, which on a CPU is faster (it reads less) and costs nothing in plans.
-    """
+    On a CPU, attention reads the positions written so far (less to read: faster there). On a GPU, and inside
+    torch.compile, it reads the whole buffer with a mask over the positions not written yet, so every one-token step
+    has the same shapes: a compiled step (CUDA graphs) and the kernels' plans are made once, not once per length."""
 
-    def __init__(self, batch_size, num_heads, block_size, head_dim, dtype, device, static=True):
-        super().__init__()
-        shape = (batch_size, num_heads, block_size, head_dim)
-        self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
-        self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
-        self.register_buffer("positions", torch.arange(block_size, device=device), persistent=False)
-        self.static = static
+    def __init__(self, k, v):
+        self.k, self.v = k, v
+        self.positions = torch.arange(k.size(2), device=k.device)
 
-    def update(self, input_pos, k, v, first_row=0):
-        """Write k, v (B, heads, T, head_dim) into rows first_row.. of the cache at positions input_pos: (T,), the
-        same for every row, in order; or (B, T), each row its own (sequences of different lengths decoding together).
-        Returns the keys and values to attend to and a mask, True where query i may see key j: j <= its position;
-        None where every query may see every key."""
-        keys, values = self.k[first_row:first_row + k.size(0)], self.v[first_row:first_row + k.size(0)]
-        if input_pos.dim() == 2:  # a position per row: each row sees its own length (B, 1, T, keys)
-            rows = torch.arange(k.size(0), device=k.device)[:, None]
-            keys[rows, :, input_pos], values[rows, :, input_pos] = k.transpose(1, 2), v.transpose(1, 2)
-            mask = (self.positions <= input_pos[..., None])[:, None]
-            end = self.positions.numel() if self.static else int(input_pos.max()) + 1
-            return keys[:, :, :end], values[:, :, :end], mask[..., :end]
-        if self.static:  # positions as a tensor: the step's graph does not depend on them
-            keys[:, :, input_pos], values[:, :, input_pos] = k, v
-            return keys, values, self.positions <= input_pos[:, None]
-        start, end = int(input_pos[0]), int(input_pos[-1]) + 1  # positions 0..end-1 are written after this
-        keys[:, :, start:end], values[:, :, start:end] = k, v
-        mask = None if k.size(2) == 1 else self.positions[:end] <= input_pos[:, None]  # one new token sees all
-        return keys[:, :, :end], values[:, :, :end], mask
+    def rows(self, start, stop):
+        """The cache of rows start..stop-1, sharing these buffers."""
+        return KVCache(self.k[start:stop], self.v[start:stop])
+
+    def update(self, input_pos, k, v):
+        """Write k, v (B, heads, T, head_dim) at input_pos: (T,), the same positions in every row, or (B, T), a row's
+        own (sequences of different lengths decoding together). Returns the keys and values to attend to and the mask,
+        True where query i may see key j: j <= its position."""
+        rows = torch.arange(k.size(0), device=k.device)[:, None]
+        self.k[rows, :, input_pos], self.v[rows, :, input_pos] = k.transpose(1, 2), v.transpose(1, 2)
+        static = k.is_cuda or torch.compiler.is_compiling()
+        end = self.positions.numel() if static else int(input_pos.max()) + 1
+        mask = (self.positions[:end] <= input_pos[..., None]).unsqueeze(-3)  # (1 or B, 1, T, end)
+        return self.k[:, :, :end], self.v[:, :, :end], mask
 
 
 def cached_attention(q, k, v, mask):
-    """Attention of the new queries over the KV cache's keys, where mask (T, keys) allows each its own.
-
-    On a GPU, not with cuDNN's kernel: for a masked call PyTorch may pick it (on Hopper it does), and cuDNN builds an
-    execution plan for every new shape, hundreds of ms each; the first sample of every new prompt length stalled (16
-    tok/s cold against 433 warm on an H100). The other kernels have no such cost. (A CPU has no cuDNN, and choosing
-    kernels at every call would cost it ~10% of its decoding speed.)"""
+    """Attention of the new queries over the KV cache's keys, where the mask allows each its own. On a GPU, not with
+    cuDNN's kernel, which PyTorch may pick for a masked call: it builds a plan per new shape, hundreds of ms each (the
+    first sample stalled at 16 tok/s on an H100). A CPU has no cuDNN, and choosing kernels per call costs it ~10%."""
     if not q.is_cuda:
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
     with sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]):
@@ -122,9 +108,9 @@ class MultiHeadAttention(nn.Module):
         self.use_flash = True  # torch's fused scaled_dot_product_attention; False runs the maths written out below
         self.kv_cache = None   # a KVCache while generating (GPT.setup_kv_cache)
 
-    def forward(self, x, input_pos=None, first_row=0, angles=None):
+    def forward(self, x, input_pos=None, angles=None):
         """x (B, T, C) -> (B, T, C). With input_pos, the positions of these T tokens ((T,) or (B, T)), the keys and
-        values go into the KV cache (rows first_row..) and the queries attend to every position written so far.
+        values go into the KV cache and the queries attend to every position written so far.
         angles: rotary_angles of the positions, for a rope model."""
         B, T, C = x.shape
         q, k, v = self.qkv_proj(x).split(C, dim=2)
@@ -141,7 +127,7 @@ class MultiHeadAttention(nn.Module):
             else:
                 y = self.attention_written_out(q, k, v, causal_mask(T, T, x.device), dropout)
         else:  # generating: the new tokens see the cache up to their own positions
-            k, v, mask = self.kv_cache.update(input_pos, k, v, first_row)
+            k, v, mask = self.kv_cache.update(input_pos, k, v)
             y = cached_attention(q, k, v, mask) if self.use_flash else self.attention_written_out(q, k, v, mask, 0.0)
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # merge the heads back
         return self.resid_dropout(self.out_proj(y))
@@ -206,8 +192,8 @@ class TransformerBlock(nn.Module):
         self.ln_2 = nn.LayerNorm(config.hidden_size, bias=config.bias)
         self.mlp = MLP(config)
 
-    def forward(self, x, input_pos=None, first_row=0, angles=None):
-        x = x + self.attn(self.ln_1(x), input_pos, first_row, angles)  # pre-norm: the residual stream stays as it is
+    def forward(self, x, input_pos=None, angles=None):
+        x = x + self.attn(self.ln_1(x), input_pos, angles)  # pre-norm: the residual stream stays as it is
         return x + self.mlp(self.ln_2(x))
 
 
@@ -224,7 +210,6 @@ class GPT(nn.Module):
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         if config.tie_embeddings:
             self.lm_head.weight = self.token_emb.weight  # weight tying: one matrix reads and writes tokens
-        self.static_kv_cache = None  # KVCache's static: None picks it on GPUs; a compiled decode step needs True
         self.apply(self._init_weights)
         for name, p in self.named_parameters():
             if name.endswith("out_proj.weight") or name.endswith("down_proj.weight"):
@@ -240,8 +225,7 @@ class GPT(nn.Module):
             nn.init.zeros_(module.bias)
 
     def num_params(self, non_embedding=True):
-        """Parameter count; the position table is left out of the non-embedding count (the tied token
-        table is counted, since it is also the output layer)."""
+        """Parameter count; non_embedding leaves the position table out (the token table is counted)."""
         n = sum(p.numel() for p in self.parameters())
         return n - self.pos_emb.weight.numel() if non_embedding and hasattr(self, "pos_emb") else n
 
@@ -249,25 +233,21 @@ class GPT(nn.Module):
         for block in self.blocks:
             block.attn.use_flash = enabled
 
-    def hidden_states(self, idx, input_pos=None, first_row=0):
+    def hidden_states(self, idx, input_pos=None):
         """The final-layer representation of every position of idx (B, T): (B, T, hidden_size). Without input_pos
         the T tokens are positions 0..T-1 of their own; with it ((T,), or (B, T): a position per row), they extend
-        the KV cache, in its rows first_row..first_row + B - 1."""
-        if input_pos is None:
-            if idx.size(1) > self.config.block_size:
-                raise ValueError(f"sequence of {idx.size(1)} tokens is longer than block_size={self.config.block_size}")
-            positions = torch.arange(idx.size(1), device=idx.device)
-        else:
-            positions = input_pos
-        x = self.embed(idx)
-        angles = None
+        the KV cache."""
+        if input_pos is None and idx.size(1) > self.config.block_size:
+            raise ValueError(f"sequence of {idx.size(1)} tokens is longer than block_size={self.config.block_size}")
+        positions = torch.arange(idx.size(1), device=idx.device) if input_pos is None else input_pos
+        x, angles = self.embed(idx), None
         if self.config.position == "learned":
             x = x + self.pos_emb(positions)
         else:
             angles = rotary_angles(positions, self.config.hidden_size // self.config.num_attention_heads)
         x = self.dropout(x)
         for block in self.blocks:
-            x = block(x, input_pos, first_row, angles)
+            x = block(x, input_pos, angles)
         return self.ln_f(x)
 
     def embed(self, idx):
@@ -290,26 +270,22 @@ class GPT(nn.Module):
     def forward(self, idx, targets=None):
         """Logits for every position and, given targets, the mean cross-entropy (targets of -100 ignored)."""
         logits = self.logits(self.hidden_states(idx))
-        loss = None
-        if targets is not None:
-            loss = F.cross_entropy(logits.view(-1, logits.size(-1)).float(), targets.reshape(-1), ignore_index=-100)
-        return logits, loss
+        if targets is None:
+            return logits, None
+        return logits, F.cross_entropy(logits.view(-1, logits.size(-1)).float(), targets.reshape(-1), ignore_index=-100)
 
     # ------------------------------------------------------------------------- training helpers
 
     def configure_optimizer(self, weight_decay, learning_rate, betas, device_type):
-        """AdamW with weight decay on matrices only: biases, norms' gains are left alone."""
+        """AdamW with weight decay on matrices only (biases and norms' gains are left alone); fused kernels on CUDA."""
         params = [p for p in self.parameters() if p.requires_grad]
-        decay = [p for p in params if p.dim() >= 2]
-        no_decay = [p for p in params if p.dim() < 2]
-        groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-        # fused=True runs the whole update in a few kernels on CUDA
+        groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
+                  {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
         return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, fused=device_type == "cuda")
 
     def flops_per_token(self, seq_len):
         """Training FLOPs per token (forward + backward): 6 per parameter, plus attention's score matmuls."""
-        c = self.config
-        return 6 * self.num_params() + 12 * c.num_hidden_layers * c.hidden_size * seq_len
+        return 6 * self.num_params() + 12 * self.config.num_hidden_layers * self.config.hidden_size * seq_len
 
     def estimate_mfu(self, tokens_per_second, peak_flops):
         """Model FLOPs utilisation: the share of the device's peak that the useful maths uses."""
@@ -318,23 +294,19 @@ class GPT(nn.Module):
     # ------------------------------------------------------------------------- generation
 
     def setup_kv_cache(self, batch_size):
-        """Give every attention layer a KVCache for batch_size sequences, in the weights' dtype and device; static
-        (see KVCache) as self.static_kv_cache says, None: on GPUs. A cache that already fits is kept (a compiled
-        decode step keeps its graph)."""
-        weight = self.token_emb.weight
-        static = weight.is_cuda if self.static_kv_cache is None else self.static_kv_cache
-        for block in self.blocks:
-            cache = block.attn.kv_cache
-            if cache is None or (cache.k.size(0), cache.k.dtype, cache.k.device, cache.static) != (
-                    batch_size, weight.dtype, weight.device, static):
-                block.attn.kv_cache = KVCache(batch_size, block.attn.num_heads, self.config.block_size,
-                                              block.attn.head_dim, weight.dtype, weight.device, static)
+        """Give every attention layer a KVCache for batch_size sequences, in the weights' dtype and device. A cache
+        that already fits is kept (a compiled decode step keeps its graph)."""
+        w = self.token_emb.weight
+        for attn in (block.attn for block in self.blocks):
+            cache = attn.kv_cache
+            if cache is None or (cache.k.size(0), cache.k.dtype, cache.k.device) != (batch_size, w.dtype, w.device):
+                shape = (batch_size, attn.num_heads, self.config.block_size, attn.head_dim)
+                attn.kv_cache = KVCache(w.new_zeros(shape), w.new_zeros(shape))
 
-    def prefill(self, idx, first_row=0):
-        """Run the prompt idx (B, T) as positions 0..T-1, writing the KV cache (rows first_row..); returns the
-        next-token logits (B, vocab)."""
+    def prefill(self, idx):
+        """Run the prompt idx (B, T) as positions 0..T-1, writing the KV cache; the next-token logits (B, vocab)."""
         positions = torch.arange(idx.size(1), device=idx.device)
-        return self.logits(self.hidden_states(idx, positions, first_row)[:, -1])
+        return self.logits(self.hidden_states(idx, positions)[:, -1])
 
     def decode_one_token(self, idx, input_pos):
         """One token per sequence, idx (B, 1), at input_pos: (1,), the same position for every row, or (B, 1), a
@@ -342,26 +314,29 @@ class GPT(nn.Module):
         are the same at every step: compile it once."""
         return self.logits(self.hidden_states(idx, input_pos)[:, -1])
 
-    @torch.no_grad()
-    def generate_tokens(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None,
-                        use_cache=True, generator=None):
-        """Yield the next token ids, shape (B,), one step at a time (callers stream or collect them).
+    def tokens_kept_when_full(self):
+        """When a sequence has filled the KV cache, generation goes on from its last block_size // 2 tokens: the
+        cache is rebuilt from them (learned positions cannot simply slide; rotary ones are rebuilt the same way).
+        Half a block keeps rebuilds rare (once per block_size // 2 steps) while the model still sees a long context."""
+        return max(1, self.config.block_size // 2)
 
-        With the cache, the prompt runs once (prefill), then each step runs one token (decode_one_token). When the
-        context would pass block_size, the oldest tokens are dropped: the learned positions then shift, so the cache
-        is rebuilt from the last block_size // 2 tokens. Half a block keeps the rebuild rare (once per
-        block_size // 2 steps) while the model still sees a long context. Without the cache, every step runs the
-        whole context again: the reference that the cached path is tested against.
-        """
+    @torch.no_grad()
+    def generate_tokens(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, use_cache=True,
+                        generator=None, suppress_ids=None):
+        """Yield the next token ids, shape (B,), one step at a time; suppress_ids are never sampled. With the cache,
+        the prompt runs once (prefill), then each step runs one token (decode_one_token), and a full cache is rebuilt
+        (tokens_kept_when_full). Without it, every step runs the whole context (its last block_size tokens) again:
+        the reference that the cached path is tested against."""
         block = self.config.block_size
-        context = idx[:, -block:]
         if use_cache:
             self.setup_kv_cache(idx.size(0))
-            logits, length = self.prefill(context), context.size(1)  # length: positions the cache holds
+            logits, length = self.prefill(idx[:, -block:]), min(idx.size(1), block)  # length: positions cached
             input_pos = torch.tensor([length], device=idx.device)  # where the next token goes
         else:
-            logits = self.logits(self.hidden_states(context)[:, -1])
+            logits = self.logits(self.hidden_states(idx[:, -block:])[:, -1])
         for step in range(max_new_tokens):
+            if suppress_ids:
+                logits[:, suppress_ids] = float("-inf")
             next_id = sample_next_token(logits, temperature, top_k, top_p, generator)
             yield next_id
             if step == max_new_tokens - 1:
@@ -373,10 +348,9 @@ class GPT(nn.Module):
                 logits = self.decode_one_token(next_id[:, None], input_pos)
                 input_pos += 1
                 length += 1
-            else:  # the cache is full: rebuild it from the last block_size // 2 tokens
-                context = idx[:, -(block // 2 or 1):]
-                logits, length = self.prefill(context), context.size(1)
-                input_pos = torch.tensor([length], device=idx.device)
+            else:  # the cache is full: rebuild it
+                length = self.tokens_kept_when_full()
+                logits, input_pos = self.prefill(idx[:, -length:]), torch.tensor([length], device=idx.device)
 
     @torch.no_grad()
     def generate(self, idx, max_new_tokens, **kwargs):

@@ -6,16 +6,16 @@ uint16 arrays that train.py reads with np.memmap.
     python prepare.py --source=DIR                        # the same from wiki.{train,valid,test}.raw in DIR (offline)
     python prepare.py --dataset=wikitext-2                # the tokenized release (<unk> for rare words): the benchmark
     python prepare.py --input=a.txt,b.txt --out_dir=data/mine     # text files of your own
-    python prepare.py --tokenizer=gpt2                    # GPT-2's BPE instead of training our own
+    python prepare.py --tokenizer=gpt2                    # GPT-2's BPE instead of our own: data/<dataset>-gpt2
 
 out_dir (default data/<dataset>) receives train.bin, val.bin, test.bin, the tokenizer (vocab.json + merges.txt) and
 meta.json (tokenizer, special-token ids, and per split: documents, tokens, bytes, words). Every document (a WikiText
 article, or one input file) starts with the end-of-text token, so decoding a .bin and dropping those tokens gives the
-split's text back byte for byte. Downloads are cached in cache_dir and checked against their sha256.
+split's text back byte for byte (data.py reads the format). Downloads are cached in cache_dir and checked against
+their sha256. Data that another tokenizer made is replaced only with --overwrite=True.
 """
 
 import hashlib
-import json
 import os
 import re
 import sys
@@ -26,9 +26,11 @@ from pathlib import Path
 
 import numpy as np
 
-from cli import UserError, check_settings, decode_utf8, parse_config, read_utf8, run_main, setting
-from common import Progress, atomic_write, download, sha256_of, write_json
-from tokenizer import GPT2_MERGES_SHA256, GPT2_VOCAB_SHA256, BPETokenizer
+from cli import (Progress, UserError, atomic_write, check_settings, decode_utf8, parse_config, read_utf8, run_main,
+                 setting, write_json)
+from data import MAX_IDS, SPLITS, count_words
+from download import download, sha256_of
+from tokenizer import GPT2_MERGES_SHA256, GPT2_VOCAB_SHA256, BPETokenizer, cut_text, load_tokenizer
 
 
 @dataclass
@@ -38,7 +40,8 @@ class PrepareConfig:
     input: str = ""                         # your own UTF-8 text file(s), comma-separated, instead of WikiText
     val_fraction: float = setting(0.1, above=0, below=1)  # --input: the end of the text (at a line break), for val
     test_fraction: float = setting(0.0, low=0, below=1)  # --input: the part after val held out for test
-    out_dir: str = ""                       # default: data/<dataset>
+    out_dir: str = ""                       # default: data/<dataset>, or data/<dataset>-gpt2 with GPT-2's tokenizer
+    overwrite: bool = False                 # replace data in out_dir that another tokenizer made
     cache_dir: str = "data/cache"           # where downloads are kept
     tokenizer: str = setting("bpe", choices=("bpe", "gpt2"))  # bpe: trained on the train split; gpt2: GPT-2's 50,257
                                                               # ids
@@ -49,9 +52,6 @@ class PrepareConfig:
     gpt2_dir: str = ""                      # folder with GPT-2's encoder.json + vocab.bpe (else downloaded)
     check_sha256: bool = True               # refuse WikiText/GPT-2 files that differ from the published ones
 
-
-SPLITS = ("train", "val", "test")
-MAX_IDS = 1 << 16  # ids are stored as uint16
 
 WIKITEXT_MIRRORS = ("https://wikitext.smerity.com/",  # the author's mirror; the S3 bucket below answers 403 today
                     "https://s3.amazonaws.com/research.metamind.io/wikitext/")
@@ -161,15 +161,6 @@ def input_splits(config):
     return splits
 
 
-def count_words(text, convention="whitespace"):
-    """Words for word-level perplexity: whitespace-separated words, or 'classic' (WikiText/PTB papers): + 1 per line."""
-    words = len(text.split())
-    if convention == "whitespace":
-        return words
-    if convention == "classic":  # every line ends with an <eos> token, the last one too if it lacks a newline
-        return words + text.count("\n") + (1 if text and not text.endswith("\n") else 0)
-    raise ValueError(f"unknown word convention {convention!r}")
-
 # ----------------------------------------------------------------------------- tokenizer and encoding
 
 
@@ -198,22 +189,12 @@ def get_tokenizer(config, train_docs):
                               special_tokens=config.special_tokens)
 
 
-CHUNK_CHARS = 1 << 20
-_SAFE_CUT = re.compile(r" (?=[!-~])")  # GPT-2's pre-tokenizer always starts a piece at a space before a visible char
-
-
-def _chunks(doc):
-    """Cut a long document where encoding is unaffected into ~CHUNK_CHARS pieces, so encode_batch can share it out."""
-    pieces, start = [], 0
-    while len(doc) - start > CHUNK_CHARS and (m := _SAFE_CUT.search(doc, start + CHUNK_CHARS)):
-        pieces.append(doc[start:m.start()])
-        start = m.start()
-    return pieces + [doc[start:]]
+CHUNK_CHARS = 1 << 20  # long documents are cut (where encoding is unaffected) so that encode_batch can share them
 
 
 def encode_split(tok, docs, desc, batch_chars=1 << 22):
     """All documents of a split as one uint16 array of ids, each document preceded by the end-of-text token."""
-    chunked = [_chunks(doc) for doc in docs]
+    chunked = [cut_text(doc, CHUNK_CHARS) for doc in docs]
     flat = [piece for pieces in chunked for piece in pieces]
     batches, size = [[]], 0
     for piece in flat:  # batches of ~batch_chars, so the progress line moves on long inputs
@@ -221,7 +202,7 @@ def encode_split(tok, docs, desc, batch_chars=1 << 22):
             batches, size = batches + [[]], 0
         batches[-1].append(piece)
         size += len(piece)
-    progress = Progress(f"encoding {desc}", sum(map(len, flat)), unit_name="M chars")
+    progress = Progress(f"encoding {desc}", sum(map(len, flat)), "M chars")
     encoded, done = [], 0
     for batch in batches:
         encoded += tok.encode_batch(batch)
@@ -234,29 +215,6 @@ def encode_split(tok, docs, desc, batch_chars=1 << 22):
                                                                for ids in encoded[pos:pos + len(pieces)]]
         pos += len(pieces)
     return np.concatenate(arrays)
-
-# ----------------------------------------------------------------------------- reading what prepare.py wrote
-
-
-def _run_first(data_dir):
-    name = Path(data_dir).name
-    args = f"--dataset={name}" if name in WIKITEXT else f"--input=FILE --out_dir={data_dir}"
-    return f"run prepare.py first (python prepare.py {args})"
-
-
-def load_meta(data_dir):
-    path = Path(data_dir) / "meta.json"
-    if not path.is_file():
-        raise UserError(f"no meta.json in {data_dir}: {_run_first(data_dir)}")
-    return json.loads(path.read_text(encoding="utf-8"))
-
-
-def load_split(data_dir, split):
-    """A split's token ids as a read-only uint16 memmap (nothing is read into memory until used)."""
-    path = Path(data_dir) / f"{split}.bin"
-    if not path.is_file():
-        raise UserError(f"no {split}.bin in {data_dir}: {_run_first(data_dir)}")
-    return np.memmap(path, dtype=np.uint16, mode="r")
 
 # ----------------------------------------------------------------------------- main
 
@@ -280,6 +238,20 @@ def check_config(config):
                             f"(256 bytes + the special tokens)")
 
 
+def check_same_tokenizer(out_dir, tok, overwrite):
+    """Refuse to replace data that another tokenizer made (a model trained on it would no longer match its data),
+    unless asked to; data made again with the same tokenizer is the same data."""
+    if overwrite or not (out_dir / "meta.json").is_file():
+        return
+    try:
+        same = load_tokenizer(out_dir).fingerprint() == tok.fingerprint()
+    except (UserError, ValueError):  # tokenizer files missing or broken: not known to be the same
+        same = False
+    if not same:
+        raise UserError(f"{out_dir} holds data made with another tokenizer: choose another --out_dir, or replace it "
+                        f"with --overwrite=True")
+
+
 def prepare_data(config):
     """Write out_dir/{train,val,test}.bin, the tokenizer files and meta.json; returns the meta dict."""
     t0 = time.time()
@@ -291,10 +263,11 @@ def prepare_data(config):
         name = config.dataset
         splits = {split: wikitext_articles(text) for split, text in wikitext_splits(config).items()}
     convention = "classic" if name == "wikitext-2" else "whitespace"
-    out_dir = Path(config.out_dir or f"data/{name}")
+    out_dir = Path(config.out_dir or f"data/{name}" + ("-gpt2" if config.tokenizer == "gpt2" else ""))
 
     tok = get_tokenizer(config, splits["train"])
     check_vocab_fits(tok.vocab_size)
+    check_same_tokenizer(out_dir, tok, config.overwrite)
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "meta.json").unlink(missing_ok=True)  # until the new one is written, this is no finished dataset
     stats = {}
@@ -320,6 +293,7 @@ def prepare_data(config):
         "dtype": "uint16",
         "layout": "each document is preceded by eot_id",
         "word_convention": convention,  # word-level perplexity divides by splits[...]["words_" + word_convention]
+        **({"unknown_word": "<unk>"} if name == "wikitext-2" else {}),  # the release's marker for rare words
         "splits": stats,
     }
     write_json(out_dir / "meta.json", meta)

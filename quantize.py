@@ -36,9 +36,9 @@ class Int8Linear(nn.Module):
 def quantize_int8(model):
     """Replace every nn.Linear of a float32 model by an Int8Linear, in place, for CPU inference; returns the model.
 
-    The output head is tied to the token embedding. It gets its own int8 copy: in a small model it is the largest
-    matrix, so most of the gain. The input lookup keeps the float table (a lookup costs nothing to speed up), so
-    the tie is broken and the model is for inference only.
+    The output layer is quantized too: in a small model it is the largest matrix, so most of the gain. Where it is
+    tied to the token embedding, the input lookup keeps the float table (a lookup costs nothing to speed up): the tie
+    is broken, and the model is for inference only.
     """
     for module in list(model.modules()):
         for name, child in list(module.named_children()):

@@ -1,20 +1,24 @@
 """
 Where and how the maths runs, decided one way for every script: the device, the dtype, autocast, torch.compile with
-a fallback, and the peak FLOP/s of known GPUs (for MFU).
+a fallback, the peak FLOP/s of known GPUs (for MFU), memory reuse on CPUs, and a model loaded ready for inference.
 
 The dtype rule (train, evaluate, sample, fine-tuning and serve all call `pick_dtype`): 'auto' is bfloat16 where the
 hardware computes in it (GPUs from Ampere on, CPUs with AVX512-BF16 or AMX), else float16 on a GPU and float32
 elsewhere. Training and fine-tuning keep float32 weights and run the maths under `autocast`; inference stores the
-weights in that dtype.
+weights in that dtype:
+
+    model, tokenizer, checkpoint = load_for_inference("out-wikitext-tiny", device="auto", dtype="auto", quantize="none")
 """
 
 import contextlib
+import ctypes
 import functools
 import re
 import sys
 
 import torch
 
+from checkpoint import load_model
 from cli import UserError
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -109,3 +113,54 @@ def peak_flops(device):
 
 def gpu_peak_flops(name):
     return next((flops for pattern, flops in PEAK_FLOPS if re.search(pattern, name)), 0.0)
+
+
+def keep_freed_memory():
+    """Keep the memory of freed tensors in the process for the next ones, instead of handing it back to the OS (Linux
+    with glibc; elsewhere nothing happens). A training step frees and reallocates its activations; glibc maps large
+    blocks afresh each time, and the kernel hands them out zeroed, page by page: ~75k page faults a step at the tiny
+    shape, 15% of a CPU step (docs/RESULTS.md). Memory then stays at its peak, which a training run reaches anyway."""
+    try:
+        mallopt = ctypes.CDLL("libc.so.6").mallopt
+    except (OSError, AttributeError):
+        return
+    M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4
+    mallopt(M_MMAP_MAX, 0)  # no block gets its own mapping: all come from the heap, and go back to it
+    mallopt(M_TRIM_THRESHOLD, 2**30)  # the heap keeps up to 1 GiB of free memory at its top
+
+
+# ----------------------------------------------------------------------------- a model ready for inference
+
+def load_for_inference(name_or_dir, device="auto", dtype="auto", quantize="none", compile=False):
+    """(model, tokenizer, checkpoint dict) ready to generate or score: on `device`, weights in `dtype` (the rule of
+    pick_dtype), optionally int8 (CPU, float32) and with a compiled decode step."""
+    if quantize not in ("none", "int8"):
+        raise UserError(f"--quantize must be none or int8, got '{quantize}'")
+    device = "cpu" if quantize == "int8" and device == "auto" else pick_device(device)
+    ptdtype = pick_dtype("float32" if quantize == "int8" and dtype == "auto" else dtype, device)
+    if quantize == "int8" and (device != "cpu" or ptdtype != torch.float32):
+        raise UserError("--quantize=int8 runs on the CPU in float32: add --device=cpu --dtype=float32 "
+                        "(on a GPU use --dtype=bfloat16 instead)")
+    model, tokenizer, checkpoint = load_model(name_or_dir, device)
+    model.to(dtype=ptdtype)  # weights in the compute dtype: no autocast needed, and the KV cache follows them
+    if quantize == "int8":
+        from quantize import quantize_int8  # int8 weights: only when asked for
+        quantize_int8(model)
+    if compile:
+        compile_decoding(model, device)
+    return model, tokenizer, checkpoint
+
+
+def compile_decoding(model, device):
+    """torch.compile the one-token decode step, the step that generation repeats; on a GPU with CUDA graphs
+    ("reduce-overhead"), which replay the whole step as one launch. Inside a compiled step the KV cache reads its
+    whole buffer, so the step's shapes never change and it compiles once. The prompt's prefill runs eagerly. Where
+    compiling fails: a warning, and eager decoding."""
+
+    def warm_up(decode):
+        model.decode_one_token = decode
+        for _ in model.generate_tokens(torch.zeros(1, 3, dtype=torch.long, device=device), 3, temperature=0):
+            pass
+
+    mode = "reduce-overhead" if device.startswith("cuda") else "default"
+    model.decode_one_token = compile_or_eager(model.decode_one_token, warm_up, mode=mode, fullgraph=True)

@@ -1,10 +1,10 @@
 """
 Sample text from a trained model, streamed to stdout as it is generated.
 
-    python sample.py --out_dir=out-wikitext-small --start="The history of" --num_samples=3 --max_new_tokens=200
-    python sample.py --out_dir=out-wikitext-small --start=FILE:prompt.txt --temperature=0.8 --top_k=50 --top_p=0.95
-    python sample.py --out_dir=out-wikitext-small --quantize=int8     # int8 weights: faster on CPU
-    python sample.py --out_dir=gpt2 --start="Hello"                   # OpenAI's GPT-2 (downloaded once)
+    python sample.py --model=out-wikitext-tiny --start="The history of" --num_samples=3 --max_new_tokens=200
+    python sample.py --model=out-wikitext-tiny --start=FILE:prompt.txt --temperature=0.8 --top_k=50 --top_p=0.95
+    python sample.py --model=out-wikitext-tiny --quantize=int8     # int8 weights: faster on CPU
+    python sample.py --model=gpt2 --start="Hello"                   # OpenAI's GPT-2 (downloaded once)
 
 stdout gets the text and nothing else: each sample as the prompt followed by its continuation, samples separated
 by a line of dashes. Timings and warnings go to stderr, so `python sample.py ... > out.txt` and pipes work.
@@ -12,23 +12,27 @@ by a line of dashes. Timings and warnings go to stderr, so `python sample.py ...
 The prompt is preceded by the end-of-text token, which starts every document in training: the model reads the
 prompt as the opening of a document, and an empty prompt starts a fresh one. Generation stops at end-of-text.
 A prompt longer than the model's context keeps its last block_size tokens (a warning on stderr says so).
+
+A model trained on the tokenized WikiText-2 has learned its marker for rare words, <unk> (2.7% of its words); its
+folder's meta.json names it, and sample.py never lets the model start one (--allow_unk=True does).
 """
 
+import json
 import os
 import sys
 import time
 from dataclasses import dataclass
 
-from checkpoint import load_for_inference
 from cli import UserError, parse_config, read_utf8, run_main, setting
-from generate import decode_stream, encode_prompt, generate_ids
+from generate import decode_stream, generate_ids, word_starts
+from runtime import load_for_inference
 
 SEPARATOR = "\n---------------\n"
 
 
 @dataclass
 class SampleConfig:
-    out_dir: str = "out"                      # a train.py checkpoint folder, or a GPT-2 name or folder
+    model: str = "out-wikitext-tiny"          # a train.py checkpoint folder, or a GPT-2 name or folder
     start: str = ""                           # the prompt, or FILE:path to read it from a file
     num_samples: int = setting(1, low=1)      # samples to write, one after another
     max_new_tokens: int = setting(200, low=0)  # tokens per sample (fewer if the model writes end-of-text)
@@ -40,6 +44,7 @@ class SampleConfig:
     dtype: str = "auto"                       # float32 | bfloat16 | float16; auto: bf16 where the hardware has it
     quantize: str = setting("none", choices=("none", "int8"))  # int8 weights for every linear layer, on the CPU
     compile: bool = False                     # torch.compile the decode step (CUDA graphs on a GPU): for GPUs
+    allow_unk: bool = False                   # let the model write its data's unknown-word marker (<unk>)
 
 
 # ----------------------------------------------------------------------------- command line
@@ -47,6 +52,17 @@ class SampleConfig:
 def read_prompt(start):
     """--start: the prompt itself, or FILE:path for the text of a file."""
     return read_utf8(start[len("FILE:"):], "the prompt file") if start.startswith("FILE:") else start
+
+
+def unknown_word_ids(tokenizer, model_dir, allow):
+    """The ids that would start the unknown-word marker that the model's data names in meta.json (<unk> in the
+    tokenized WikiText-2), unless allowed: never sampling them keeps it out of the samples."""
+    try:
+        with open(os.path.join(model_dir, "meta.json"), encoding="utf-8") as f:
+            word = json.load(f).get("unknown_word")
+    except (OSError, ValueError, AttributeError):  # no data folder's meta.json here (GPT-2, say): nothing to keep out
+        return None
+    return word_starts(tokenizer, word) if word and not allow else None
 
 
 def tee_into(items, seen):
@@ -57,11 +73,12 @@ def tee_into(items, seen):
 
 
 def main():
-    config = parse_config(SampleConfig)
+    config = parse_config(SampleConfig, renamed={"out_dir": "model"})
     prompt = read_prompt(config.start)
-    model, tokenizer, _ = load_for_inference(config.out_dir, config.device, config.dtype, config.quantize,
+    model, tokenizer, _ = load_for_inference(config.model, config.device, config.dtype, config.quantize,
                                              config.compile)
-    ids = encode_prompt(tokenizer, prompt)
+    suppress = unknown_word_ids(tokenizer, config.model, config.allow_unk)
+    ids = tokenizer.encode_document(prompt)
     if not ids:
         raise UserError("this tokenizer has no end-of-text token to start from: give a prompt with --start")
     block = model.config.block_size
@@ -75,7 +92,7 @@ def main():
         print(SEPARATOR if i else "", prompt, sep="", end="", flush=True)
         t0, new_ids, last = time.time(), [], prompt
         tokens = generate_ids(model, ids, config.max_new_tokens, config.temperature, config.top_k, config.top_p,
-                              config.seed + i, tokenizer.eot_id)
+                              config.seed + i, tokenizer.eot_id, suppress_ids=suppress)
         for piece in decode_stream(tokenizer, tee_into(tokens, new_ids)):
             print(piece, end="", flush=True)
             last = piece

@@ -3,11 +3,11 @@ Serve a trained GPT over HTTP with OpenAI's API, so that the `openai` client, La
 text completions (whole, or streamed as server-sent events), chat completions for an instruction-tuned model, the
 model list; plus classification with a fine-tuned classifier and a small page to try it in the browser.
 
-    python serve.py --out_dir=out-wikitext-small [--classifier_dir=out-spam] [--host=127.0.0.1 --port=8000]
+    python serve.py --model=out-wikitext-tiny [--classifier=out-spam] [--host=127.0.0.1 --port=8000]
 
     from openai import OpenAI
     client = OpenAI(base_url="http://127.0.0.1:8000/v1", api_key="unused")      # or the GPT_API_TOKEN value
-    client.completions.create(model="out-wikitext-small", prompt="The history of", max_tokens=50, seed=1)
+    client.completions.create(model="out-wikitext-tiny", prompt="The history of", max_tokens=50, seed=1)
     client.chat.completions.create(model="out-instruct", messages=[{"role": "user", "content": "Name a color."}])
 
     curl -s localhost:8000/v1/completions -d '{"prompt": "The history of", "max_tokens": 50}'
@@ -29,7 +29,7 @@ not depend on what else is decoded with it. Set GPT_API_TOKEN to require `Author
 request (but the page's, which holds no data and asks for the token). Flask's own server is for local use; under a
 production WSGI server run one process (one copy of the model and its engine) with threads:
 
-    gunicorn -w 1 --threads 32 -b 127.0.0.1:8000 'serve:create_app(out_dir="out-wikitext-small")'
+    gunicorn -w 1 --threads 32 -b 127.0.0.1:8000 'serve:create_app(model="out-wikitext-tiny")'
 """
 
 import contextlib
@@ -50,18 +50,16 @@ from flask import Flask, Response, jsonify, request
 from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 from werkzeug.serving import WSGIRequestHandler
 
-from checkpoint import load_for_inference
 from cli import check_settings, parse_config, run_main, setting
 from engine import BatchEngine
-from finetune import classify, format_prompt, has_prompt_format, load_classifier
-from generate import decode_stream, encode_prompt
-from runtime import pick_device
+from generate import decode_stream, format_prompt, has_prompt_format
+from runtime import load_for_inference, pick_device
 
 
 @dataclass
 class ServeConfig:
-    out_dir: str = "out-wikitext-small"       # a train.py checkpoint folder (or gpt2, ... as sample.py takes them)
-    classifier_dir: str = ""                  # a finetune_classifier.py folder; empty: /v1/classify answers 404
+    model: str = "out-wikitext-tiny"          # a train.py checkpoint folder (or gpt2, ... as sample.py takes them)
+    classifier: str = ""                      # a finetune_classifier.py folder; empty: /v1/classify answers 404
     host: str = "127.0.0.1"                   # 0.0.0.0 would answer the whole network: set GPT_API_TOKEN first
     port: int = setting(8000, low=1, high=65535)  # TCP port to listen on
     device: str = "auto"                      # auto: cuda, then mps, then cpu
@@ -73,6 +71,7 @@ class ServeConfig:
     request_timeout: float = setting(60.0, above=0)  # seconds a client may stall mid-request before it is cut off
 
 
+RENAMED = {"out_dir": "model", "classifier_dir": "classifier"}  # settings' old names, still taken
 TOKEN_ENV = "GPT_API_TOKEN"
 REQUIRED = object()
 
@@ -264,7 +263,7 @@ class Completion:
     stop string; "length": max_tokens) and the token counts are set."""
 
     def __init__(self, engine, tokenizer, prompt, req):
-        self.ids = encode_prompt(tokenizer, prompt)
+        self.ids = tokenizer.encode_document(prompt)
         self.sequence = engine.submit(self.ids, req["max_tokens"], req["temperature"], req["top_k"], req["top_p"],
                                       req["seed"], tokenizer.eot_id)
         self.tokenizer, self.stops, self.finish_reason = tokenizer, req["stop"], None
@@ -358,12 +357,12 @@ def completion_response(completion, model_name, chat, stream, include_usage, log
 
 
 def serve_config(config, settings):
-    """A ServeConfig from one (returned as it is), an out_dir string, or ServeConfig fields by name, checked as the
+    """A ServeConfig from one (returned as it is), a model's name, or ServeConfig fields by name, checked as the
     command line checks them."""
     if isinstance(config, str):
-        config, settings = None, {"out_dir": config, **settings}
+        config, settings = None, {"model": config, **settings}
     if config is None:  # the command line's checks and messages, for settings given in Python
-        return parse_config(ServeConfig, [f"--{name}={value}" for name, value in settings.items()])
+        return parse_config(ServeConfig, [f"--{name}={value}" for name, value in settings.items()], RENAMED)
     return check_settings(config)
 
 
@@ -402,16 +401,19 @@ def answer_errors_in_json(app):
 
 
 def create_app(config=None, **settings):
-    """The Flask app, with the model(s) loaded and the batching engine started. config: a ServeConfig, or an out_dir;
-    settings: ServeConfig fields by name. For a WSGI server:
-    gunicorn 'serve:create_app(out_dir="out-wikitext-small", classifier_dir="out-spam")'."""
+    """The Flask app, with the model(s) loaded and the batching engine started. config: a ServeConfig, or a model's
+    name; settings: ServeConfig fields by name. For a WSGI server:
+    gunicorn 'serve:create_app(model="out-wikitext-tiny", classifier="out-spam")'."""
     config = serve_config(config, settings)
     device = pick_device(config.device)
-    model, tokenizer, checkpoint = load_for_inference(config.out_dir, device, config.dtype)
+    model, tokenizer, checkpoint = load_for_inference(config.model, device, config.dtype)
     engine = BatchEngine(model, config.max_batch_size)
-    classifier = load_classifier(config.classifier_dir, device) if config.classifier_dir else None
+    classifier, classify = None, None
+    if config.classifier:
+        from finetune import classify, load_classifier  # the classifier's model: only when one is served
+        classifier = load_classifier(config.classifier, device)
     classifier_lock = threading.Lock()  # one classification at a time
-    name = os.path.basename(os.path.abspath(config.out_dir))
+    name = os.path.basename(os.path.abspath(config.model))
     fields = {"completions": completion_fields(config), "chat": chat_fields(config),
               "classify": classify_fields(config)}
 
@@ -455,7 +457,7 @@ def create_app(config=None, **settings):
         return jsonify(model_card())
 
     def model_card():
-        created = int(os.path.getmtime(config.out_dir)) if os.path.exists(config.out_dir) else 0
+        created = int(os.path.getmtime(config.model)) if os.path.exists(config.model) else 0
         return {"id": name, "object": "model", "created": created, "owned_by": "local"}
 
     @app.post("/v1/completions")
@@ -479,7 +481,7 @@ def create_app(config=None, **settings):
     @app.post("/v1/classify")
     def classify_text():
         if classifier is None:
-            raise ApiError("no classifier is loaded: start the server with --classifier_dir=DIR", status=404)
+            raise ApiError("no classifier is loaded: start the server with --classifier=DIR", status=404)
         req = read_body(fields["classify"], config.max_body_bytes)
         with classifier_lock:
             label, probability = classify(*classifier, [req["text"]])[0]
@@ -552,11 +554,11 @@ if (query.has("prompt")) { $("prompt").value = query.get("prompt"); generate(); 
 
 
 def main():
-    config = parse_config(ServeConfig)
+    config = parse_config(ServeConfig, renamed=RENAMED)
     app = create_app(config)
     if config.host not in ("127.0.0.1", "localhost", "::1") and not os.environ.get(TOKEN_ENV):
         print(f"warning: listening on {config.host} without {TOKEN_ENV}: anyone who can reach it can use the model")
-    print(f"serving {config.out_dir} on http://{config.host}:{config.port}/v1 (OpenAI API; a page at /)", flush=True)
+    print(f"serving {config.model} on http://{config.host}:{config.port}/v1 (OpenAI API; a page at /)", flush=True)
 
     class RequestHandler(WSGIRequestHandler):
         timeout = config.request_timeout  # a client that stalls sending its request (or reading) is cut off

@@ -34,7 +34,6 @@ import regex
 import tiktoken
 
 import cli
-from common import atomic_write
 
 GPT2_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
 GPT2_REGEX = regex.compile(GPT2_PATTERN)
@@ -225,6 +224,11 @@ class Tokenizer:
         that looks like one is ordinary text."""
         return self._to_ids(self._enc.encode(text, allowed_special=allowed_special, disallowed_special=()))
 
+    def encode_document(self, text):
+        """Ids of a text as the token files hold every document: the end-of-text token first (if the tokenizer has
+        one), so that a model reads the text as the start of a document.  "Hi" -> [eot_id, ...ids of "Hi"]"""
+        return ([] if self.eot_id is None else [self.eot_id]) + self.encode(text)
+
     def encode_batch(self, texts, allowed_special=frozenset()):
         """encode() of many texts at once, on tiktoken's thread pool."""
         batch = self._enc.encode_batch(list(texts), allowed_special=allowed_special, disallowed_special=())
@@ -249,7 +253,7 @@ class Tokenizer:
                  "merges.txt": "#version: 0.2\n" + "".join(f"{merge}\n" for merge in merges),
                  "tokenizer.json": json.dumps(self.hf_tokenizer_json(), ensure_ascii=False)}
         for name, text in files.items():
-            atomic_write(out_dir / name, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+            cli.atomic_write(out_dir / name, lambda tmp: tmp.write_text(text, encoding="utf-8"))
         return list(files)
 
     def fingerprint(self):

@@ -2,8 +2,8 @@
 What each --trainable mode of finetune_classifier.py costs and buys: time per training step, the memory its
 gradients and AdamW state take, and test accuracy, from a pretrained checkpoint and from random init.
 
-    python bench/bench_finetune.py --init_from=out-wikitext-tiny --data=../shared/data/sms_spam/SMSSpamCollection
-    python bench/bench_finetune.py --init_from=out-wikitext-tiny --data=... --modes=all --seeds=1,2,3,4,5
+    python bench/bench_finetune.py --model=out-wikitext-tiny --data=../shared/data/sms_spam/SMSSpamCollection
+    python bench/bench_finetune.py --model=out-wikitext-tiny --data=... --modes=all --seeds=1,2,3,4,5
 
 Every run is a full `python finetune_classifier.py` (its own defaults unless set here), one after another, and its
 results.json is read back. Step time is the mean over all training steps (val excluded); memory is computed: 4 bytes
@@ -27,7 +27,7 @@ from cli import UserError, parse_config, run_main  # noqa: E402
 
 @dataclass
 class BenchFinetuneConfig:
-    init_from: str = "out-wikitext-tiny"   # the pretrained checkpoint to compare with random init
+    model: str = "out-wikitext-tiny"       # the pretrained checkpoint to compare with random init
     data: str = ""                         # labelled texts (empty: the SMS Spam Collection, downloaded)
     modes: str = "all,last_block,lora,head"  # --trainable modes to run, comma-separated
     scratch: bool = True                   # also train --trainable=all from random weights of the same shape
@@ -39,11 +39,11 @@ class BenchFinetuneConfig:
 
 def finetune(config, init_from, mode, seed, out_dir):
     lr = config.learning_rate if mode == "all" else config.frozen_learning_rate
-    args = [sys.executable, os.path.join(ROOT, "finetune_classifier.py"), f"--init_from={init_from}",
+    args = [sys.executable, os.path.join(ROOT, "finetune_classifier.py"), f"--model={init_from}",
             f"--trainable={mode}", f"--seed={seed}", f"--learning_rate={lr}", f"--num_epochs={config.num_epochs}",
             f"--out_dir={out_dir}", f"--data={config.data}"]
     if init_from == "scratch":
-        args.append(f"--tokenizer_dir={config.init_from}")  # the pretrained model's tokenizer and (default) shape
+        args.append(f"--tokenizer_dir={config.model}")  # the pretrained model's tokenizer and (default) shape
     run = subprocess.run(args, capture_output=True, text=True)
     if run.returncode != 0:
         raise UserError(f"finetune_classifier.py failed ({init_from}, {mode}, seed {seed}): "
@@ -55,7 +55,7 @@ def finetune(config, init_from, mode, seed, out_dir):
 def main():
     config = parse_config(BenchFinetuneConfig)
     seeds = [int(s) for s in config.seeds.split(",")]
-    runs = [(config.init_from, mode) for mode in config.modes.split(",")]
+    runs = [(config.model, mode) for mode in config.modes.split(",")]
     runs += [("scratch", "all")] if config.scratch else []
     print(f"machine: {machine_line()}")
     print(f"data: {config.data or 'SMS Spam Collection'}; {config.num_epochs} epochs; seeds {config.seeds}\n",

@@ -3,7 +3,7 @@ Inference speed (no cache, KV cache, int8, compiled decoding, cold and warm) and
 markdown tables.
 
     python bench/bench_inference.py                                  # speed: a random model shaped as wikitext_small
-    python bench/bench_inference.py --out_dir=out-wikitext-tiny      # + perplexity float32 vs int8 on its val split
+    python bench/bench_inference.py --model=out-wikitext-tiny      # + perplexity float32 vs int8 on its val split
     python bench/bench_inference.py --shape=tiny --repeats=5         # config/wikitext_tiny.py's shape
     python bench/bench_inference.py --devices=cuda                   # the GPU rows only
 
@@ -14,8 +14,8 @@ variants run after a warm-up, interleaved, `repeats` times each (the slow no-cac
 its best run: the one least disturbed by other work on the machine. A cold variant is the first generation in a
 fresh process, after loading (and compiling), as sample.py's first sample: what one-off costs add to it.
 
-Perplexity needs a trained checkpoint (--out_dir): its split in float32, then with int8 weights, on the first
-eval_tokens tokens. Without --out_dir that table is skipped.
+Perplexity needs a trained checkpoint (--model): its split in float32, then with int8 weights, on the first
+eval_tokens tokens. Without --model that table is skipped.
 """
 
 import copy
@@ -32,19 +32,19 @@ sys.path.insert(0, ROOT)  # run from anywhere: import the repo's modules by name
 
 import torch  # noqa: E402
 
-from checkpoint import compile_decoding, load_for_inference  # noqa: E402
 from cli import UserError, parse_config, read_config_file, run_main  # noqa: E402
 from evaluate import evaluate_split  # noqa: E402
 from model import GPT, GPTConfig  # noqa: E402
 from quantize import quantize_int8  # noqa: E402
+from runtime import compile_decoding, load_for_inference  # noqa: E402
 
 SHAPE_KEYS = ("block_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "bias")
 
 
 @dataclass
 class BenchInferenceConfig:
-    out_dir: str = ""           # a trained checkpoint: adds the perplexity table (none: speed only)
-    shape: str = "small"        # small | tiny (config/wikitext_<shape>.py) | checkpoint (--out_dir's own model)
+    model: str = ""             # a trained checkpoint: adds the perplexity table (none: speed only)
+    shape: str = "small"        # small | tiny (config/wikitext_<shape>.py) | checkpoint (--model's own model)
     vocab_size: int = 8192      # of the random model (prepare.py's default tokenizer size)
     new_tokens: int = 512       # tokens generated per timed run
     prompt_tokens: int = 16     # random prompt tokens before them
@@ -61,10 +61,10 @@ class BenchInferenceConfig:
 def bench_model(config):
     """The model to time, and a line describing it."""
     if config.shape == "checkpoint":
-        if not config.out_dir:
-            raise UserError("--shape=checkpoint needs --out_dir")
-        model, _, _ = load_for_inference(config.out_dir, "cpu", "float32")
-        where = config.out_dir
+        if not config.model:
+            raise UserError("--shape=checkpoint needs --model")
+        model, _, _ = load_for_inference(config.model, "cpu", "float32")
+        where = config.model
     elif config.shape in ("small", "tiny"):
         path = os.path.join(ROOT, "config", f"wikitext_{config.shape}.py")
         shape = {k: v for k, v in read_config_file(path).items() if k in SHAPE_KEYS}
@@ -163,10 +163,10 @@ def quantize_int8_blocks(model):
 
 def perplexity_table(config):
     """(float32 result, int8 result) of evaluate_split on the checkpoint's split."""
-    model, tokenizer, checkpoint = load_for_inference(config.out_dir, "cpu", "float32")
+    model, tokenizer, checkpoint = load_for_inference(config.model, "cpu", "float32")
     data_dir = checkpoint.get("train_config", {}).get("data_dir")
     if not data_dir:
-        raise UserError(f"{config.out_dir} does not name its data_dir")
+        raise UserError(f"{config.model} does not name its data_dir")
     kw = dict(max_tokens=config.eval_tokens, progress=False)
     fp32 = evaluate_split(model, tokenizer, data_dir, config.split, **kw)
     int8 = evaluate_split(quantize_int8(model), tokenizer, data_dir, config.split, **kw)
@@ -219,12 +219,12 @@ def main():
               f"sample >= 0.5x warm: {cold / warm:.2f}x ({'met' if cold >= 0.5 * warm else 'NOT met'})")
 
 
-    if not config.out_dir:
-        print("\nperplexity: skipped (no --out_dir: give a trained checkpoint to measure what int8 costs)")
+    if not config.model:
+        print("\nperplexity: skipped (no --model: give a trained checkpoint to measure what int8 costs)")
         return
     data_dir, fp32, q = perplexity_table(config)
     change = q["perplexity"] / fp32["perplexity"] - 1
-    print(f"\nperplexity of {config.out_dir} on {data_dir} {config.split}, {fp32['tokens']:,} tokens scored:\n")
+    print(f"\nperplexity of {config.model} on {data_dir} {config.split}, {fp32['tokens']:,} tokens scored:\n")
     print("| weights | perplexity | bits per byte | change |")
     print("| --- | ---: | ---: | ---: |")
     print(f"| float32 | {fp32['perplexity']:.3f} | {fp32['bits_per_byte']:.4f} | |")

@@ -10,7 +10,7 @@ Load-test serve.py, started in a subprocess on a free port, in two parts.
 Prints markdown tables; exits 1 on any 5xx or malformed answer.
 
     python bench/bench_serve.py                       # a tiny model and classifier trained on the spot (~20 s)
-    python bench/bench_serve.py --out_dir=out-wikitext-tiny --classifier_dir=out-spam --clients=64
+    python bench/bench_serve.py --model=out-wikitext-tiny --classifier=out-spam --clients=64
 """
 
 import json
@@ -36,8 +36,8 @@ import cli  # noqa: E402
 
 @dataclass
 class BenchServeConfig:
-    out_dir: str = ""            # the model to serve; empty: train a tiny one (and a classifier) in a temp folder
-    classifier_dir: str = ""     # empty: no classification requests (unless the tiny one is trained)
+    model: str = ""              # the model to serve; empty: train a tiny one (and a classifier) in a temp folder
+    classifier: str = ""         # empty: no classification requests (unless the tiny one is trained)
     clients: int = 64            # throughput: clients at once, each sending its requests one after another
     rounds: int = 2              # throughput: requests per client
     max_tokens: int = 64         # tokens per completion
@@ -69,7 +69,7 @@ def train_tiny(root):
         "--num_attention_heads=2", "--device=cpu", "--compile=False")
     rows = [f"spam\tWIN free cash prize now {i}" if i % 2 else f"ham\tthe cat sat on the mat {i}" for i in range(24)]
     (root / "labels.tsv").write_text("label\ttext\n" + "\n".join(rows) + "\n")
-    run("finetune_classifier.py", f"--init_from={root / 'out'}", f"--data={root / 'labels.tsv'}",
+    run("finetune_classifier.py", f"--model={root / 'out'}", f"--data={root / 'labels.tsv'}",
         f"--out_dir={root / 'cls'}", "--num_epochs=1", "--device=cpu")
     return root / "out", root / "cls"
 
@@ -81,8 +81,8 @@ def start_server(out_dir, classifier_dir, threads, log, *args):
         port = s.getsockname()[1]
     env = {**os.environ, **({"OMP_NUM_THREADS": str(threads)} if threads else {})}
     env.pop("GPT_API_TOKEN", None)
-    args = [f"--out_dir={out_dir}", f"--port={port}", "--device=cpu", "--max_tokens_limit=100000", *args]
-    args += [f"--classifier_dir={classifier_dir}"] if classifier_dir else []
+    args = [f"--model={out_dir}", f"--port={port}", "--device=cpu", "--max_tokens_limit=100000", *args]
+    args += [f"--classifier={classifier_dir}"] if classifier_dir else []
     process = subprocess.Popen([sys.executable, str(REPO / "serve.py"), *args], cwd=REPO, env=env, stdout=log,
                                stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
@@ -205,7 +205,7 @@ def main():
         raise cli.UserError("--clients, --rounds, --max_tokens, --requests and --concurrency must be at least 1")
     rows, problems = [], []
     with tempfile.TemporaryDirectory(prefix="bench_serve_") as tmp:
-        out_dir, classifier_dir = config.out_dir, config.classifier_dir
+        out_dir, classifier_dir = config.model, config.classifier
         if not out_dir:
             t0 = time.time()
             out_dir, classifier_dir = train_tiny(tmp)

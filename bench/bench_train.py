@@ -23,7 +23,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from cli import parse_config, run_main  # noqa: E402
-from prepare import load_meta  # noqa: E402
+from data import load_meta  # noqa: E402
 
 SHAPES = {  # the baseline script's default shape, and GPT-2 small's
     "nanogpt_default": dict(num_hidden_layers=4, num_attention_heads=4, hidden_size=256, block_size=128, batch_size=16),
@@ -66,8 +66,9 @@ def run_nanogpt(config, vocab_size):
              f"--batch_size={shape['batch_size']}", f"--max_iters={config.iters}", f"--device={config.device}"]
     if config.device != "cpu":  # nanoGPT's best GPU settings: bf16 + compile
         extra += ["--dtype=bfloat16", "--compile=True"]
+    env = {**os.environ, "PYTHON": sys.executable}  # nanoGPT runs on this bench's own interpreter (and its torch)
     result = subprocess.run(["bash", config.nanogpt, config.data_dir, str(vocab_size), *extra], capture_output=True,
-                            text=True)
+                            text=True, env=env)
     found = re.search(r"nanoGPT median ms/iter: ([\d.]+)", result.stdout)
     if not found:
         raise SystemExit(f"nanoGPT run failed:\n{result.stdout[-1500:]}\n{result.stderr[-1500:]}")

@@ -74,12 +74,13 @@ def _run_in_process(module, *args):
 
 
 def _run_train(*args):
-    """train.py run in this process (no interpreter start-up), with these arguments; raises what it raises. The
-    Ctrl-C and SIGTERM handlers it installs are put back afterwards."""
+    """train.py's main() run in this process (no interpreter start-up), with these arguments; raises what it raises
+    (a UserError, where the command line prints one line). The Ctrl-C and SIGTERM handlers it installs are put back
+    afterwards."""
     argv, handlers = sys.argv, {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
     sys.argv = ["train.py", *map(str, args)]
     try:
-        runpy.run_path(str(ROOT / "train.py"), run_name="__main__")
+        runpy.run_path(str(ROOT / "train.py"), run_name="train")["main"]()
     finally:
         sys.argv = argv
         for number, handler in handlers.items():

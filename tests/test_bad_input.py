@@ -22,9 +22,8 @@ import prepare
 import sample
 import serve
 import tokenizer
-from checkpoint import CHECKPOINT_NAME
+from checkpoint import CHECKPOINT_NAME, folder_lock
 from cli import UserError
-from common import folder_lock
 from tokenizer import BPETokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -227,15 +226,15 @@ def test_broken_checkpoints(content, fragment, tiny_ckpt, tmp_path, run_in_proce
     else:
         torch.save(content, folder / CHECKPOINT_NAME)
     for module in (sample, evaluate):
-        status, _, err = run_in_process(module, f"--out_dir={folder}", "--device=cpu")
+        status, _, err = run_in_process(module, f"--model={folder}", "--device=cpu")
         assert_one_line(status, err, fragment)
 
 
 def test_evaluate_without_data_or_words(tiny_ckpt, tmp_path, run_in_process):
-    status, _, err = run_in_process(evaluate, f"--out_dir={tiny_ckpt}", f"--data_dir={tmp_path / 'nothing'}")
+    status, _, err = run_in_process(evaluate, f"--model={tiny_ckpt}", f"--data_dir={tmp_path / 'nothing'}")
     assert_one_line(status, err, "run prepare.py first")
     (tmp_path / "blank.txt").write_text("  \n\n \t\n")
-    status, _, err = run_in_process(evaluate, f"--out_dir={tiny_ckpt}", f"--text_file={tmp_path / 'blank.txt'}")
+    status, _, err = run_in_process(evaluate, f"--model={tiny_ckpt}", f"--text_file={tmp_path / 'blank.txt'}")
     assert_one_line(status, err, "has no text to score")
 
 

@@ -42,9 +42,14 @@ def test_a_position_per_row_gives_each_sequence_its_own_logits(position, random_
     seqs = [torch.randint(97, (n,)) for n in (4, 9, 1)]
     with torch.no_grad():
         model.setup_kv_cache(3)
+        caches = [block.attn.kv_cache for block in model.blocks]
         for row, seq in enumerate(seqs):  # each prompt but its last token alone, into its own row
+            for block, cache in zip(model.blocks, caches):
+                block.attn.kv_cache = cache.rows(row, row + 1)
             if len(seq) > 1:
-                model.prefill(seq[None, :-1], first_row=row)
+                model.prefill(seq[None, :-1])
+        for block, cache in zip(model.blocks, caches):
+            block.attn.kv_cache = cache
         logits = model.decode_one_token(torch.stack([s[-1:] for s in seqs]),
                                         torch.tensor([[len(s) - 1] for s in seqs]))
         alone = [model(s[None])[0][0, -1] for s in seqs]

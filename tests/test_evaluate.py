@@ -9,10 +9,9 @@ import torch
 import torch.nn.functional as F
 
 import evaluate
-from checkpoint import load_for_inference
 from cli import UserError
-from generate import encode_prompt
-from prepare import load_meta
+from data import load_meta
+from runtime import load_for_inference
 from tokenizer import BPETokenizer
 
 
@@ -87,7 +86,7 @@ def test_counts_and_figures_on_a_known_text(loaded):
         assert r["perplexity"] == pytest.approx(math.exp(r["loss"]))
         assert r["bits_per_byte"] == pytest.approx(nll / math.log(2) / r["bytes"])
         assert r["word_perplexity"] == pytest.approx(math.exp(nll / words))
-    ids = encode_prompt(tokenizer, text)
+    ids = tokenizer.encode_document(text)
     assert r["loss"] * r["tokens"] == pytest.approx(evaluate.score_tokens(model, ids)[0])
 
 
@@ -118,7 +117,7 @@ def test_gpt2_tokenizer_works_alike(shared_data, random_model):
     model = random_model(vocab_size=50257, block_size=16, dtype=torch.float32)
     text = "Hello world, the café in Zürich\nis 日本 🙂\n"
     r = evaluate.evaluate_text(model, tokenizer, text, "classic", stride=4, progress=False)
-    assert tokenizer.eot_id == 50256 and encode_prompt(tokenizer, text)[0] == 50256
+    assert tokenizer.eot_id == 50256 and tokenizer.encode_document(text)[0] == 50256
     assert r["tokens"] == len(tokenizer.encode(text)) > 16  # longer than the context: several windows
     assert (r["bytes"], r["words"]) == (len(text.encode("utf-8")), 9 + 2)
     assert 10 < r["perplexity"] < 10 * 50257  # a random model: near-uniform over the vocabulary
@@ -128,7 +127,7 @@ def test_gpt2_tokenizer_works_alike(shared_data, random_model):
 
 def test_cli_split_json_and_text_file(loaded, tiny_ckpt, tmp_path, run_script):
     _, tokenizer, data_dir = loaded
-    run = run_script("evaluate.py", f"--out_dir={tiny_ckpt}", "--split=val", "--json", "--device=cpu")
+    run = run_script("evaluate.py", f"--model={tiny_ckpt}", "--split=val", "--json", "--device=cpu")
     assert run.returncode == 0, run.stderr
     r = json.loads(run.stdout)  # stdout holds the JSON alone; the progress bar is on stderr
     stats = load_meta(data_dir)["splits"]["val"]
@@ -139,7 +138,7 @@ def test_cli_split_json_and_text_file(loaded, tiny_ckpt, tmp_path, run_script):
 
     text_file = tmp_path / "some.txt"
     text_file.write_text("the café in Zürich\nriver valley\n", encoding="utf-8")
-    run = run_script("evaluate.py", f"--out_dir={tiny_ckpt}", f"--text_file={text_file}",
+    run = run_script("evaluate.py", f"--model={tiny_ckpt}", f"--text_file={text_file}",
                      "--word_convention=classic", "--stride=8", "--device=cpu")
     assert run.returncode == 0, run.stderr
     out = run.stdout
@@ -147,7 +146,7 @@ def test_cli_split_json_and_text_file(loaded, tiny_ckpt, tmp_path, run_script):
 
 
 def test_cli_missing_checkpoint_is_one_line_error(tmp_path, run_script):
-    r = run_script("evaluate.py", f"--out_dir={tmp_path}")
+    r = run_script("evaluate.py", f"--model={tmp_path}")
     assert r.returncode == 2 and r.stdout == ""
     assert r.stderr.startswith("error: no checkpoint at") and "Traceback" not in r.stderr and r.stderr.count("\n") == 1
 
@@ -192,10 +191,10 @@ def test_dynamic_evaluation_scores_each_token_before_learning_from_it(random_mod
 
 
 def test_cli_dynamic(tiny_ckpt, run_in_process):
-    status, out, err = run_in_process(evaluate, f"--out_dir={tiny_ckpt}", "--split=val", "--dynamic", "--json",
+    status, out, err = run_in_process(evaluate, f"--model={tiny_ckpt}", "--split=val", "--dynamic", "--json",
                                       "--dynamic_segment=8", "--dynamic_lr=0.01", "--device=cpu")
     assert status == 0, err
     result = json.loads(out)
     assert result["scoring"] == "dynamic" and result["dynamic_segment"] == 8 and result["perplexity"] > 1
-    status, _, err = run_in_process(evaluate, f"--out_dir={tiny_ckpt}", "--dynamic", "--quantize=int8")
+    status, _, err = run_in_process(evaluate, f"--model={tiny_ckpt}", "--dynamic", "--quantize=int8")
     assert status == 2 and "needs float weights" in err

@@ -65,15 +65,15 @@ def test_prepare_writes_a_tokenizer_json_that_hf_tokenizers_reads(tiny_data):
         assert theirs.decode(ids, skip_special_tokens=True) == text.replace("<|endoftext|>", "")
 
 
-@pytest.mark.parametrize("args, message", [(["--out_dir=X"], "--to=DIR"), (["--out_dir=X", "--to=X"], "another folder"),
-                                           (["--out_dir=/no/such/ckpt", "--to=Y"], "no checkpoint")])
+@pytest.mark.parametrize("args, message", [(["--model=X"], "--to=DIR"), (["--model=X", "--to=X"], "another folder"),
+                                           (["--model=/no/such/ckpt", "--to=Y"], "no checkpoint")])
 def test_export_errors_are_one_line(args, message, run_in_process):
     status, out, err = run_in_process(export, *args)
     assert status == 2 and message in err and len(err.strip().splitlines()) == 1
 
 
 def test_a_classifier_is_refused(tiny_classifier, tmp_path, run_in_process):
-    status, _, err = run_in_process(export, f"--out_dir={tiny_classifier}", f"--to={tmp_path / 'hf'}")
+    status, _, err = run_in_process(export, f"--model={tiny_classifier}", f"--to={tmp_path / 'hf'}")
     assert status == 2 and "classifier" in err
 
 
@@ -83,5 +83,5 @@ def test_a_model_beyond_gpt2_is_refused(tiny_ckpt, tmp_path, run_in_process):
     folder = tmp_path / "rope"
     save_checkpoint({"model": GPT(GPTConfig(**config)).state_dict(), "model_config": config}, folder)
     load_tokenizer(tiny_ckpt).save(folder)
-    status, _, err = run_in_process(export, f"--out_dir={folder}", f"--to={tmp_path / 'hf'}")
+    status, _, err = run_in_process(export, f"--model={folder}", f"--to={tmp_path / 'hf'}")
     assert status == 2 and "position=rope, activation=relu2" in err and not (tmp_path / "hf").exists()

@@ -225,14 +225,14 @@ def test_a_tiny_run_improves_val_loss(tokenizer):
 
 def test_classifier_cli_end_to_end(tmp_path, lm_dir, sms_file, run_in_process):
     out = tmp_path / "out"
-    status, stdout, stderr = run_in_process(fc, f"--init_from={lm_dir}", f"--data={sms_file}", f"--out_dir={out}",
+    status, stdout, stderr = run_in_process(fc, f"--model={lm_dir}", f"--data={sms_file}", f"--out_dir={out}",
                                      "--num_epochs=2", "--learning_rate=2e-3", "--trainable=lora", "--device=cpu")
     assert status == 0, stderr
     assert "epoch 2/2" in stdout and "test accuracy" in stdout
     results = json.loads((out / "results.json").read_text())
     assert results["examples"] == {"train": 70, "val": 10, "test": 20} and len(results["epochs"]) == 2
     assert {"ckpt.pt", "vocab.json", "merges.txt"} <= {p.name for p in out.iterdir()}
-    status, stdout, stderr = run_in_process(fc, f"--out_dir={out}", "--classify=win free cash now")
+    status, stdout, stderr = run_in_process(fc, f"--model={out}", "--classify=win free cash now")
     assert status == 0, stderr
     label, probability = stdout.split()
     assert label in ("ham", "spam") and probability.startswith("(") and probability.endswith("%)")
@@ -249,7 +249,7 @@ def records_file(tmp_path_factory):
 
 def test_instruct_cli_end_to_end(tmp_path, lm_dir, records_file, run_in_process):
     out = tmp_path / "out"
-    status, stdout, stderr = run_in_process(fi, f"--init_from={lm_dir}", f"--data={records_file}", f"--out_dir={out}",
+    status, stdout, stderr = run_in_process(fi, f"--model={lm_dir}", f"--data={records_file}", f"--out_dir={out}",
                                      "--num_epochs=1", "--max_new_tokens=4", "--device=cpu")
     assert status == 0, stderr
     assert "perplexity" in stdout
@@ -265,14 +265,14 @@ def test_instruct_cli_end_to_end(tmp_path, lm_dir, records_file, run_in_process)
 @pytest.mark.parametrize("module,args", [
     (fc, ["--data=no/such/file.tsv"]),
     (fi, ["--data=no/such/file.json"]),
-    (fc, ["--init_from=no/such/checkpoint"]),
-    (fc, ["--out_dir=no/such/out", "--classify=hello"]),
+    (fc, ["--model=no/such/checkpoint"]),
+    (fc, ["--model=no/such/out", "--classify=hello"]),
     (fi, ["--trainable=head"]),
     (fc, ["--max_length=65"]),
 ])
 def test_errors_are_one_line(module, args, lm_dir, sms_file, records_file, run_in_process):
     data = sms_file if module is fc else records_file
-    status, _, stderr = run_in_process(module, f"--init_from={lm_dir}", f"--data={data}", *args)
+    status, _, stderr = run_in_process(module, f"--model={lm_dir}", f"--data={data}", *args)
     assert status == 2
     assert stderr.startswith("error:") and len(stderr.strip().splitlines()) == 1
 

@@ -130,7 +130,7 @@ def test_classifier_fine_tunes_from_a_gpt2_folder(hf, tmp_path, run_in_process):
     rows = [f"ham\t{' '.join(WORDS[i:i + 5])} {i}" for i in range(12)] + \
            [f"spam\tfree cash prize call now {i}" for i in range(12)]
     (tmp_path / "data.tsv").write_text("\n".join(rows) + "\n")
-    status, out, err = run_in_process(fc, f"--init_from={hf.folder}", f"--data={tmp_path / 'data.tsv'}",
+    status, out, err = run_in_process(fc, f"--model={hf.folder}", f"--data={tmp_path / 'data.tsv'}",
                                       f"--out_dir={tmp_path / 'out'}", "--trainable=last_block", "--num_epochs=1")
     assert status == 0, err
     assert "test accuracy" in out
@@ -142,7 +142,7 @@ def test_classifier_fine_tunes_from_a_gpt2_folder(hf, tmp_path, run_in_process):
 def test_instruct_fine_tunes_from_a_gpt2_folder(hf, tmp_path, run_in_process):
     records = [{"instruction": f"say {w}", "input": "", "output": f"{w} {w}"} for w in WORDS * 2]
     (tmp_path / "records.json").write_text(json.dumps(records))
-    status, out, err = run_in_process(fi, f"--init_from={hf.folder}", f"--data={tmp_path / 'records.json'}",
+    status, out, err = run_in_process(fi, f"--model={hf.folder}", f"--data={tmp_path / 'records.json'}",
                                       f"--out_dir={tmp_path / 'out'}", "--trainable=lora", "--num_epochs=1",
                                       "--max_new_tokens=3")
     assert status == 0, err

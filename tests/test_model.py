@@ -35,7 +35,8 @@ def test_written_out_attention_equals_sdpa_with_a_cache():
     outs = []
     for flash in (True, False):
         attn.use_flash = flash
-        attn.kv_cache = KVCache(2, config.num_attention_heads, config.block_size, attn.head_dim, torch.float32, "cpu")
+        shape = (2, config.num_attention_heads, config.block_size, attn.head_dim)
+        attn.kv_cache = KVCache(torch.zeros(shape), torch.zeros(shape))
         first = attn(x[:, :6], torch.arange(6))  # a prompt of 6, then 4 more positions
         outs.append(torch.cat([first, attn(x[:, 6:], torch.arange(6, 10))], dim=1))
     full = attn(x)  # no cache: all 10 positions at once

@@ -8,9 +8,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+import data
 import prepare
 from cli import UserError
-from tokenizer import BPETokenizer, load_tokenizer
+from tokenizer import BPETokenizer, cut_text, load_tokenizer
 
 WORDS = ("the river valley was named after a café owner in 1887 ; it grew to 4 @,@ 000 people , "
          "and its <unk> church ( built of stone ) still stands near the old bridge").split()
@@ -29,7 +30,7 @@ def article(title, n_lines, seed):
 
 def write_corpus(folder, ext="raw", n_articles=(6, 2, 2)):
     texts = {}
-    for split, theirs, n in zip(prepare.SPLITS, ("train", "valid", "test"), n_articles):
+    for split, theirs, n in zip(data.SPLITS, ("train", "valid", "test"), n_articles):
         texts[split] = "".join(article(f"{split.title()} Article {i}", 6, hash((split, i)) % 1000) for i in range(n))
         (folder / f"wiki.{theirs}.{ext}").write_text(texts[split], encoding="utf-8")
     return texts
@@ -55,20 +56,20 @@ def test_wikitext_articles_split_at_titles_and_keep_every_byte():
 
 
 def test_count_words_conventions():
-    assert prepare.count_words("a b\nc d e\n") == 5
-    assert prepare.count_words("a b\nc d e\n", "classic") == 7  # one <eos> per line
-    assert prepare.count_words("a b\nc", "classic") == 5        # an unterminated last line still ends
-    assert prepare.count_words(" \n \n", "classic") == 2        # blank lines count their <eos>
-    assert prepare.count_words("", "classic") == 0
+    assert data.count_words("a b\nc d e\n") == 5
+    assert data.count_words("a b\nc d e\n", "classic") == 7  # one <eos> per line
+    assert data.count_words("a b\nc", "classic") == 5        # an unterminated last line still ends
+    assert data.count_words(" \n \n", "classic") == 2        # blank lines count their <eos>
+    assert data.count_words("", "classic") == 0
     with pytest.raises(ValueError):
-        prepare.count_words("a", "bytes")
+        data.count_words("a", "bytes")
 
 
 def test_classic_word_count_of_real_wikitext2(shared_data):
     expected = {"test": 245_569, "valid": 217_646, "train": 2_088_628}  # the WikiText paper's figures
     for split, n in expected.items():
         text = (shared_data / "wikitext-2" / f"wiki.{split}.tokens").read_text(encoding="utf-8")
-        assert prepare.count_words(text, "classic") == n
+        assert data.count_words(text, "classic") == n
 
 
 def test_split_at_line_moves_to_a_line_start():
@@ -89,7 +90,7 @@ def test_memmaps_decode_back_to_each_split(tmp_path):
     tok = load_tokenizer(config.out_dir)
     assert meta["tokenizer"]["kind"] == "bpe" and meta["vocab_size"] == tok.vocab_size <= 300
     for split, text in texts.items():
-        ids = prepare.load_split(config.out_dir, split)
+        ids = data.load_split(config.out_dir, split)
         assert isinstance(ids, np.memmap) and ids.dtype == np.uint16 and not ids.flags.writeable
         assert len(ids) == meta["splits"][split]["tokens"] == (Path(config.out_dir) / f"{split}.bin").stat().st_size // 2
         eot = ids == meta["eot_id"]
@@ -104,7 +105,7 @@ def test_meta_counts_on_a_known_text(tmp_path):
     test_text = " \n = Café = \n \n Un café , s'il vous plaît . \n \n = Tea = \n \n Two words \n"
     (Path(config.source) / "wiki.test.tokens").write_text(test_text, encoding="utf-8")
     meta = prepare.prepare_data(config)
-    assert meta == prepare.load_meta(config.out_dir)
+    assert meta == data.load_meta(config.out_dir)
     assert meta["dataset"] == "wikitext-2" and meta["word_convention"] == "classic"
     test = meta["splits"]["test"]
     assert test["documents"] == 2
@@ -125,7 +126,7 @@ def test_input_files_hold_out_the_tail_for_val(tmp_path, capsys):
     assert set(meta["splits"]) == {"train", "val"} and not (out / "test.bin").exists()
     assert meta["dataset"] == "a+b" and meta["word_convention"] == "whitespace"
     tok = load_tokenizer(out)
-    val = prepare.load_split(out, "val")
+    val = data.load_split(out, "val")
     val_text = tok.decode(val[val != meta["eot_id"]].tolist())
     total = len(a.read_text()) + len(b.read_text())
     assert val_text.startswith("line ") and b.read_text().endswith(val_text)  # the tail, cut at a line break
@@ -139,7 +140,7 @@ def test_long_documents_encode_in_chunks_like_whole(tmp_path, monkeypatch):
     tok = BPETokenizer.train(texts["train"], vocab_size=300)
     doc = "First line.\nSecond line\n" + texts["val"] + "A\nB\nC\n" * 50
     monkeypatch.setattr(prepare, "CHUNK_CHARS", 64)
-    assert len(prepare._chunks(doc)) > 3 and "".join(prepare._chunks(doc)) == doc
+    assert len(cut_text(doc, 64)) > 3 and "".join(cut_text(doc, 64)) == doc
     ids = prepare.encode_split(tok, [doc, "x"], "test", batch_chars=200)
     assert ids.tolist() == [tok.eot_id] + tok.encode(doc) + [tok.eot_id] + tok.encode("x")
 
@@ -150,7 +151,7 @@ def test_gpt2_tokenizer_from_local_folder(tmp_path, shared_data):
     meta = prepare.prepare_data(config)
     assert meta["tokenizer"]["kind"] == "gpt2" and meta["vocab_size"] == 50257 and meta["eot_id"] == 50256
     ref = BPETokenizer.load(shared_data / "gpt2" / "encoder.json", shared_data / "gpt2" / "vocab.bpe")
-    ids = prepare.load_split(config.out_dir, "val")
+    ids = data.load_split(config.out_dir, "val")
     expected = []
     for doc in prepare.wikitext_articles(texts["val"]):
         expected += [50256] + ref.encode(doc)
@@ -217,9 +218,9 @@ def test_cli_source_missing_file_is_one_line(tmp_path, run_script):
 
 def test_load_helpers_say_run_prepare_first(tmp_path):
     with pytest.raises(UserError, match=r"no meta.json in .*run prepare.py first"):
-        prepare.load_meta(tmp_path / "wikitext-2")
+        data.load_meta(tmp_path / "wikitext-2")
     with pytest.raises(UserError, match=r"no val.bin in .*python prepare.py"):
-        prepare.load_split(tmp_path, "val")
+        data.load_split(tmp_path, "val")
 
 # ----------------------------------------------------------------------------- downloads
 

@@ -8,8 +8,8 @@ import torch
 
 import finetune
 import runtime
-from checkpoint import load_for_inference
 from cli import UserError
+from runtime import load_for_inference
 from serve import create_app
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -5,9 +5,9 @@ import torch
 
 import generate
 import sample
-from checkpoint import load_for_inference
 from cli import UserError
 from model import GPT, GPTConfig, sample_next_token
+from runtime import load_for_inference
 
 
 @pytest.fixture(scope="module")
@@ -30,11 +30,20 @@ def test_kv_cache_gives_the_same_tokens_as_no_cache_within_block_size(random_mod
     assert not torch.equal(greedy[0], sampled[0])
 
 
-@pytest.mark.parametrize("static", [True, False])
-def test_prefill_and_decode_give_the_logits_of_the_whole_sequence(random_model, static):
+@pytest.fixture(params=["whole buffer", "written positions"])
+def cache_reads(request, monkeypatch):
+    """Both ways attention reads the KV cache: its whole buffer, masked (GPUs and compiled steps: forced here as
+    inside torch.compile), and the positions written so far (CPUs). Returns a function that switches to the other."""
+    def read(way):
+        monkeypatch.setattr(torch.compiler, "is_compiling", lambda: way == "whole buffer")
+
+    read(request.param)
+    return lambda: read("written positions" if request.param == "whole buffer" else "whole buffer")
+
+
+def test_prefill_and_decode_give_the_logits_of_the_whole_sequence(random_model, cache_reads):
     """Cached decoding, step by step, against one uncached forward pass over the same tokens (float32)."""
     model = random_model(dtype=torch.float32)
-    model.static_kv_cache = static
     idx = torch.randint(97, (2, 32), generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
         full = model(idx)[0]  # (2, 32, 97): every position's next-token logits
@@ -46,13 +55,11 @@ def test_prefill_and_decode_give_the_logits_of_the_whole_sequence(random_model, 
 
 @pytest.mark.parametrize("variant", [dict(position="rope"), dict(position="rope", qk_norm=True, activation="relu2",
                                                                      tie_embeddings=False, logit_softcap=10.0)])
-@pytest.mark.parametrize("static", [True, False])
-def test_cached_decoding_of_the_variants(variant, static):
+def test_cached_decoding_of_the_variants(variant, cache_reads):
     """Rotary positions and the other choices keep cached decoding equal to the uncached forward pass."""
     torch.manual_seed(0)
     model = GPT(GPTConfig(vocab_size=97, block_size=32, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
                           **variant)).eval()
-    model.static_kv_cache = static
     idx = torch.randint(97, (2, 32), generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
         full = model(idx)[0]
@@ -63,21 +70,19 @@ def test_cached_decoding_of_the_variants(variant, static):
     assert model.generate(idx[:, :4], 60, temperature=0).shape == (2, 64)  # past block_size: rebuilt
 
 
-@pytest.mark.parametrize("static", [True, False])
-def test_static_and_growing_caches_generate_the_same_tokens(random_model, static):
+def test_both_ways_of_reading_the_cache_generate_the_same_tokens(random_model, cache_reads):
     model = random_model()
-    model.static_kv_cache = static
     idx = torch.randint(97, (2, 5), generator=torch.Generator().manual_seed(4))
     plain = model.generate(idx, 60, temperature=0, use_cache=False)  # 60 > block_size: two rebuilds
     cached = model.generate(idx, 60, temperature=0)
     assert torch.equal(cached[:, :32], plain[:, :32])
-    model.static_kv_cache = not static
+    cache_reads()  # the other way
     assert torch.equal(model.generate(idx, 60, temperature=0), cached)
 
 
 def test_every_decode_step_hands_attention_the_same_shapes(random_model, monkeypatch):
     model = random_model()
-    model.static_kv_cache = True  # the default on GPUs, where it matters
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)  # as in a compiled step, or on a GPU
     seen, sdpa = [], torch.nn.functional.scaled_dot_product_attention
 
     def recording(q, k, v, attn_mask=None, **kw):
@@ -90,7 +95,7 @@ def test_every_decode_step_hands_attention_the_same_shapes(random_model, monkeyp
     prefill, decode = seen[:layers], seen[layers:]
     assert len(decode) == 19 * layers and len(set(decode)) == 1  # 19 one-token steps, one shape
     q, k, v, mask = decode[0]
-    assert q == (1, 4, 1, 8) and k == v == (1, 4, 32, 8) and mask == (1, 32)  # the whole buffer, masked
+    assert q == (1, 4, 1, 8) and k == v == (1, 4, 32, 8) and mask == (1, 1, 32)  # the whole buffer, masked
     assert prefill[0][0] == (1, 4, 7, 8) and prefill[0][1] == (1, 4, 32, 8)
 
 
@@ -124,7 +129,7 @@ def test_temperature_zero_is_greedy_whatever_the_seed(loaded):
     texts = {generate.generate_text(model, tokenizer, "the café", max_new_tokens=15, temperature=0, seed=s)
              for s in (1, 2, 3)}
     assert len(texts) == 1
-    ids = generate.encode_prompt(tokenizer, "the café")
+    ids = tokenizer.encode_document("the café")
     greedy = model.generate(torch.tensor([ids]), 15, temperature=0)[0, len(ids):].tolist()
     if tokenizer.eot_id in greedy:
         greedy = greedy[:greedy.index(tokenizer.eot_id)]
@@ -133,7 +138,7 @@ def test_temperature_zero_is_greedy_whatever_the_seed(loaded):
 
 def test_generation_stops_at_end_of_text(loaded):
     model, tokenizer = loaded
-    ids = generate.encode_prompt(tokenizer, "the")
+    ids = tokenizer.encode_document("the")
     first = list(generate.generate_ids(model, ids, 5, temperature=0))[0]
     assert list(generate.generate_ids(model, ids, 5, temperature=0, eot_id=first)) == []
 
@@ -156,7 +161,7 @@ def test_streamed_pieces_equal_the_final_text_with_multibyte_output(loaded):
     for seed in range(12):
         kw = dict(max_new_tokens=25, temperature=1.5, top_k=0, seed=seed)
         pieces = list(generate.stream_text(model, tokenizer, prompt, **kw))
-        ids = list(generate.generate_ids(model, generate.encode_prompt(tokenizer, prompt), eot_id=tokenizer.eot_id,
+        ids = list(generate.generate_ids(model, tokenizer.encode_document(prompt), eot_id=tokenizer.eot_id,
                                          **kw))
         assert "".join(pieces) == tokenizer.decode(ids)  # decoding token by token would show U+FFFD for split bytes
         split_chars += sum(1 for i in ids if tokenizer.decode_bytes([i])[-1:] >= b"\xc0")  # a lead byte ends a token
@@ -167,7 +172,7 @@ def test_int8_quantized_model_stays_close_to_float32(loaded, tiny_ckpt):
     model, tokenizer = loaded
     q, _, _ = load_for_inference(str(tiny_ckpt), device="cpu", quantize="int8")
     assert not any(isinstance(m, torch.nn.Linear) for m in q.modules())
-    ids = torch.tensor([generate.encode_prompt(tokenizer, "the river valley was named after a café")])
+    ids = torch.tensor([tokenizer.encode_document("the river valley was named after a café")])
     with torch.no_grad():
         a, b = model(ids)[0], q(ids)[0]
     assert (a - b).abs().max() < 0.1 * a.std()
@@ -179,7 +184,7 @@ def test_int8_quantized_model_stays_close_to_float32(loaded, tiny_ckpt):
 def test_cli_stdout_holds_only_the_text(loaded, tiny_ckpt, run_script):
     model, tokenizer = loaded
     prompt = "the café 日本"
-    r = run_script("sample.py", f"--out_dir={tiny_ckpt}", f"--start={prompt}", "--max_new_tokens=20",
+    r = run_script("sample.py", f"--model={tiny_ckpt}", f"--start={prompt}", "--max_new_tokens=20",
                    "--temperature=0.9", "--top_k=50", "--top_p=0.95", "--seed=3", "--device=cpu")
     assert r.returncode == 0, r.stderr
     text = generate.generate_text(model, tokenizer, prompt, max_new_tokens=20, temperature=0.9, top_k=50, top_p=0.95,
@@ -192,7 +197,7 @@ def test_cli_stdout_holds_only_the_text(loaded, tiny_ckpt, run_script):
 def test_cli_prompt_file_several_samples_and_long_prompt(loaded, tiny_ckpt, tmp_path, run_script):
     prompt_file = tmp_path / "prompt.txt"
     prompt_file.write_text("the old bridge " * 20, encoding="utf-8")  # far past block_size=32 tokens
-    r = run_script("sample.py", f"--out_dir={tiny_ckpt}", f"--start=FILE:{prompt_file}", "--num_samples=2",
+    r = run_script("sample.py", f"--model={tiny_ckpt}", f"--start=FILE:{prompt_file}", "--num_samples=2",
                    "--max_new_tokens=8", "--quantize=int8", "--device=cpu")
     assert r.returncode == 0, r.stderr
     samples = r.stdout.split(sample.SEPARATOR)
@@ -201,7 +206,7 @@ def test_cli_prompt_file_several_samples_and_long_prompt(loaded, tiny_ckpt, tmp_
 
 
 def test_cli_errors_are_one_line(tmp_path, run_script):
-    r = run_script("sample.py", f"--out_dir={tmp_path / 'nothing'}")
+    r = run_script("sample.py", f"--model={tmp_path / 'nothing'}")
     assert r.returncode == 2 and r.stdout == ""
     assert r.stderr.startswith("error: no checkpoint at") and "Traceback" not in r.stderr and r.stderr.count("\n") == 1
     with pytest.raises(UserError, match="cannot read the prompt file /no/such/prompt.txt"):

@@ -19,8 +19,7 @@ from werkzeug.serving import make_server
 
 from checkpoint import CHECKPOINT_NAME, save_checkpoint
 from cli import UserError, run_main
-from finetune import format_prompt
-from generate import encode_prompt
+from generate import format_prompt
 from serve import TOKEN_ENV, chat_to_prompt, create_app, main, text_until_stop
 from tokenizer import load_tokenizer
 
@@ -52,7 +51,7 @@ def make_app(checkpoint, token="", **settings):
 
 @pytest.fixture(scope="module")
 def client(checkpoint, tiny_classifier):
-    app = make_app(checkpoint, classifier_dir=str(tiny_classifier), **LIMITS)
+    app = make_app(checkpoint, classifier=str(tiny_classifier), **LIMITS)
     yield app.test_client()
     app.engine.close()
 
@@ -104,7 +103,7 @@ def test_completion(client, checkpoint):
     choice = r.json["choices"][0]
     assert set(choice) == {"index", "text", "logprobs", "finish_reason"}
     assert choice["finish_reason"] in ("stop", "length")
-    prompt_tokens = len(encode_prompt(load_tokenizer(checkpoint), "The cat"))
+    prompt_tokens = len(load_tokenizer(checkpoint).encode_document("The cat"))
     usage = r.json["usage"]
     assert usage["prompt_tokens"] == prompt_tokens and 1 <= usage["completion_tokens"] <= 10
     assert usage["total_tokens"] == prompt_tokens + usage["completion_tokens"]
@@ -156,7 +155,7 @@ def test_chat(chat_client, instruct_dir):
     assert r.status_code == 200 and r.json["object"] == "chat.completion" and r.json["id"].startswith("chatcmpl-")
     message = r.json["choices"][0]["message"]
     assert message["role"] == "assistant" and isinstance(message["content"], str)
-    prompt_tokens = len(encode_prompt(load_tokenizer(instruct_dir), format_prompt({"instruction": "Name a color."})))
+    prompt_tokens = len(load_tokenizer(instruct_dir).encode_document(format_prompt({"instruction": "Name a color."})))
     assert r.json["usage"]["prompt_tokens"] == prompt_tokens
     s = chat_client.post("/v1/chat/completions", json={"messages": messages, "max_completion_tokens": 8,
                                                        "temperature": 0, "stream": True})
@@ -191,7 +190,7 @@ def test_classify(client):
 
 def test_classify_without_a_classifier(chat_client):
     r = chat_client.post("/v1/classify", json={"text": "hello"})
-    assert r.status_code == 404 and "--classifier_dir" in r.json["error"]["message"]
+    assert r.status_code == 404 and "--classifier" in r.json["error"]["message"]
 
 # ----------------------------------------------------------------------------- bad input: always a 4xx that says why
 
@@ -331,7 +330,7 @@ def test_create_app_settings(checkpoint, tmp_path):
 
 
 def test_command_line_errors_are_one_line(tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr("sys.argv", ["serve.py", f"--out_dir={tmp_path}"])
+    monkeypatch.setattr("sys.argv", ["serve.py", f"--model={tmp_path}"])
     with pytest.raises(SystemExit) as exit:
         run_main(main)
     assert exit.value.code == 2 and capsys.readouterr().err.startswith("error: no checkpoint at")
@@ -346,7 +345,7 @@ def test_command_line_server(checkpoint, tmp_path):
         port = s.getsockname()[1]
     env = {k: v for k, v in os.environ.items() if k != TOKEN_ENV} | {"OMP_NUM_THREADS": "1"}
     with open(tmp_path / "server.log", "w") as log:
-        process = subprocess.Popen([sys.executable, str(ROOT / "serve.py"), f"--out_dir={checkpoint}",
+        process = subprocess.Popen([sys.executable, str(ROOT / "serve.py"), f"--model={checkpoint}",
                                     f"--port={port}", "--device=cpu"], cwd=ROOT, env=env, stdout=log,
                                    stderr=subprocess.STDOUT)
     try:
@@ -384,7 +383,7 @@ def server(checkpoint, tiny_classifier):
     """A high token limit lets a stream run long; a token tests the client's header."""
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv(TOKEN_ENV, "s3cret")
-        app = create_app(str(checkpoint), device="cpu", classifier_dir=str(tiny_classifier),
+        app = create_app(str(checkpoint), device="cpu", classifier=str(tiny_classifier),
                          max_tokens_limit=1_000_000)
     url, stop = run_server(app)
     yield url

@@ -1,102 +1,22 @@
 """
-Files and downloads, as every script needs them: writes that never leave half a file, and downloads that are
-checked against a sha256, resume where they stopped, try mirrors in order and show their progress.
+Downloads that are checked against a sha256, resume where they stopped, try mirrors in order and show their
+progress; a file that fails its check never lands under its name.
 
-No torch here: prepare.py and tokenizer.py use this module and start in a fraction of a second.
+    download(["https://mirror-a/f.zip", "https://mirror-b/f.zip"], "data/cache/f.zip", sha256="ef7e...")
 """
 
-import contextlib
 import hashlib
-import json
 import os
 import sys
-import time
 from pathlib import Path
 
 import requests
 
-from cli import UserError
-
-# ----------------------------------------------------------------------------- writing files
-
-
-def atomic_write(path, write):
-    """Call write(temporary path), then rename the result over `path`: readers (and a crash) see the old file or
-    the new one, never half of one. A write that fails leaves no temporary file behind.
-
-        atomic_write("ckpt.pt", lambda tmp: torch.save(checkpoint, tmp))
-    """
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    try:
-        write(tmp)
-        os.replace(tmp, path)  # atomic on POSIX and Windows
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    return path
-
-
-def write_json(path, data):
-    """Write data as indented JSON, atomically."""
-    return atomic_write(path, lambda tmp: tmp.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8"))
-
-
-@contextlib.contextmanager
-def folder_lock(folder):
-    """Hold an advisory lock on `folder` (made if missing) while the block runs: a second process that asks for it
-    gets a UserError naming the first one's PID. The lock file, folder/.lock, goes when the lock does, and so does
-    a folder made for it that is still empty. (Where there is no fcntl, as on Windows, nothing is locked.)"""
-    try:
-        import fcntl
-    except ImportError:
-        yield
-        return
-    folder = Path(folder)
-    made = not folder.exists()
-    folder.mkdir(parents=True, exist_ok=True)
-    path = folder / ".lock"
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        holder = os.read(fd, 20).decode(errors="replace").strip() or "?"
-        os.close(fd)
-        raise UserError(f"{folder} is in use by another run (PID {holder}): wait for it to end, or choose another "
-                        f"--out_dir")
-    os.ftruncate(fd, 0)
-    os.write(fd, str(os.getpid()).encode())
-    try:
-        yield
-    finally:
-        path.unlink(missing_ok=True)
-        os.close(fd)
-        if made and not any(folder.iterdir()):
-            folder.rmdir()
-
-# ----------------------------------------------------------------------------- downloads
-
-
-class Progress:
-    """A one-line progress report on stderr, redrawn at most 5 times a second (every 30 s into a log file)."""
-
-    def __init__(self, desc, total, unit_name="MB"):
-        self.desc, self.total, self.unit_name, self.last, self.done_drawn = desc, total, unit_name, 0.0, None
-        self.interval = 0.2 if sys.stderr.isatty() else 30.0
-
-    def update(self, done, force=False):
-        if (force and done != self.done_drawn) or time.time() - self.last > self.interval:
-            self.last, self.done_drawn = time.time(), done
-            size = f"{done / 1e6:.1f}" + (f"/{self.total / 1e6:.1f}" if self.total else "")
-            pct = f"{100 * done / self.total:3.0f}% " if self.total else ""
-            print(f"\r{self.desc}: {pct}({size} {self.unit_name})", end="", file=sys.stderr, flush=True)
-
-    def close(self, done):
-        self.update(done, force=True)
-        print(file=sys.stderr)
+from cli import Progress, UserError
 
 
 def sha256_of(path):
+    """The sha256 of a file, read in 1 MB blocks."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):

@@ -1,12 +1,12 @@
-"""common.py: atomic writes, UTF-8 reading (cli.py), and downloads against a local HTTP server: checksums, resumed
+"""download.py, and cli.py's files: atomic writes, UTF-8 reading; downloads against a local HTTP server: checksums, resumed
 transfers, mirrors, and errors that leave nothing behind."""
 
 import hashlib
 
 import pytest
 
-from cli import UserError, read_utf8
-from common import atomic_write, download, write_json
+from cli import UserError, atomic_write, read_utf8, write_json
+from download import download
 
 # ----------------------------------------------------------------------------- files
 

@@ -1,0 +1,57 @@
+"""
+The token files that prepare.py writes and train.py and evaluate.py read: a folder holding meta.json and one flat
+array of token ids per split (train.bin, val.bin, test.bin, uint16), every document preceded by the end-of-text
+token, so that decoding a split and dropping those tokens gives its text back byte for byte.
+
+    meta = load_meta("data/wikitext-2")          # vocab size, special tokens; per split: documents, tokens, bytes, words
+    ids = load_split("data/wikitext-2", "val")   # a read-only np.memmap: nothing is read until used
+"""
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+from cli import UserError
+
+SPLITS = ("train", "val", "test")
+MAX_IDS = 1 << 16  # ids are stored as uint16
+
+
+def count_words(text, convention="whitespace"):
+    """Words for word-level perplexity: whitespace-separated words, or 'classic' (the WikiText and PTB papers' count):
+    those plus one end-of-line per line, the last one too if it lacks a newline.
+
+        count_words("a b\\nc\\n") -> 3;  count_words("a b\\nc\\n", "classic") -> 5
+    """
+    words = len(text.split())
+    if convention == "whitespace":
+        return words
+    if convention == "classic":
+        return words + text.count("\n") + (1 if text and not text.endswith("\n") else 0)
+    raise ValueError(f"unknown word convention {convention!r}")
+
+
+def _run_prepare_first(data_dir):
+    name = Path(data_dir).name
+    args = f"--dataset={name}" if name in ("wikitext-2", "wikitext-2-raw") else f"--input=FILE --out_dir={data_dir}"
+    return f"run prepare.py first (python prepare.py {args})"
+
+
+def load_meta(data_dir):
+    """The meta.json of a data folder, as a dict."""
+    path = Path(data_dir) / "meta.json"
+    if not path.is_file():
+        raise UserError(f"no meta.json in {data_dir}: {_run_prepare_first(data_dir)}")
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, OSError) as e:
+        raise UserError(f"cannot read {path} ({e}): {_run_prepare_first(data_dir)} again")
+
+
+def load_split(data_dir, split):
+    """A split's token ids as a read-only uint16 memmap (nothing is read into memory until used)."""
+    path = Path(data_dir) / f"{split}.bin"
+    if not path.is_file():
+        raise UserError(f"no {split}.bin in {data_dir}: {_run_prepare_first(data_dir)}")
+    return np.memmap(path, dtype=np.uint16, mode="r")
