@@ -1,9 +1,12 @@
-"""The layout the README promises: model.py runs copied alone, every file imports only the files above it in the
-README's table (and exactly those the table names), and --help explains every setting of every script."""
+"""The layout the README promises: each script runs copied with exactly the files the README names for it, every
+file imports only the files above it in the README's tables (and exactly those they name), a script calls into every
+project file it imports on its default path, model.py runs copied alone, and --help explains every setting."""
 
 import ast
 import dataclasses
 import importlib
+import json
+import os
 import re
 import shutil
 import subprocess
@@ -16,25 +19,171 @@ import cli
 
 ROOT = Path(__file__).resolve().parents[1]
 MODULES = sorted(path.stem for path in ROOT.glob("*.py"))
+SCRIPTS = sorted(p.stem for p in ROOT.glob("*.py") if 'if __name__ == "__main__":' in p.read_text(encoding="utf-8"))
 
 
-def project_imports(path):
-    """The project's own modules that a file imports."""
-    tree = ast.parse(path.read_text(encoding="utf-8"))
-    names = {alias.name.split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.Import)
-             for alias in node.names}
-    names |= {node.module.split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.ImportFrom) and node.module}
-    return names & set(MODULES)
+def project_imports(stem):
+    """(the project's modules a file imports at its top, those it imports inside functions: optional features)."""
+    tree = ast.parse((ROOT / f"{stem}.py").read_text(encoding="utf-8"))
+
+    def names(node):
+        if isinstance(node, ast.Import):
+            return {alias.name.split(".")[0] for alias in node.names}
+        return {node.module.split(".")[0]} if isinstance(node, ast.ImportFrom) and node.module else set()
+
+    top = set().union(*(names(node) for node in tree.body)) & set(MODULES)
+    anywhere = set().union(*(names(node) for node in ast.walk(tree))) & set(MODULES)
+    return top, anywhere - top
 
 
-def readme_layout():
-    """[(file stem, [stems it imports])] from the README's table of files, in its order (bottom layer first)."""
-    rows = []
-    for line in (ROOT / "README.md").read_text(encoding="utf-8").splitlines():
+def needs(stem, lazy=False):
+    """Every project file that `stem` imports, directly or not: at the top only, or (lazy=True) also inside
+    functions."""
+    seen, todo = set(), [stem]
+    while todo:
+        top, inside = project_imports(todo.pop())
+        for name in top | (inside if lazy else set()):
+            if name not in seen:
+                seen.add(name)
+                todo.append(name)
+    return seen - {stem}
+
+
+def readme_rows(heading):
+    """{file stem: (names before any parenthesis, names inside parentheses)} of the table under a README heading,
+    in its order."""
+    text = (ROOT / "README.md").read_text(encoding="utf-8")
+    table = next(block for block in text[text.index(heading):].split("\n\n") if block.startswith("|"))
+    rows = {}
+    for line in table.splitlines():
         m = re.match(r"\| `(\w+)\.py` \|.*\| (.*?) \|$", line)
         if m:
-            rows.append((m[1], re.findall(r"`(\w+)`", m[2])))
+            main, _, optional = m[2].partition("(")
+            rows[m[1]] = (set(re.findall(r"`(\w+)`", main)), set(re.findall(r"`(\w+)`", optional)))
     return rows
+
+
+MODULE_ROWS, SCRIPT_ROWS = readme_rows("### Modules they share"), readme_rows("### Scripts you run")
+
+
+def test_the_readme_lists_every_file_once():
+    assert sorted([*MODULE_ROWS, *SCRIPT_ROWS]) == MODULES
+    assert set(SCRIPTS) - {"tokenizer"} == set(SCRIPT_ROWS)  # tokenizer.py runs too, but is first a module
+
+
+def test_every_module_imports_what_the_readme_says_and_only_files_above_it():
+    order = [*MODULE_ROWS, *SCRIPT_ROWS]
+    for position, (stem, (top, optional)) in enumerate(MODULE_ROWS.items()):
+        imported, inside = project_imports(stem)
+        assert imported == top, f"{stem}.py imports {sorted(imported)} at its top; the README says {sorted(top)}"
+        assert inside == optional, f"{stem}.py imports {sorted(inside)} where used; the README says {sorted(optional)}"
+    for position, stem in enumerate(order):
+        imported, inside = project_imports(stem)
+        assert imported | inside <= set(order[:position]), f"{stem}.py imports files that come after it"
+
+
+def test_every_script_names_exactly_the_files_it_needs():
+    for stem, (copy, optional) in SCRIPT_ROWS.items():
+        assert needs(stem) == copy, f"{stem}.py needs {sorted(needs(stem))}; the README says {sorted(copy)}"
+        extra = needs(stem, lazy=True) - needs(stem)  # what the options load where they are used
+        assert optional <= extra, f"{stem}.py's options never need {sorted(optional - extra)}"
+
+
+def test_scripts_stay_lean():
+    """The files each script imports at its top, directly or not: as few as the job needs."""
+    limits = {"tokenizer": 1, "sample": 7, "evaluate": 7, "train": 8, "serve": 10}
+    assert {stem: len(needs(stem)) for stem in limits} == {"tokenizer": 1, "sample": 6, "evaluate": 6, "train": 7,
+                                                         "serve": 7}
+    assert all(len(needs(stem)) <= limit for stem, limit in limits.items())
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_a_script_copied_with_the_files_the_readme_names_runs(script, tmp_path, tiny_data):
+    copy = SCRIPT_ROWS[script][0] if script in SCRIPT_ROWS else MODULE_ROWS[script][0]
+    for stem in {script} | copy:
+        shutil.copy(ROOT / f"{stem}.py", tmp_path / f"{stem}.py")
+    run = lambda *args: subprocess.run([sys.executable, "-E", "-s", f"{script}.py", *args], cwd=tmp_path,  # noqa
+                                       capture_output=True, text=True, timeout=180)
+    r = run("--help")  # -E -s: only the folder itself and the installed packages
+    assert r.returncode == 0 and r.stdout.startswith(f"usage: {script}.py"), r.stderr
+    if script == "train":  # and a step of training
+        r = run(f"--data_dir={tiny_data}", "--out_dir=out", "--max_iters=1", "--eval_iters=1", "--batch_size=2",
+                "--block_size=16", "--hidden_size=16", "--num_hidden_layers=1", "--num_attention_heads=1",
+                "--device=cpu", "--compile=False")
+        assert r.returncode == 0 and (tmp_path / "out" / "ckpt.pt").is_file(), r.stderr
+
+
+# A script's default path, each run under a profiler that records which project files' functions ran.
+PROFILE = """
+import json, os, runpy, sys
+called = set()
+root = os.getcwd()
+def profile(frame, event, arg):
+    path = frame.f_code.co_filename
+    if event == "call" and frame.f_code.co_name != "<module>" and os.path.dirname(path) == root:
+        called.add(os.path.basename(path)[:-3])
+sys.path.insert(0, root)
+sys.argv = sys.argv[1:]
+sys.setprofile(profile)
+try:
+    if sys.argv[0] == "serve.py":  # the server's default path: start, answer a completion
+        import serve
+        app = serve.create_app(sys.argv[1], device="cpu")
+        assert app.test_client().post("/v1/completions", json={"prompt": "the", "max_tokens": 3}).status_code == 200
+    else:
+        runpy.run_path(sys.argv[0], run_name="__main__")
+except SystemExit as e:
+    assert not e.code, e.code
+finally:
+    sys.setprofile(None)
+    loaded = {name for name, m in sys.modules.items() if os.path.dirname(getattr(m, "__file__", "") or "") == root}
+    print("PROFILE", json.dumps({"imported": sorted(loaded), "called": sorted(called)}))
+"""
+
+
+def default_paths(tiny_data, tiny_ckpt, tmp_path):
+    corpus, records = tmp_path / "corpus.txt", tmp_path / "records.json"
+    corpus.write_text("the river valley stone bridge church people grew old near\n" * 40, encoding="utf-8")
+    records.write_text(json.dumps([{"instruction": "say hi", "input": "", "output": "hi"}] * 20), encoding="utf-8")
+    labels = tmp_path / "labels.tsv"
+    labels.write_text("".join(f"{'spam' if i % 2 else 'ham'}\ttext number {i}\n" for i in range(40)))
+    small = ["--num_epochs=1", "--device=cpu"]
+    return {
+        "prepare": ["prepare.py", f"--input={corpus}", f"--out_dir={tmp_path / 'data'}", "--vocab_size=300"],
+        "tokenizer": ["tokenizer.py", f"--train={corpus}", f"--out={tmp_path / 'tok'}", "--vocab_size=300"],
+        "train": ["train.py", "config/wikitext_tiny.py", f"--data_dir={tiny_data}", f"--out_dir={tmp_path / 'out'}",
+                  "--max_iters=2", "--lr_decay_iters=2", "--warmup_iters=1",
+                  "--eval_iters=1", "--batch_size=2", "--block_size=16", "--hidden_size=16", "--num_hidden_layers=1",
+                  "--num_attention_heads=1", "--device=cpu", "--compile=False"],
+        "evaluate": ["evaluate.py", f"--model={tiny_ckpt}", "--split=val", "--device=cpu"],
+        "sample": ["sample.py", f"--model={tiny_ckpt}", "--max_new_tokens=5", "--device=cpu"],
+        "finetune_classifier": ["finetune_classifier.py", f"--model={tiny_ckpt}", f"--data={labels}",
+                                f"--out_dir={tmp_path / 'cls'}", *small],
+        "finetune_instruct": ["finetune_instruct.py", f"--model={tiny_ckpt}", f"--data={records}",
+                              f"--out_dir={tmp_path / 'instruct'}", "--max_new_tokens=2", *small],
+        "serve": ["serve.py", str(tiny_ckpt)],
+        "export": ["export.py", f"--model={tiny_ckpt}", f"--to={tmp_path / 'hf'}"],
+    }
+
+
+# Default paths that fetch their data from the web (WikiText-2, SMS spam, the instruction set) call download.py
+# there; offline, these tests give local files instead (test_prepare.py and test_download.py cover the downloads).
+OFFLINE = {"prepare": {"download"}, "finetune_classifier": {"download"}, "finetune_instruct": {"download"}}
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_a_script_calls_into_every_file_it_imports(script, tiny_data, tiny_ckpt, tmp_path):
+    """No dead weight: on its default path a script runs code of every project file it loads (the optional
+    features, GPT-2 weights, int8, a classifier, load theirs where they are used)."""
+    args = default_paths(tiny_data, tiny_ckpt, tmp_path)[script]
+    r = subprocess.run([sys.executable, "-c", PROFILE, *args], cwd=ROOT, capture_output=True, text=True, timeout=240,
+                       env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert "PROFILE " in r.stdout, r.stderr
+    found = json.loads(r.stdout.split("PROFILE ", 1)[1])
+    imported, called = set(found["imported"]) - {script}, set(found["called"]) - {script}
+    assert imported == needs(script), r.stderr  # it loaded nothing beyond its top-level imports
+    unused = imported - called - OFFLINE.get(script, set())
+    assert not unused, f"{script}.py imports {sorted(unused)} but never calls into them"
 
 
 def test_model_py_runs_copied_alone_into_an_empty_folder(tmp_path):
@@ -52,11 +201,9 @@ out = model.eval().generate(idx, 20, temperature=0)  # past block_size: the KV c
 plain = model.generate(idx, 20, temperature=0, use_cache=False)
 assert logits.shape == (2, 10, 50) and loss.item() > 0 and out.shape == plain.shape == (2, 30)
 assert torch.equal(out[:, :16], plain[:, :16])
-project = {"cli", "common", "tokenizer", "prepare", "runtime", "checkpoint", "gpt2"} & set(sys.modules)
-assert not project and sys.excepthook is sys.__excepthook__, (project, sys.excepthook)
+assert sys.excepthook is sys.__excepthook__
 print("ok")
 """
-    # -E -s: no PYTHONPATH, no user site: only the folder itself and the installed packages (torch)
     r = subprocess.run([sys.executable, "-E", "-s", "-c", code], cwd=tmp_path, capture_output=True, text=True,
                        timeout=120)
     assert r.returncode == 0 and r.stdout == "ok\n", r.stderr
@@ -69,15 +216,11 @@ def test_model_py_imports_only_torch_and_the_standard_library():
     assert {name for name in top if name not in sys.stdlib_module_names} == {"torch"}
 
 
-def test_every_file_imports_only_files_above_it_as_the_readme_says():
-    layout = readme_layout()
-    order = [stem for stem, _ in layout]
-    assert sorted(order) == MODULES, "the README's table lists every .py file of the top folder once"
-    for position, (stem, listed) in enumerate(layout):
-        imported = project_imports(ROOT / f"{stem}.py")
-        assert imported == set(listed), f"{stem}.py imports {sorted(imported)}; the README says {listed}"
-        above = set(order[:position])
-        assert imported <= above, f"{stem}.py imports {sorted(imported - above)}, which come after it"
+def test_no_script_installs_a_process_wide_hook():
+    """The one-line error behaviour is visible where each script starts: run_main(main), no sys.excepthook."""
+    for stem in SCRIPTS:
+        source = (ROOT / f"{stem}.py").read_text(encoding="utf-8")
+        assert "excepthook" not in source and "run_main(main)" in source.split('if __name__ == "__main__":')[1], stem
 
 
 def test_tests_and_benchmarks_keep_to_their_side():
@@ -87,12 +230,12 @@ def test_tests_and_benchmarks_keep_to_their_side():
 
 
 def config_classes():
-    """(script, settings dataclass) of every script but train.py, which runs on import (its --help is run below)."""
+    """(script, settings dataclass) of every script and bench script."""
     sys.path.insert(0, str(ROOT / "bench"))
     scripts = [p.stem for p in ROOT.glob("*.py") if "parse_config(" in p.read_text(encoding="utf-8")]
     scripts += [p.stem for p in (ROOT / "bench").glob("bench_*.py")]
     found = []
-    for name in sorted(set(scripts) - {"train", "cli"}):
+    for name in sorted(set(scripts) - {"cli"}):
         module = importlib.import_module(name)
         classes = [obj for obj in vars(module).values() if dataclasses.is_dataclass(obj) and isinstance(obj, type)
                    and obj.__module__ == name and obj.__name__.endswith("Config")]
@@ -119,8 +262,9 @@ def test_help_gives_every_setting_its_type_default_and_comment(script, config_cl
         assert " ".join(words(helps[field.name])) in " ".join(words(out)), field.name
 
 
-def test_train_help_prints_sections_and_comments():
-    r = subprocess.run([sys.executable, str(ROOT / "train.py"), "--help"], capture_output=True, text=True, timeout=60)
+def test_help_works_anywhere_on_the_line():
+    r = subprocess.run([sys.executable, str(ROOT / "train.py"), "config/wikitext_tiny.py", "--help"], cwd=ROOT,
+                       capture_output=True, text=True, timeout=60)
     assert r.returncode == 0 and r.stderr == ""
     assert "\nthe optimizer and the learning-rate schedule (linear warmup, then cosine decay to min_lr)\n" in r.stdout
     assert re.search(r"\n  --batch_size=16 +int +sequences per micro-step per process \[>= 1\]\n", r.stdout)

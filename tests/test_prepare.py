@@ -253,3 +253,30 @@ def test_wikitext_download_end_to_end(http_server, tmp_path, monkeypatch):
     config = prepare.PrepareConfig(cache_dir=str(tmp_path / "cache"), check_sha256=False)
     assert prepare.wikitext_splits(config) == texts
     assert (tmp_path / "cache" / "wikitext-2-raw-v1.zip").is_file()
+
+
+def test_data_of_another_tokenizer_is_replaced_only_when_asked(tmp_path):
+    config = small_config(tmp_path)
+    write_corpus(Path(config.source))
+    prepare.prepare_data(config)
+    before = (Path(config.out_dir) / "train.bin").read_bytes()
+    prepare.prepare_data(config)  # the same tokenizer again: the same data, written again
+    with pytest.raises(UserError, match="holds data made with another tokenizer: .* --overwrite=True"):
+        prepare.prepare_data(replace(config, vocab_size=280))
+    assert (Path(config.out_dir) / "train.bin").read_bytes() == before
+    assert prepare.prepare_data(replace(config, vocab_size=280, overwrite=True))["vocab_size"] == 280
+
+
+def test_gpt2_tokenized_data_gets_a_folder_of_its_own(tmp_path, shared_data, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    config = small_config(tmp_path, tokenizer="gpt2", gpt2_dir=str(shared_data / "gpt2"), out_dir="")
+    write_corpus(Path(config.source))
+    prepare.prepare_data(config)
+    assert (tmp_path / "data" / "wikitext-2-raw-gpt2" / "meta.json").is_file()
+    assert not (tmp_path / "data" / "wikitext-2-raw").exists()
+
+
+def test_the_tokenized_release_names_its_unknown_word(tmp_path):
+    config = small_config(tmp_path, dataset="wikitext-2")
+    write_corpus(Path(config.source), ext="tokens")
+    assert prepare.prepare_data(config)["unknown_word"] == "<unk>"

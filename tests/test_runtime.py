@@ -1,6 +1,8 @@
 """runtime.py: one dtype rule over the device / CPU-flag matrix, applied the same way by training, fine-tuning,
 inference (evaluate, sample) and serving; torch.compile's fallback."""
 
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -117,3 +119,26 @@ def test_compile_falls_back_to_eager_with_one_warning(capsys):
 ])
 def test_peak_flops_of_known_gpus(name, flops):
     assert runtime.gpu_peak_flops(name) == flops
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's allocator")
+def test_freed_tensor_memory_is_kept_for_the_next_tensors():
+    """keep_freed_memory (train.py on a CPU): a freed 64 MB tensor's memory serves the next one, where glibc would
+    hand it back to the OS and fault it in again, page by page."""
+    code = f"""
+import resource, sys, torch
+sys.path.insert(0, {str(ROOT)!r})
+from runtime import keep_freed_memory
+if sys.argv[1] == "keep":
+    keep_freed_memory()
+faults = lambda: resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+for _ in range(20):  # the heap grows to what the loop needs (its free blocks settle, as in a training run's steps)
+    x = torch.ones(16 << 20); del x
+before = faults()
+for _ in range(5):
+    x = torch.ones(16 << 20); del x
+print(faults() - before)
+"""
+    faults = {way: int(subprocess.run([sys.executable, "-c", code, way], capture_output=True, text=True,
+                                      check=True).stdout) for way in ("keep", "plain")}
+    assert faults["plain"] > 5 * 15_000 and faults["keep"] < 1_000, faults

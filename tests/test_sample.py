@@ -1,5 +1,8 @@
 """Tests for sample.py and generation: KV cache vs none, sampling filters, streaming UTF-8, the command line."""
 
+import json
+import shutil
+
 import pytest
 import torch
 
@@ -211,3 +214,27 @@ def test_cli_errors_are_one_line(tmp_path, run_script):
     assert r.stderr.startswith("error: no checkpoint at") and "Traceback" not in r.stderr and r.stderr.count("\n") == 1
     with pytest.raises(UserError, match="cannot read the prompt file /no/such/prompt.txt"):
         sample.read_prompt("FILE:/no/such/prompt.txt")
+
+
+def test_the_data_s_unknown_word_is_never_sampled(loaded, tiny_ckpt, tmp_path, run_in_process):
+    """A folder whose meta.json names an unknown-word marker (the tokenized WikiText-2's <unk>): sample.py never lets
+    the model start it, unless --allow_unk=True. Here the marker is a word the model writes often."""
+    model, tokenizer = loaded
+    folder = tmp_path / "model"
+    shutil.copytree(tiny_ckpt, folder)
+    assert sample.unknown_word_ids(tokenizer, folder, allow=False) is None  # its data names no marker
+    meta = json.loads((folder / "meta.json").read_text())
+    (folder / "meta.json").write_text(json.dumps({**meta, "unknown_word": "the"}))
+    banned = sample.unknown_word_ids(tokenizer, folder, allow=False)
+    assert banned == generate.word_starts(tokenizer, "the") and sample.unknown_word_ids(tokenizer, folder, True) is None
+    ids = tokenizer.encode_document("river")
+    free = list(generate.generate_ids(model, ids, 300, temperature=1.0, seed=0))
+    kept_out = list(generate.generate_ids(model, ids, 300, temperature=1.0, seed=0, suppress_ids=banned))
+    assert set(banned) & set(free) and not set(banned) & set(kept_out) and len(kept_out) == 300
+    status, out, _ = run_in_process(sample, f"--model={folder}", "--max_new_tokens=20", "--device=cpu")
+    assert status == 0 and out.strip()
+
+
+def test_the_old_out_dir_flag_still_reads_the_model(tiny_ckpt, run_in_process):
+    status, out, err = run_in_process(sample, f"--out_dir={tiny_ckpt}", "--max_new_tokens=3", "--device=cpu")
+    assert status == 0 and err.startswith(f"notice: --out_dir is now --model; taking it as --model={tiny_ckpt}\n")

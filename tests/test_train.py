@@ -5,6 +5,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -166,3 +167,34 @@ def test_every_shipped_config_trains_with_its_recipe(config_file, data_dir, tmp_
     assert recipe.items() <= saved.items()
     losses = [r["train_loss"] for r in log_rows(out, "train_loss")]
     assert len(losses) == 4 and all(map(math.isfinite, losses))
+
+
+def test_a_progress_line_at_least_every_ten_seconds(data_dir, tmp_path, train, capsys, monkeypatch):
+    """Between log lines (here every 100 steps), where the run is and how long it has to go: a step that takes
+    11 s on the clock prints one."""
+    clock = iter(range(0, 10**6, 11))
+    monkeypatch.setattr(time, "time", lambda: float(next(clock)))
+    train(data_dir, tmp_path / "out", "--max_iters=3", "--eval_interval=100", "--log_interval=100")
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("iter ")]
+    assert [line.split(":")[0] for line in lines] == ["iter 1/3", "iter 2/3", "iter 3/3"]
+    assert all(" ms/iter" in line and ", eta " in line for line in lines)
+    assert "loss" in lines[-1]  # the last step is logged whatever the interval
+
+
+def test_resuming_a_finished_run_does_nothing(data_dir, tmp_path, train, capsys):
+    out = tmp_path / "out"
+    train(data_dir, out, "--max_iters=4", "--eval_interval=2")
+    before = (out / "ckpt.pt").read_bytes()
+    train(data_dir, out, "--max_iters=4", "--init_from=resume")
+    assert "trained to --max_iters=4 already: nothing to do" in capsys.readouterr().out
+    assert (out / "ckpt.pt").read_bytes() == before
+
+
+def test_the_log_of_a_resumed_run_has_each_row_once(data_dir, tmp_path, train):
+    out = tmp_path / "out"
+    train(data_dir, out, "--max_iters=4", "--eval_interval=2")
+    train(data_dir, out, "--max_iters=8", "--eval_interval=2", "--init_from=resume")
+    rows = [json.loads(line) for line in open(out / "log.jsonl")]
+    evals = [row["iter"] for row in rows if "val_loss" in row]
+    steps = [row["iter"] for row in rows if "train_loss" in row]
+    assert evals == [0, 2, 4, 6, 8] and steps == list(range(1, 9))
