@@ -118,10 +118,16 @@ PROFILE = """
 import json, os, runpy, sys
 called = set()
 root = os.getcwd()
+def project_modules():
+    return {name for name, m in list(sys.modules.items()) if os.path.dirname(getattr(m, "__file__", "") or "") == root}
 def profile(frame, event, arg):
     path = frame.f_code.co_filename
     if event == "call" and frame.f_code.co_name != "<module>" and os.path.dirname(path) == root:
-        called.add(os.path.basename(path)[:-3])
+        name = os.path.basename(path)[:-3]
+        if name not in called:
+            called.add(name)
+            if called >= project_modules() | {sys.argv[0][:-3]}:
+                sys.setprofile(None)  # every file loaded so far has run: the rest runs at full speed
 sys.path.insert(0, root)
 sys.argv = sys.argv[1:]
 sys.setprofile(profile)
@@ -136,8 +142,7 @@ except SystemExit as e:
     assert not e.code, e.code
 finally:
     sys.setprofile(None)
-    loaded = {name for name, m in sys.modules.items() if os.path.dirname(getattr(m, "__file__", "") or "") == root}
-    print("PROFILE", json.dumps({"imported": sorted(loaded), "called": sorted(called)}))
+    print("PROFILE", json.dumps({"imported": sorted(project_modules()), "called": sorted(called)}))
 """
 
 
