@@ -1,6 +1,6 @@
 """
-A run's folder and its checkpoint: the one place that writes and reads ckpt.pt, guards a folder while a run writes
-into it, and turns a folder (or a GPT-2 name) into a model.
+A run's folder and its checkpoint: the one place that writes and reads ckpt.pt and the log beside it, decides what a
+run may write into a folder (and guards it while it does), and turns a folder (or a GPT-2 name) into a model.
 
 A checkpoint is out_dir/ckpt.pt: a dict of tensors and plain values (model weights, "model_config", and whatever the
 writer adds: optimizer state, RNG state, labels, ...), written atomically and read with torch.load(weights_only=True),
@@ -10,12 +10,14 @@ which refuses to unpickle anything else. The tokenizer files lie beside it, so t
 """
 
 import contextlib
+import json
 import os
+import shutil
 from pathlib import Path
 
 import torch
 
-from cli import UserError, atomic_write
+from cli import UserError, atomic_write, write_json
 from model import GPT, GPTConfig
 from tokenizer import load_tokenizer
 
@@ -24,6 +26,16 @@ CHECKPOINT_NAME = "ckpt.pt"
 
 def is_checkpoint(folder):
     return os.path.isfile(os.path.join(folder, CHECKPOINT_NAME))
+
+
+def check_out_dir(out_dir, fresh, overwrite):
+    """Refuse, before any work, a run that would harm out_dir: a file in its place, or a trained model that a run
+    from scratch (fresh) would replace without overwrite."""
+    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+        raise UserError(f"--out_dir={out_dir} is a file: choose a folder")
+    if fresh and is_checkpoint(out_dir) and not overwrite:
+        raise UserError(f"{out_dir} holds a trained model: continue it with --init_from=resume, choose another "
+                        f"--out_dir, or replace it with --overwrite=True")
 
 
 def save_checkpoint(checkpoint, out_dir):
@@ -99,3 +111,53 @@ def folder_lock(folder):
         os.close(fd)
         if made and not any(folder.iterdir()):
             folder.rmdir()
+
+
+# ----------------------------------------------------------------------------- a training run's folder
+
+def read_log(out_dir, up_to_iter):
+    """The rows of out_dir/log.jsonl up to an iteration: those that the checkpoint there has seen."""
+    path = os.path.join(out_dir, "log.jsonl")
+    rows = []
+    if os.path.exists(path):
+        for line in open(path, encoding="utf-8"):
+            with contextlib.suppress(ValueError):  # a line cut short by a crash
+                rows.append(json.loads(line))
+    return [row for row in rows if row.get("iter", 0) <= up_to_iter]
+
+
+def save_run(out_dir, log_rows, settings, source_dir, source_files, checkpoint=None):
+    """Write a training run's checkpoint (if given), then what makes out_dir usable alone: log.jsonl and its curve
+    (loss.png), config.json (settings) and the files of source_dir that it needs (meta.json, the tokenizer), each
+    atomically. A save that fails is one line, and the last checkpoint there stays intact."""
+    try:
+        if checkpoint is not None:
+            print(f"saved checkpoint to {save_checkpoint(checkpoint, out_dir)}")
+        rows = "".join(json.dumps(row) + "\n" for row in log_rows)
+        atomic_write(os.path.join(out_dir, "log.jsonl"), lambda tmp: tmp.write_text(rows, encoding="utf-8"))
+        write_json(os.path.join(out_dir, "config.json"), settings)
+        for name in source_files:
+            source = os.path.join(source_dir, name)
+            atomic_write(os.path.join(out_dir, name), lambda tmp: shutil.copyfile(source, tmp))
+        plot_losses(log_rows, os.path.join(out_dir, "loss.png"))
+    except (OSError, RuntimeError) as e:  # a full disk, a read-only folder (torch.save raises RuntimeError)
+        reason = getattr(e, "strerror", None) or str(e).splitlines()[0]
+        raise UserError(f"cannot save into {out_dir} ({reason}); the last checkpoint there is intact: free some space "
+                        f"or fix the permissions, then --init_from=resume")
+
+
+def plot_losses(rows, png_path):
+    """Train and val loss curves of log rows, as a PNG."""
+    import matplotlib  # only when a run saves: loading a model stays fast
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for key, style in (("train_loss", "-"), ("val_loss", "o-")):
+        points = [(r["iter"], r[key]) for r in rows if key in r]
+        if points:
+            ax.plot(*zip(*points), style, label=key.replace("_", " "), markersize=3)
+    ax.set_xlabel("iteration"), ax.set_ylabel("loss"), ax.legend(), ax.grid(alpha=0.3)
+    fig.tight_layout()
+    atomic_write(png_path, lambda tmp: fig.savefig(tmp, dpi=100, format="png"))
+    plt.close(fig)

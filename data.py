@@ -3,7 +3,7 @@ The token files that prepare.py writes and train.py and evaluate.py read: a fold
 array of token ids per split (train.bin, val.bin, test.bin, uint16), every document preceded by the end-of-text
 token, so that decoding a split and dropping those tokens gives its text back byte for byte.
 
-    meta = load_meta("data/wikitext-2")          # vocab size, special tokens; per split: documents, tokens, bytes, words
+    meta = load_meta("data/wikitext-2")          # vocab size, special tokens; per split: documents, tokens, words
     ids = load_split("data/wikitext-2", "val")   # a read-only np.memmap: nothing is read until used
 """
 

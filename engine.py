@@ -60,6 +60,7 @@ class BatchEngine:
         self.peak_batch = 0  # the most sequences decoded together so far
         model.setup_kv_cache(max_batch_size)
         self.caches = [block.attn.kv_cache for block in model.blocks]  # every row; the model sees some of them
+        self.views = {}  # (start, stop) -> each layer's cache of those rows
         self.thread = threading.Thread(target=self._run, name="batch-engine", daemon=True)
         self.thread.start()
 
@@ -169,8 +170,10 @@ class BatchEngine:
 
     def _use_rows(self, start, stop):
         """Point every layer of the model at rows start..stop-1 of the engine's KV cache."""
-        for block, cache in zip(self.model.blocks, self.caches):
-            block.attn.kv_cache = cache.rows(start, stop)
+        if (start, stop) not in self.views:
+            self.views[(start, stop)] = [cache.rows(start, stop) for cache in self.caches]
+        for block, view in zip(self.model.blocks, self.views[(start, stop)]):
+            block.attn.kv_cache = view
 
     def _tensor(self, rows):
         return torch.tensor(rows, dtype=torch.long, device=self.device)

@@ -8,6 +8,7 @@ epoch loop, and the classifier that finetune_classifier.py trains and serve.py l
     classifier, tokenizer = load_classifier("out-spam"); classify(classifier, tokenizer, ["Free entry, win cash"])
 """
 
+import dataclasses
 import math
 import time
 from dataclasses import dataclass
@@ -58,9 +59,15 @@ class FinetuneConfig:
 
 # ----------------------------------------------------------------------------- the model to start from
 
+def with_model(config, answering):
+    """config with --model filled in where it was left empty: out_dir, the fine-tuned model, to answer with
+    (--classify, --prompt); else the quick start's out-wikitext-tiny, to fine-tune."""
+    return dataclasses.replace(config, model=config.model or (config.out_dir if answering else "out-wikitext-tiny"))
+
+
 def load_base_model(config, device):
     """(GPT, tokenizer) to fine-tune, from config.model: a train.py checkpoint, GPT-2, or random weights."""
-    init = config.model or "out-wikitext-tiny"
+    init = config.model
     if init == "scratch":
         tokenizer = load_tokenizer(config.tokenizer_dir)
         gpt = GPT(GPTConfig(vocab_size=tokenizer.vocab_size, block_size=config.block_size,

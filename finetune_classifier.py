@@ -46,8 +46,8 @@ import torch.nn.functional as F
 from checkpoint import save_checkpoint
 from cli import UserError, atomic_write, parse_config, read_utf8, run_main, setting, write_json
 from download import download, sha256_of
-from finetune import (FinetuneConfig, GPTClassifier, classify, count_parameters,
-                      encode_texts, fit, load_base_model, load_classifier, pad_batch, run_epoch, set_trainable)
+from finetune import (FinetuneConfig, GPTClassifier, classify, count_parameters, encode_texts, fit, load_base_model,
+                      load_classifier, pad_batch, run_epoch, set_trainable, with_model)
 from lora import merged_state_dict
 from runtime import pick_device
 
@@ -192,7 +192,7 @@ def train_classifier(config, device):
     model = GPTClassifier(gpt, labels, max_length).to(device)
     set_trainable(gpt, config.trainable, config.lora_rank, config.lora_alpha, TRAINABLE)
     trainable, total = count_parameters(model)
-    print(f"init from {config.model or 'out-wikitext-tiny'}: {total / 1e6:.2f}M parameters, {trainable / 1e6:.3f}M trainable "
+    print(f"init from {config.model}: {total / 1e6:.2f}M parameters, {trainable / 1e6:.3f}M trainable "
           f"({config.trainable}); AdamW state {8 * trainable / 2**20:.1f} MiB; device {device}")
 
     def collate(items):
@@ -214,7 +214,7 @@ def train_classifier(config, device):
     best_epoch = max(rows, key=lambda row: (row["val_accuracy"], -row["val_loss"]))["epoch"]  # the first best
     results = {"test_accuracy": test["accuracy"], "test_loss": test["loss"], "best_epoch": best_epoch,
                "labels": labels, "examples": {"train": len(train_set), "val": len(val_set), "test": len(test_set)},
-               "model": config.model or "out-wikitext-tiny", "trainable": config.trainable, "trainable_parameters": trainable,
+               "model": config.model, "trainable": config.trainable, "trainable_parameters": trainable,
                "parameters": total, "seconds": time.time() - t0, "epochs": rows, "config": asdict(config)}
     write_json(Path(config.out_dir) / "results.json", results)
     print(f"test accuracy {test['accuracy']:.2%} ({round(test['accuracy'] * len(test_set))}/{len(test_set)}), "
@@ -224,9 +224,10 @@ def train_classifier(config, device):
 
 def main():
     config = parse_config(FinetuneClassifierConfig, renamed={"init_from": "model"})
+    config = with_model(config, answering=bool(config.classify))
     device = pick_device(config.device)
     if config.classify:
-        model, tokenizer = load_classifier(config.model or config.out_dir, device)
+        model, tokenizer = load_classifier(config.model, device)
         label, probability = classify(model, tokenizer, [config.classify])[0]
         print(f"{label} ({probability:.1%})")
         return

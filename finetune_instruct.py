@@ -27,7 +27,7 @@ import torch
 from checkpoint import load_model, save_checkpoint
 from cli import UserError, parse_config, read_utf8, run_main, setting, write_json
 from download import download
-from finetune import FinetuneConfig, count_parameters, fit, load_base_model, run_epoch, set_trainable
+from finetune import FinetuneConfig, count_parameters, fit, load_base_model, run_epoch, set_trainable, with_model
 from generate import format_prompt, generate_ids
 from lora import merged_state_dict
 from runtime import pick_device
@@ -168,7 +168,7 @@ def train_instruct(config, device):
         raise UserError(f"--max_length={config.max_length} is beyond the model's block_size={model.config.block_size}")
     train_set, val_set, test_set = encode_splits(tokenizer, splits, config.max_length or model.config.block_size)
     trainable, total = count_parameters(model)
-    print(f"init from {config.model or 'out-wikitext-tiny'}: {total / 1e6:.2f}M parameters, {trainable / 1e6:.3f}M "
+    print(f"init from {config.model}: {total / 1e6:.2f}M parameters, {trainable / 1e6:.3f}M "
           f"trainable ({config.trainable}); device {device}")
 
     def collate(items, mask_prompt=config.mask_prompt):
@@ -193,7 +193,7 @@ def train_instruct(config, device):
     write_json(Path(config.out_dir) / "test_responses.json", answers)
     write_json(Path(config.out_dir) / "results.json", {
         "test_response_loss": test["loss"], "test_response_perplexity": math.exp(test["loss"]),
-        "test_token_accuracy": test["accuracy"], "best_epoch": checkpoint["epoch"], "model": config.model or "out-wikitext-tiny",
+        "test_token_accuracy": test["accuracy"], "best_epoch": checkpoint["epoch"], "model": config.model,
         "trainable": config.trainable, "trainable_parameters": trainable, "seconds": time.time() - t0, "epochs": rows,
         "config": asdict(config)})
     print(f"example: {answers[0]['instruction']!r} -> {answers[0]['model_response']!r}")
@@ -202,9 +202,10 @@ def train_instruct(config, device):
 
 def main():
     config = parse_config(FinetuneInstructConfig, renamed={"init_from": "model"})
+    config = with_model(config, answering=bool(config.prompt))
     device = pick_device(config.device)
     if config.prompt:
-        model, tokenizer, _ = load_model(config.model or config.out_dir, device)
+        model, tokenizer, _ = load_model(config.model, device)
         print(respond(model, tokenizer, {"instruction": config.prompt, "input": config.input}, config.max_new_tokens,
                       config.temperature, config.top_k))
         return

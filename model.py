@@ -66,6 +66,7 @@ class KVCache:
     def __init__(self, k, v):
         self.k, self.v = k, v
         self.positions = torch.arange(k.size(2), device=k.device)
+        self.row_index = torch.arange(k.size(0), device=k.device)[:, None]
 
     def rows(self, start, stop):
         """The cache of rows start..stop-1, sharing these buffers."""
@@ -75,12 +76,14 @@ class KVCache:
         """Write k, v (B, heads, T, head_dim) at input_pos: (T,), the same positions in every row, or (B, T), a row's
         own (sequences of different lengths decoding together). Returns the keys and values to attend to and the mask,
         True where query i may see key j: j <= its position."""
-        rows = torch.arange(k.size(0), device=k.device)[:, None]
+        rows = self.row_index
         self.k[rows, :, input_pos], self.v[rows, :, input_pos] = k.transpose(1, 2), v.transpose(1, 2)
-        static = k.is_cuda or torch.compiler.is_compiling()
-        end = self.positions.numel() if static else int(input_pos.max()) + 1
-        mask = (self.positions[:end] <= input_pos[..., None]).unsqueeze(-3)  # (1 or B, 1, T, end)
-        return self.k[:, :, :end], self.v[:, :, :end], mask
+        if k.is_cuda or torch.compiler.is_compiling():
+            return self.k, self.v, (self.positions <= input_pos[..., None]).unsqueeze(-3)  # (1 or B, 1, T, keys)
+        end = int(input_pos.max()) + 1
+        if input_pos.dim() == 1 and k.size(2) == 1:  # one new token in every row: it sees every key so far
+            return self.k[:, :, :end], self.v[:, :, :end], None
+        return self.k[:, :, :end], self.v[:, :, :end], (self.positions[:end] <= input_pos[..., None]).unsqueeze(-3)
 
 
 def cached_attention(q, k, v, mask):

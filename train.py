@@ -2,7 +2,7 @@
 Train a GPT on the token files that prepare.py wrote. Read top to bottom: the settings, the helpers the loop uses,
 then main(): set-up, then the training loop.
 
-    python train.py config/wikitext_tiny.py                          # ~14 minutes on 2 CPU cores
+    python train.py config/wikitext_tiny.py                          # ~9 minutes on 2 CPU cores
     python train.py config/wikitext_small.py --batch_size=8          # a GPU-sized run
     python train.py config/wikitext_small.py --init_from=resume      # continue exactly where it stopped
     torchrun --standalone --nproc_per_node=8 train.py config/gpt2_124m.py   # several GPUs (DDP)
@@ -16,7 +16,6 @@ import contextlib
 import json
 import math
 import os
-import shutil
 import signal
 import time
 from dataclasses import asdict, dataclass, fields
@@ -26,8 +25,8 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from checkpoint import folder_lock, is_checkpoint, read_checkpoint, save_checkpoint
-from cli import UserError, atomic_write, duration, parse_config, run_main, setting, write_json
+from checkpoint import check_out_dir, folder_lock, read_checkpoint, read_log, save_run
+from cli import UserError, duration, parse_config, run_main, setting
 from data import load_meta, load_split
 from model import GPT, GPTConfig
 from muon import muon_with_adamw
@@ -86,17 +85,7 @@ class TrainConfig:
     seed: int = setting(1337, low=0, high=2**62)  # model init, data order and dropout
 
 
-# ----------------------------------------------------------------------------- what out_dir may become
-
-def check_out_dir(config):
-    """Refuse, before any work, a run that would harm out_dir: a file in its place, or a trained model that a run
-    from scratch would replace without --overwrite=True."""
-    if os.path.exists(config.out_dir) and not os.path.isdir(config.out_dir):
-        raise UserError(f"--out_dir={config.out_dir} is a file: choose a folder")
-    if config.init_from == "scratch" and is_checkpoint(config.out_dir) and not config.overwrite:
-        raise UserError(f"{config.out_dir} holds a trained model: continue it with --init_from=resume, choose another "
-                        f"--out_dir, or replace it with --overwrite=True")
-
+# ----------------------------------------------------------------------------- resuming
 
 def read_resume_checkpoint(config, model_config, meta, tokenizer_sha256):
     """The checkpoint to resume from, and the model shape it holds, after refusing what cannot go on from it: other
@@ -121,7 +110,7 @@ def read_resume_checkpoint(config, model_config, meta, tokenizer_sha256):
     return checkpoint, GPTConfig(**saved)
 
 
-# ----------------------------------------------------------------------------- data, schedule, evaluation, saving
+# ----------------------------------------------------------------------------- data, schedule, evaluation, signals
 
 def get_batch(data, generator, count, config, device, keep=slice(None)):
     """count x (batch_size, block_size) random windows of data as inputs, and the same windows shifted by one as
@@ -163,54 +152,6 @@ def estimate_loss(model, splits, config, amp, device):
     return losses
 
 
-def read_log(out_dir, up_to_iter):
-    """The rows of out_dir/log.jsonl up to an iteration: those a checkpoint there has seen."""
-    path = os.path.join(out_dir, "log.jsonl")
-    rows = []
-    if os.path.exists(path):
-        for line in open(path, encoding="utf-8"):
-            with contextlib.suppress(ValueError):  # a line cut short by a crash
-                rows.append(json.loads(line))
-    return [row for row in rows if row.get("iter", 0) <= up_to_iter]
-
-
-def plot_losses(rows, png_path):
-    """Train and val loss curves, as a PNG."""
-    import matplotlib  # only when a checkpoint is saved: start-up stays fast
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4))
-    for key, style in (("train_loss", "-"), ("val_loss", "o-")):
-        points = [(r["iter"], r[key]) for r in rows if key in r]
-        if points:
-            ax.plot(*zip(*points), style, label=key.replace("_", " "), markersize=3)
-    ax.set_xlabel("iteration"), ax.set_ylabel("loss"), ax.legend(), ax.grid(alpha=0.3)
-    fig.tight_layout()
-    atomic_write(png_path, lambda tmp: fig.savefig(tmp, dpi=100, format="png"))
-    plt.close(fig)
-
-
-def save_run(config, meta, log_rows, checkpoint=None):
-    """Write the checkpoint (if given), then what makes out_dir usable alone (the log and its curve, config.json,
-    meta.json and the tokenizer), each atomically. A save that fails is one line; the last checkpoint stays intact."""
-    out_dir = config.out_dir
-    try:
-        if checkpoint is not None:
-            print(f"saved checkpoint to {save_checkpoint(checkpoint, out_dir)}")
-        rows = "".join(json.dumps(row) + "\n" for row in log_rows)
-        atomic_write(os.path.join(out_dir, "log.jsonl"), lambda tmp: tmp.write_text(rows, encoding="utf-8"))
-        write_json(os.path.join(out_dir, "config.json"), asdict(config))
-        for name in ["meta.json"] + meta["tokenizer"]["files"]:
-            source = os.path.join(config.data_dir, name)
-            atomic_write(os.path.join(out_dir, name), lambda tmp: shutil.copyfile(source, tmp))
-        plot_losses(log_rows, os.path.join(out_dir, "loss.png"))
-    except (OSError, RuntimeError) as e:  # a full disk, a read-only folder (torch.save raises RuntimeError)
-        reason = getattr(e, "strerror", None) or str(e).splitlines()[0]
-        raise UserError(f"cannot save into {out_dir} ({reason}); the last checkpoint there is intact: free some space "
-                        f"or fix the permissions, then --init_from=resume")
-
-
 def stop_on_signals():
     """Ctrl-C, or SIGTERM (what SLURM, Kubernetes and spot instances send before they kill a job), sets the flag
     returned: the loop finishes its step, saves and exits, and --init_from=resume goes on from there. A second signal
@@ -233,7 +174,7 @@ def stop_on_signals():
 
 def main():
     config = parse_config(TrainConfig)
-    check_out_dir(config)
+    check_out_dir(config.out_dir, fresh=config.init_from == "scratch", overwrite=config.overwrite)
 
     # processes, device, precision
     ddp = int(os.environ.get("RANK", -1)) != -1  # torchrun sets RANK, WORLD_SIZE and LOCAL_RANK
@@ -376,7 +317,8 @@ def main():
                     log({"iter": iter_num, "train_loss_eval": losses["train"], "val_loss": losses["val"], "lr": lr})
                 keep = improved or config.always_save_checkpoint  # else only the log moves on
                 if (iter_num > start_iter or stop_requested) and (keep or saved):
-                    save_run(config, meta, log_rows, training_state() if keep else None)
+                    save_run(config.out_dir, log_rows, asdict(config), config.data_dir,
+                             ["meta.json"] + meta["tokenizer"]["files"], training_state() if keep else None)
                     saved = True
                 shift = time.time() - eval_start  # keep evaluation and saving out of the ms/iter figure
                 last_log_time, last_line_time = last_log_time + shift, last_line_time + shift

@@ -1,5 +1,5 @@
-"""download.py, and cli.py's files: atomic writes, UTF-8 reading; downloads against a local HTTP server: checksums, resumed
-transfers, mirrors, and errors that leave nothing behind."""
+"""cli.py's atomic writes and UTF-8 reading; download.py against a local HTTP server: checksums, resumed transfers,
+mirrors, and errors that leave nothing behind."""
 
 import hashlib
 
