@@ -373,21 +373,22 @@ def setting(default, *, low=None, high=None, above=None, below=None, choices=Non
     return dataclasses.field(default=default, metadata={k: v for k, v in rules.items() if v is not None})
 
 
+BOUNDS = {"low": (">=", operator.ge), "above": (">", operator.gt), "high": ("<=", operator.le), "below": ("<", operator.lt)}
+
+
 def allowed(metadata):
     """The values a setting allows, in words: {"low": 1, "high": 65535} -> ">= 1 and <= 65535"."""
     if "choices" in metadata:
         return "one of " + ", ".join(map(str, metadata["choices"]))
-    words = {"low": ">=", "above": ">", "high": "<=", "below": "<"}
     power_of_two = lambda n: isinstance(n, int) and n > 2**20 and n & (n - 1) == 0  # noqa: E731
     shown = {k: f"2**{v.bit_length() - 1}" if power_of_two(v) else v for k, v in metadata.items()}
-    return " and ".join(f"{words[k]} {shown[k]}" for k in words if k in metadata)
+    return " and ".join(f"{word} {shown[k]}" for k, (word, _) in BOUNDS.items() if k in metadata)
 
 
 def check_allowed(name, value, metadata):
+    """A UserError unless value is one the setting allows (see setting())."""
     if value is None:
         return
-    ok = ("low" not in metadata or value >= metadata["low"]) and ("high" not in metadata or value <= metadata["high"])
-    ok = ok and ("above" not in metadata or value > metadata["above"]) and ("below" not in metadata or
-                                                                          value < metadata["below"])
-    if not ok or ("choices" in metadata and value not in metadata["choices"]):
+    inside = all(test(value, metadata[k]) for k, (_, test) in BOUNDS.items() if k in metadata)
+    if not (inside and value in metadata.get("choices", (value,))):
         raise UserError(f"--{name} must be {allowed(metadata)}, got {value!r}")

@@ -78,12 +78,12 @@ class KVCache:
         True where query i may see key j: j <= its position."""
         rows = self.row_index
         self.k[rows, :, input_pos], self.v[rows, :, input_pos] = k.transpose(1, 2), v.transpose(1, 2)
-        if k.is_cuda or torch.compiler.is_compiling():
-            return self.k, self.v, (self.positions <= input_pos[..., None]).unsqueeze(-3)  # (1 or B, 1, T, keys)
-        end = int(input_pos.max()) + 1
-        if input_pos.dim() == 1 and k.size(2) == 1:  # one new token in every row: it sees every key so far
-            return self.k[:, :, :end], self.v[:, :, :end], None
-        return self.k[:, :, :end], self.v[:, :, :end], (self.positions[:end] <= input_pos[..., None]).unsqueeze(-3)
+        whole = k.is_cuda or torch.compiler.is_compiling()
+        end = self.positions.numel() if whole else int(input_pos.max()) + 1
+        if not whole and input_pos.dim() == 1 and k.size(2) == 1:  # one new token in every row sees every key:
+            return self.k[:, :, :end], self.v[:, :, :end], None    # no mask, and SDPA's fastest kernel
+        mask = self.positions[:end] <= input_pos[..., None]  # (T, end), or (B, T, end): a row's own positions
+        return self.k[:, :, :end], self.v[:, :, :end], mask.unsqueeze(-3)
 
 
 def cached_attention(q, k, v, mask):
@@ -128,7 +128,8 @@ class MultiHeadAttention(nn.Module):
             if self.use_flash:
                 y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=True)
             else:
-                y = self.attention_written_out(q, k, v, causal_mask(T, T, x.device), dropout)
+                causal = torch.ones(T, T, dtype=torch.bool, device=x.device).tril()  # query i sees keys 0..i
+                y = self.attention_written_out(q, k, v, causal, dropout)
         else:  # generating: the new tokens see the cache up to their own positions
             k, v, mask = self.kv_cache.update(input_pos, k, v)
             y = cached_attention(q, k, v, mask) if self.use_flash else self.attention_written_out(q, k, v, mask, 0.0)
@@ -160,15 +161,6 @@ def rotate(x, angles):
     cos, sin = angles
     x1, x2 = x.float().chunk(2, dim=-1)
     return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1).type_as(x)
-
-
-def causal_mask(num_queries, num_keys, device):
-    """True where query i (the last num_queries positions) may look at key j: j <= its own position.
-
-        causal_mask(2, 3, "cpu") -> [[True, True, False], [True, True, True]]
-    """
-    offset = num_keys - num_queries
-    return torch.ones(num_queries, num_keys, dtype=torch.bool, device=device).tril(diagonal=offset)
 
 
 # ----------------------------------------------------------------------------- the block and the model

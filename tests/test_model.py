@@ -4,7 +4,7 @@ import math
 import pytest
 import torch
 
-from model import GPT, GPTConfig, KVCache, MultiHeadAttention, causal_mask
+from model import GPT, GPTConfig, KVCache, MultiHeadAttention
 
 
 def tiny_config(**kw):
@@ -54,11 +54,6 @@ def test_a_token_never_sees_the_future(model, flash):
     b, _ = model(changed)
     assert torch.equal(a[0, :12], b[0, :12])
     assert not torch.allclose(a[0, 12:], b[0, 12:])
-
-
-def test_causal_mask_shape_with_past():
-    m = causal_mask(2, 5, "cpu")  # two new queries at positions 3 and 4
-    assert m.tolist() == [[True, True, True, True, False], [True, True, True, True, True]]
 
 
 def test_targets_of_minus_100_are_ignored(model):
