@@ -373,7 +373,8 @@ def setting(default, *, low=None, high=None, above=None, below=None, choices=Non
     return dataclasses.field(default=default, metadata={k: v for k, v in rules.items() if v is not None})
 
 
-BOUNDS = {"low": (">=", operator.ge), "above": (">", operator.gt), "high": ("<=", operator.le), "below": ("<", operator.lt)}
+BOUNDS = {"low": (">=", operator.ge), "above": (">", operator.gt), "high": ("<=", operator.le),
+          "below": ("<", operator.lt)}  # a setting's bounds: the word --help shows, and the test
 
 
 def allowed(metadata):

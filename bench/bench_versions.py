@@ -1,8 +1,8 @@
 """
 Decoding speed of this checkout against another git revision, paired: one sequence with the KV cache (generate) and
 continuous batching (engine.py, many requests at once). Both versions' model.py and engine.py are loaded in one
-process with the same weights and run in turn, pair after pair; the ratio is taken pair by pair, so that a machine
-that drifts or has a slow spell slows both sides of a pair alike.
+process with the same weights and run in turn, pair after pair, each version first in every other pair; the ratio is
+taken pair by pair, so that a machine that drifts or has a slow spell slows both sides of a pair alike.
 
     python bench/bench_versions.py --rev=c58ca57           # this checkout vs c58ca57, config/wikitext_small's shape
 """
@@ -105,7 +105,8 @@ def main():
     speeds = {(workload, name): [] for workload in ("decode", "batched") for name in versions}
     outputs = {}
     for pair in range(config.pairs + 1):  # the first pair warms up
-        for name, model in models.items():
+        order = list(models.items()) if pair % 2 else list(models.items())[::-1]  # who goes first alternates
+        for name, model in order:
             d = decode(model, prompt, config.new_tokens)
             b, outputs[name] = batched(versions[name][1], model, prompts, config.request_tokens)
             if pair:
