@@ -119,7 +119,7 @@ def keep_freed_memory():
     """Keep the memory of freed tensors in the process for the next ones, instead of handing it back to the OS (Linux
     with glibc; elsewhere nothing happens), as jemalloc or tcmalloc would. A training step frees and reallocates its
     activations; glibc maps each large block afresh, and the kernel hands it out zeroed, page by page: ~70k page
-    faults a step at the tiny shape, ~10% of a CPU step. The price: the process keeps its free blocks, ~25% more
+    faults a step at the tiny shape, 10–15% of a CPU step. The price: the process keeps its free blocks, ~20% more
     peak memory there (docs/RESULTS.md)."""
     try:
         mallopt = ctypes.CDLL("libc.so.6").mallopt

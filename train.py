@@ -189,7 +189,7 @@ def main():
             torch.cuda.set_device(device)
         dist.init_process_group(backend="nccl" if device_type == "cuda" else "gloo")
     if device_type == "cpu":
-        keep_freed_memory()  # each step's activations reuse the last step's memory: ~10% of a CPU step
+        keep_freed_memory()  # each step's activations reuse the last step's memory: 10-15% of a CPU step
     ptdtype = pick_dtype(config.dtype, device)  # auto: bf16 where the hardware has it, on CPUs too
     amp = autocast(device, ptdtype)  # matmuls in low precision, weights and reductions in fp32
     scaler = torch.amp.GradScaler(device_type, enabled=ptdtype == torch.float16)  # fp16 gradients underflow unscaled
