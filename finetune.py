@@ -8,10 +8,9 @@ epoch loop, and the classifier that finetune_classifier.py trains and serve.py l
     classifier, tokenizer = load_classifier("out-spam"); classify(classifier, tokenizer, ["Free entry, win cash"])
 """
 
-import dataclasses
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn as nn
@@ -62,7 +61,7 @@ class FinetuneConfig:
 def with_model(config, answering):
     """config with --model filled in where it was left empty: out_dir, the fine-tuned model, to answer with
     (--classify, --prompt); else the quick start's out-wikitext-tiny, to fine-tune."""
-    return dataclasses.replace(config, model=config.model or (config.out_dir if answering else "out-wikitext-tiny"))
+    return replace(config, model=config.model or (config.out_dir if answering else "out-wikitext-tiny"))
 
 
 def load_base_model(config, device):

@@ -238,7 +238,7 @@ def check_config(config):
                             f"(256 bytes + the special tokens)")
 
 
-def check_same_tokenizer(out_dir, tok, overwrite):
+def check_replaceable(out_dir, tok, overwrite):
     """Refuse to replace data that another tokenizer made (a model trained on it would no longer match its data),
     unless asked to; data made again with the same tokenizer is the same data."""
     if overwrite or not (out_dir / "meta.json").is_file():
@@ -267,7 +267,7 @@ def prepare_data(config):
 
     tok = get_tokenizer(config, splits["train"])
     check_vocab_fits(tok.vocab_size)
-    check_same_tokenizer(out_dir, tok, config.overwrite)
+    check_replaceable(out_dir, tok, config.overwrite)
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "meta.json").unlink(missing_ok=True)  # until the new one is written, this is no finished dataset
     stats = {}

@@ -306,15 +306,16 @@ def main():
             for group in optimizer.param_groups:
                 group["lr"] = lr * group.get("lr_scale", 1.0)  # Muon's groups run at their own multiple
 
-            if master and (iter_num % config.eval_interval == 0 or iter_num == config.max_iters or stop_requested):
+            resumed_here = iter_num == start_iter and config.init_from == "resume"  # its checkpoint's eval is logged
+            at_eval = iter_num % config.eval_interval == 0 or iter_num == config.max_iters or stop_requested
+            if master and at_eval and not resumed_here:
                 eval_start = time.time()
                 losses = estimate_loss(model, splits, config, amp, device)
                 print(f"eval {iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}, "
                       f"val perplexity {math.exp(losses['val']):.2f}", flush=True)
                 improved = losses["val"] < best_val_loss
                 best_val_loss = min(best_val_loss, losses["val"])
-                if iter_num > start_iter or config.init_from == "scratch":  # a resumed run's start is logged
-                    log({"iter": iter_num, "train_loss_eval": losses["train"], "val_loss": losses["val"], "lr": lr})
+                log({"iter": iter_num, "train_loss_eval": losses["train"], "val_loss": losses["val"], "lr": lr})
                 keep = improved or config.always_save_checkpoint  # else only the log moves on
                 if (iter_num > start_iter or stop_requested) and (keep or saved):
                     save_run(config.out_dir, log_rows, asdict(config), config.data_dir,
