@@ -19,6 +19,7 @@ without a traceback. Files a user names are read as UTF-8 (`read_utf8`); files w
 """
 
 import ast
+import collections
 import dataclasses
 import difflib
 import inspect
@@ -41,12 +42,16 @@ class UserError(Exception):
 
 
 def run_main(main):
-    """Run main(), turning a UserError into one 'error: ...' line and exit status 2."""
+    """Run main(), turning a UserError into one 'error: ...' line and exit status 2, and Ctrl-C into one
+    'interrupted' line (with what the script says about its files) and exit status 130."""
     try:
         main()
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    except KeyboardInterrupt as e:
+        print("interrupted" + (f": {e}" if str(e) else ""), file=sys.stderr)
+        sys.exit(130)
 
 
 def decode_utf8(data, name):
@@ -123,6 +128,50 @@ class Progress:
         self.update(done, force=True)
         if self.tty:
             print(file=sys.stderr)
+
+
+# ----------------------------------------------------------------------------- worker processes
+
+
+def cpu_count():
+    """The cores this process may run on."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def worker_pool(processes):
+    """A multiprocessing pool whose workers leave Ctrl-C to the parent and end when the parent dies (kill -9
+    included), instead of waiting forever for work. Forked where the system can (fast to start), else spawned."""
+    import multiprocessing
+    method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
+    return multiprocessing.get_context(method).Pool(processes, initializer=_worker_start, initargs=(os.getpid(),))
+
+
+def _worker_start(parent):
+    import signal
+    import threading
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+    def end_with_parent():
+        while os.getppid() == parent:
+            time.sleep(0.5)
+        os._exit(1)
+    threading.Thread(target=end_with_parent, daemon=True).start()
+
+
+def ordered_map(pool, function, tasks, ahead):
+    """function(*task) for each task, run on the pool, results in the order of the tasks, with at most `ahead`
+    tasks given out at a time: unlike Pool.imap, which reads every task at once, memory stays bounded.
+    Without a pool, each runs here."""
+    if pool is None:
+        yield from (function(*task) for task in tasks)
+        return
+    pending = collections.deque()
+    for task in tasks:
+        pending.append(pool.apply_async(function, task))
+        if len(pending) >= ahead:
+            yield pending.popleft().get()
+    while pending:
+        yield pending.popleft().get()
 
 
 # ----------------------------------------------------------------------------- reading values

@@ -1,6 +1,6 @@
 """
 The token files that prepare.py writes and train.py and evaluate.py read: a folder holding meta.json and one flat
-array of token ids per split (train.bin, val.bin, test.bin, uint16), every document preceded by the end-of-text
+array of token ids per split (train.bin, val.bin, test.bin; uint16, or uint32 as meta.json's dtype says), every document preceded by the end-of-text
 token, so that decoding a split and dropping those tokens gives its text back byte for byte.
 
     meta = load_meta("data/wikitext-2")          # vocab size, special tokens; per split: documents, tokens, words
@@ -15,7 +15,7 @@ import numpy as np
 from cli import UserError
 
 SPLITS = ("train", "val", "test")
-MAX_IDS = 1 << 16  # ids are stored as uint16
+DTYPES = ("uint16", "uint32")  # uint16 holds 65,536 ids; uint32 the vocabularies beyond
 
 
 def count_words(text, convention="whitespace"):
@@ -50,8 +50,15 @@ def load_meta(data_dir):
 
 
 def load_split(data_dir, split):
-    """A split's token ids as a read-only uint16 memmap (nothing is read into memory until used)."""
+    """A split's token ids as a read-only memmap of meta.json's dtype (nothing is read into memory until used)."""
     path = Path(data_dir) / f"{split}.bin"
     if not path.is_file():
         raise UserError(f"no {split}.bin in {data_dir}: {_run_prepare_first(data_dir)}")
-    return np.memmap(path, dtype=np.uint16, mode="r")
+    dtype = load_meta(data_dir).get("dtype", "uint16")
+    if dtype not in DTYPES:
+        raise UserError(f"{data_dir}/meta.json names the dtype {dtype!r}, not one of {', '.join(DTYPES)}: "
+                        f"{_run_prepare_first(data_dir)} again")
+    size, item = path.stat().st_size, np.dtype(dtype).itemsize
+    if size % item or not size:
+        raise UserError(f"{path} holds {size:,} bytes, not whole {dtype} ids: {_run_prepare_first(data_dir)} again")
+    return np.memmap(path, dtype=dtype, mode="r")

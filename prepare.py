@@ -1,53 +1,80 @@
 """
-Prepare a text dataset for training: get the text, train (or load) a BPE tokenizer, and write the token ids as flat
-uint16 arrays that train.py reads with np.memmap.
+Prepare a text corpus for training: read it, train (or load) a BPE tokenizer, and write the token ids as flat arrays
+that train.py reads with np.memmap. Memory stays bounded whatever the corpus's size: the text is read, counted and
+encoded a piece at a time, on every core, and the ids go straight to disk.
 
     python prepare.py                                     # WikiText-2 raw: download, train a tokenizer, encode
     python prepare.py --source=DIR                        # the same from wiki.{train,valid,test}.raw in DIR (offline)
     python prepare.py --dataset=wikitext-2                # the tokenized release (<unk> for rare words): the benchmark
-    python prepare.py --input=a.txt,b.txt --out_dir=data/mine     # text files of your own
+    python prepare.py --input=a.txt,books/ --out_dir=data/mine    # your files: .txt, .jsonl, .parquet, .gz of them
+    python prepare.py --hf_dataset=HuggingFaceFW/fineweb-edu --hf_config=sample-10BT --out_dir=data/fineweb
     python prepare.py --tokenizer=gpt2                    # GPT-2's BPE instead of our own: data/<dataset>-gpt2
 
-out_dir (default data/<dataset>) receives train.bin, val.bin, test.bin, the tokenizer (vocab.json + merges.txt) and
-meta.json (tokenizer, special-token ids, and per split: documents, tokens, bytes, words). Every document (a WikiText
-article, or one input file) starts with the end-of-text token, so decoding a .bin and dropping those tokens gives the
-split's text back byte for byte (data.py reads the format). Downloads are cached in cache_dir and checked against
-their sha256. Data that another tokenizer made is replaced only with --overwrite=True.
+A document is a WikiText article, a text file, a JSON line, a Parquet row or a dataset's example; in the token files
+each one starts with the end-of-text token, so decoding a .bin and dropping those tokens gives the split's text back
+byte for byte (data.py reads the format). Val and test are whole documents, spread evenly through the corpus
+(--val_fraction) or its first ones (--val_documents); text files too few to give whole ones give the tail of their
+text, cut at a line break. out_dir (default data/<name>) receives train.bin, val.bin, test.bin (uint16 ids; uint32
+beyond 65,536), the tokenizer (vocab.json + merges.txt) and meta.json. The work in progress stays in out_dir/.partial:
+nothing appears under a final name before it is whole, and a run that was stopped starts over when run again,
+reusing the tokenizer it trained. Downloads are cached in cache_dir and checked against their sha256. Data that
+another tokenizer made is replaced only with --overwrite=True.
 """
 
 import hashlib
+import itertools
+import json
+import math
 import os
 import re
+import shutil
 import sys
 import time
 import zipfile
-from dataclasses import dataclass
+from collections import Counter
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 
-from cli import (Progress, UserError, atomic_write, check_settings, decode_utf8, parse_config, read_utf8, run_main,
-                 setting, write_json)
-from data import MAX_IDS, SPLITS, count_words
+from cli import (Progress, UserError, atomic_write, check_settings, cpu_count, decode_utf8, ordered_map,
+                 parse_config, run_main, setting, worker_pool, write_json)
+from corpus import Corpus
+from data import SPLITS
 from download import download, sha256_of
-from tokenizer import GPT2_MERGES_SHA256, GPT2_VOCAB_SHA256, BPETokenizer, cut_text, load_tokenizer
+from tokenizer import GPT2_MERGES_SHA256, GPT2_VOCAB_SHA256, BPETokenizer, cut_stream, load_tokenizer
 
 
 @dataclass
 class PrepareConfig:
     dataset: str = "wikitext-2-raw"         # wikitext-2-raw (plain text) or wikitext-2 (the tokenized release)
     source: str = ""                        # folder (or the upstream .zip) of the WikiText files: no download
-    input: str = ""                         # your own UTF-8 text file(s), comma-separated, instead of WikiText
-    val_fraction: float = setting(0.1, above=0, below=1)  # --input: the end of the text (at a line break), for val
-    test_fraction: float = setting(0.0, low=0, below=1)  # --input: the part after val held out for test
-    out_dir: str = ""                       # default: data/<dataset>, or data/<dataset>-gpt2 with GPT-2's tokenizer
+    # your own corpus instead of WikiText
+    input: str = ""                         # files, folders and globs, comma-separated: .txt (a file is a document),
+                                            # .jsonl and .parquet (a record is one), each also .gz
+    hf_dataset: str = ""                    # a Hugging Face dataset, streamed (HuggingFaceFW/fineweb-edu), or a
+                                            # builder for local files (json, parquet) with --hf_data_files
+    hf_config: str = ""                     # the dataset's configuration, e.g. sample-10BT
+    hf_split: str = "train"                 # the dataset's split to read
+    hf_data_files: str = ""                 # files for a builder, comma-separated
+    text_field: str = "text"                # the field holding the text in JSON lines, Parquet and datasets
+    val_fraction: float = setting(0.1, above=0, below=1)  # the share of documents held out for val
+    test_fraction: float = setting(0.0, low=0, below=1)   # the share held out for test
+    val_documents: int = setting(0, low=0)  # instead of the fractions: the corpus's first N documents for val,
+    test_documents: int = setting(0, low=0)  # and the N after them for test
+    workers: int = setting(0, low=0)        # processes that count and encode; 0: one per core
+    # where it goes
+    out_dir: str = ""                       # default: data/<name>, or data/<name>-gpt2 with GPT-2's tokenizer
     overwrite: bool = False                 # replace data in out_dir that another tokenizer made
     cache_dir: str = "data/cache"           # where downloads are kept
-    tokenizer: str = setting("bpe", choices=("bpe", "gpt2"))  # bpe: trained on the train split; gpt2: GPT-2's 50,257
-                                                              # ids
-    vocab_size: int = setting(8192, low=257, high=65536)  # bpe: ids in all; 8192 keeps the embedding table small, yet
-                                                          # most words are one token
+    # the tokenizer
+    tokenizer: str = "bpe"                  # bpe: trained on the train split; gpt2: GPT-2's 50,257 ids; or a folder
+                                            # holding a tokenizer (vocab.json + merges.txt), e.g. another data folder
+    vocab_size: int = setting(8192, low=257, high=1 << 20)  # bpe: ids in all; 8192 keeps the embedding table
+                                                            # small, yet most words are one token
     min_frequency: int = setting(2, low=1)  # a pair must occur this often to become a merge
+    tokenizer_chars: int = setting(100_000_000, low=1)  # bpe: learn from the first N characters of the train split
+                                                        # (memory grows with their distinct words)
     special_tokens: tuple[str, ...] = ("<|endoftext|>",)  # bpe: ids after the merges; <|endoftext|> is required
     gpt2_dir: str = ""                      # folder with GPT-2's encoder.json + vocab.bpe (else downloaded)
     check_sha256: bool = True               # refuse WikiText/GPT-2 files that differ from the published ones
@@ -125,53 +152,92 @@ def wikitext_splits(config):
     return texts
 
 
-def split_at_line(docs, at):
-    """Split a list of documents at character offset `at`, moved to a line start; returns (head, tail)."""
-    head, tail = [], []
-    for doc in docs:
-        if at >= len(doc):
-            head.append(doc)
-        elif at <= 0:
-            tail.append(doc)
-        else:
-            nl = doc.find("\n", at - 1)
-            cut = (nl if nl >= 0 else doc.rfind("\n", 0, at)) + 1  # no later line break: use the one before
-            head += [doc[:cut]] if cut else []
-            tail += [doc[cut:]] if cut < len(doc) else []
-        at -= len(doc)
-    return head, tail
+# The documents of every split come as one stream of (split, starts a document, text): a document may come in
+# several pieces (a long text file does), each ending where encoding is unaffected (tokenizer.cut_stream).
 
 
-def input_splits(config):
-    """{split: [documents]} from --input files: each file a document; the text's tail becomes val (then test)."""
-    docs = []
-    for name in config.input.split(","):
-        path = Path(name.strip())
-        if not path.is_file():
-            raise UserError(f"--input: no file {path}")
-        docs.append(read_utf8(path, "--input file"))
-    total = sum(map(len, docs))
-    rest, test = split_at_line(docs, round(total * (1 - config.test_fraction)))
-    train, val = split_at_line(rest, round(total * (1 - config.test_fraction - config.val_fraction)))
-    splits = {"train": train, "val": val} | ({"test": test} if config.test_fraction else {})
-    empty = [split for split, part in splits.items() if not "".join(part).strip()]
-    if empty:
-        raise UserError(f"--input leaves the {' and '.join(empty)} split empty: give more text (more lines) "
-                        f"or change --val_fraction/--test_fraction")
-    return splits
+def wikitext_stream(splits):
+    """(split, True, article) for every article of every split: an article is a document."""
+    return ((split, True, doc) for split, text in splits.items() for doc in wikitext_articles(text))
+
+
+def split_of(i, config):
+    """The split of a corpus's i-th document (from 0): its first val_documents, then test_documents, documents; or,
+    by fraction, documents spread evenly: with val_fraction=0.1, documents 4, 14, 24, ... go to val."""
+    if config.val_documents or config.test_documents:
+        return "val" if i < config.val_documents else "test" if i < config.val_documents + config.test_documents \
+            else "train"
+    held = config.val_fraction + config.test_fraction
+    takes = lambda n, share: math.floor((n + 1) * share + 0.5) > math.floor(n * share + 0.5)  # noqa: E731
+    if not takes(i, held):
+        return "train"
+    return "test" if takes(math.floor(i * held + 0.5), config.test_fraction / held) else "val"
+
+
+def by_document(corpus, config):
+    """The corpus's documents, each whole in the split that split_of gives it."""
+    for i, chunks in enumerate(corpus.documents()):
+        split = split_of(i, config)
+        for n, chunk in enumerate(chunks):
+            yield split, n == 0, chunk
+
+
+def by_tail(corpus, config):
+    """Text files' documents, the tail of their text held out: val starts at the first line break after
+    (1 - test_fraction - val_fraction) of the bytes, test after (1 - test_fraction); a document cut there continues
+    as a document of the next split. Without a line break after the point in its document, the next document starts
+    the next split."""
+    total = sum(corpus.text_sizes())
+    cuts = [(round(total * (1 - config.test_fraction - config.val_fraction)), "val")] + (
+        [(round(total * (1 - config.test_fraction)), "test")] if config.test_fraction else [])
+    split, pos = "train", 0
+    for chunks in corpus.documents():
+        if cuts and pos >= cuts[0][0]:  # the point passed without a line break: this document starts the split
+            split = cuts.pop(0)[1]
+        starts = True
+        for chunk in chunks:
+            data = chunk.encode("utf-8")
+            while cuts and pos + len(data) >= cuts[0][0]:
+                nl = data.find(b"\n", max(cuts[0][0] - 1 - pos, 0))
+                if nl < 0:
+                    break
+                yield split, starts, data[:nl + 1].decode("utf-8")
+                split, starts, pos, data = cuts.pop(0)[1], True, pos + nl + 1, data[nl + 1:]
+            if data:
+                yield split, starts, data.decode("utf-8")
+                starts, pos = False, pos + len(data)
+
+
+def in_pieces(stream, size=1 << 20):
+    """The stream with each document's text re-cut into pieces of about `size` characters, where encoding is
+    unaffected; a document with no text is dropped."""
+    n = 0
+
+    def document(item):  # a number for each document, so that groupby gives one document at a time
+        nonlocal n
+        n += item[1]
+        return n, item[0]
+    for (_, split), items in itertools.groupby(stream, document):
+        for i, piece in enumerate(cut_stream((text for _, _, text in items), size)):
+            yield split, i == 0, piece
+
+
+def first_chars(stream, split, limit):
+    """The text of one split's pieces, up to `limit` characters in all: what the tokenizer learns from."""
+    for piece_split, _, piece in stream:
+        if piece_split == split:
+            yield piece[:limit]
+            limit -= len(piece)
+            if limit <= 0:
+                return
 
 
 # ----------------------------------------------------------------------------- tokenizer and encoding
 
 
-def check_vocab_fits(vocab_size):
-    if vocab_size > MAX_IDS:
-        raise UserError(f"vocab_size={vocab_size:,} does not fit the uint16 token files (at most {MAX_IDS:,} ids): "
-                        f"lower --vocab_size")
-
-
-def get_tokenizer(config, train_docs):
-    """GPT-2's tokenizer (from --gpt2_dir, else downloaded), or a BPE tokenizer trained on the train split only."""
+def get_tokenizer(config, train_text, pool):
+    """GPT-2's tokenizer (from --gpt2_dir, else downloaded), a tokenizer folder, or a BPE tokenizer trained on the
+    first tokenizer_chars of the train split."""
     if config.tokenizer == "gpt2":
         folder = Path(config.gpt2_dir or Path(config.cache_dir) / "gpt2")
         for name, sha in GPT2_FILES.items():
@@ -184,37 +250,86 @@ def get_tokenizer(config, train_docs):
                 raise UserError(f"{folder / name} is not GPT-2's (sha256); use the published file, "
                                 f"or --check_sha256=False to use it as it is")
         return BPETokenizer.load(folder / "encoder.json", folder / "vocab.bpe")
-    print(f"training a BPE tokenizer ({config.vocab_size:,} ids) on the train split ...", file=sys.stderr)
-    return BPETokenizer.train(train_docs, vocab_size=config.vocab_size, min_frequency=config.min_frequency,
-                              special_tokens=config.special_tokens)
+    if config.tokenizer != "bpe":
+        try:
+            tok = load_tokenizer(config.tokenizer)
+        except ValueError as e:
+            raise UserError(f"--tokenizer={config.tokenizer}: {e}") from None
+        if tok.eot_id is None:
+            raise UserError(f"--tokenizer={config.tokenizer} has no <|endoftext|> token to start each document with")
+        return tok
+    print(f"training a BPE tokenizer ({config.vocab_size:,} ids) on the first {config.tokenizer_chars:,} "
+          f"characters of the train split ...", file=sys.stderr)
+    return BPETokenizer.train(train_text, vocab_size=config.vocab_size, min_frequency=config.min_frequency,
+                              special_tokens=config.special_tokens, pool=pool)
 
 
-CHUNK_CHARS = 1 << 20  # long documents are cut (where encoding is unaffected) so that encode_batch can share them
+_tokenizers = {}  # a worker's tokenizer, loaded once from the folder it is saved in
 
 
-def encode_split(tok, docs, desc, batch_chars=1 << 22):
-    """All documents of a split as one uint16 array of ids, each document preceded by the end-of-text token."""
-    chunked = [cut_text(doc, CHUNK_CHARS) for doc in docs]
-    flat = [piece for pieces in chunked for piece in pieces]
-    batches, size = [[]], 0
-    for piece in flat:  # batches of ~batch_chars, so the progress line moves on long inputs
-        if size >= batch_chars:
-            batches, size = batches + [[]], 0
-        batches[-1].append(piece)
-        size += len(piece)
-    progress = Progress(f"encoding {desc}", sum(map(len, flat)), "M chars")
-    encoded, done = [], 0
-    for batch in batches:
-        encoded += tok.encode_batch(batch)
-        done += sum(map(len, batch))
-        progress.update(done)
-    progress.close(done)
-    arrays, pos = [], 0
-    for pieces in chunked:
-        arrays += [np.array([tok.eot_id], dtype=np.uint16)] + [np.array(ids, dtype=np.uint16)
-                                                               for ids in encoded[pos:pos + len(pieces)]]
-        pos += len(pieces)
-    return np.concatenate(arrays)
+def encode_batch(work_dir, dtype, items):
+    """Encode [(split, starts a document, text)] with the tokenizer saved in work_dir, append the ids to this
+    process's file of each split there (the end-of-text token before each document), and return per split: where
+    they went and what they hold."""
+    if work_dir not in _tokenizers:
+        _tokenizers[work_dir] = load_tokenizer(work_dir)
+    tok = _tokenizers[work_dir]
+    ids, stats = {}, {}
+    for split, starts, text in items:
+        ids.setdefault(split, []).append(np.array([tok.eot_id] * starts + tok.encode(text), dtype=dtype))
+        s = stats.setdefault(split, dict.fromkeys(("documents", "bytes", "words", "lines"), 0))
+        s["documents"] += starts
+        s["bytes"] += len(text.encode("utf-8"))
+        s["words"] += len(text.split())
+        s["lines"] += text.count("\n")
+        s["ends_line"] = text.endswith("\n")
+    for split, arrays in ids.items():
+        path = Path(work_dir) / f"{split}.{os.getpid()}.ids"
+        with open(path, "ab") as f:
+            stats[split] |= {"file": path.name, "offset": f.tell(), "tokens": sum(map(len, arrays))}
+            np.concatenate(arrays).tofile(f)
+    return stats
+
+
+def encode_stream(stream, work_dir, dtype, pool, ahead, progress, position):
+    """Encode the stream in batches of ~1M characters on the pool; returns {split: totals} and, per split, where
+    its ids are, in order: [(file, offset, tokens)]. The progress line shows position() (else the bytes done)."""
+    def batches():
+        batch, size = [], 0
+        for item in stream:
+            batch.append(item)
+            size += len(item[2])
+            if size >= 1 << 20:
+                yield work_dir, dtype, batch
+                batch, size = [], 0
+        if batch:
+            yield work_dir, dtype, batch
+    totals, parts, done = {}, {}, 0
+    for stats in ordered_map(pool, encode_batch, batches(), ahead):
+        for split, s in stats.items():
+            done += s["bytes"]
+            parts.setdefault(split, []).append((s.pop("file"), s.pop("offset"), s["tokens"]))
+            ends_line = s.pop("ends_line")
+            totals.setdefault(split, Counter()).update(s)
+            totals[split]["ends_line"] = ends_line
+        progress.update(position() if position else done)
+    progress.close(position() if position else done)
+    return totals, parts
+
+
+def concatenate(parts, work_dir, dtype, path):
+    """Write the ids of parts [(file, offset, tokens)] one after another into path."""
+    size = np.dtype(dtype).itemsize
+    with open(path, "wb") as out:
+        for name, offset, tokens in parts:
+            with open(work_dir / name, "rb") as f:
+                f.seek(offset)
+                left = tokens * size
+                while left:
+                    block = f.read(min(left, 1 << 24))
+                    out.write(block)
+                    left -= len(block)
+
 
 # ----------------------------------------------------------------------------- main
 
@@ -224,10 +339,13 @@ def check_config(config):
     check_settings(config)
     if config.out_dir and os.path.exists(config.out_dir) and not os.path.isdir(config.out_dir):
         raise UserError(f"--out_dir={config.out_dir} is a file: choose a folder")
-    if not config.input and config.dataset not in WIKITEXT:
-        raise UserError(f"unknown --dataset={config.dataset}: choose {' or '.join(WIKITEXT)}, or give --input=FILE")
-    if config.input and config.source:
-        raise UserError("--source is for WikiText files; your own files go in --input alone")
+    if sum(map(bool, (config.input, config.hf_dataset))) > 1:
+        raise UserError("give one corpus: --input or --hf_dataset")
+    if not (config.input or config.hf_dataset) and config.dataset not in WIKITEXT:
+        raise UserError(f"unknown --dataset={config.dataset}: choose {' or '.join(WIKITEXT)}, or give --input=FILE "
+                        f"or --hf_dataset=NAME")
+    if (config.input or config.hf_dataset) and config.source:
+        raise UserError("--source is for WikiText files; your own corpus goes in --input or --hf_dataset alone")
     if config.val_fraction + config.test_fraction >= 1:
         raise UserError("--val_fraction and --test_fraction together must be below 1: train needs the rest")
     if config.tokenizer == "bpe":
@@ -236,6 +354,9 @@ def check_config(config):
         if config.vocab_size < 256 + len(config.special_tokens):
             raise UserError(f"--vocab_size must be at least {256 + len(config.special_tokens)} "
                             f"(256 bytes + the special tokens)")
+    elif config.tokenizer != "gpt2" and not os.path.isdir(config.tokenizer):
+        raise UserError(f"--tokenizer must be bpe, gpt2 or a folder holding a tokenizer (vocab.json + merges.txt), "
+                        f"got {config.tokenizer!r}")
 
 
 def check_replaceable(out_dir, tok, overwrite):
@@ -252,55 +373,132 @@ def check_replaceable(out_dir, tok, overwrite):
                         f"with --overwrite=True")
 
 
+def corpus_name(config):
+    """A name for the data folder: 'a.txt,b.txt' -> 'a+b'; 'web/*.jsonl.gz' -> 'web'; 'org/name' -> 'name'."""
+    if config.hf_dataset:
+        return Path(config.hf_dataset).name + (f"-{config.hf_config}" if config.hf_config else "")
+    if config.input:
+        parts = [Path(p.strip().split("*")[0].rstrip("/\\") or "corpus") for p in config.input.split(",") if p.strip()]
+        return "+".join(Path(p.name.removesuffix(".gz")).stem for p in parts)
+    return config.dataset
+
+
 def prepare_data(config):
     """Write out_dir/{train,val,test}.bin, the tokenizer files and meta.json; returns the meta dict."""
     t0 = time.time()
     check_config(config)
-    if config.input:
-        name = "+".join(Path(f.strip()).stem for f in config.input.split(","))
-        splits = input_splits(config)
-    else:
-        name = config.dataset
-        splits = {split: wikitext_articles(text) for split, text in wikitext_splits(config).items()}
-    convention = "classic" if name == "wikitext-2" else "whitespace"
+    name = corpus_name(config)
     out_dir = Path(config.out_dir or f"data/{name}" + ("-gpt2" if config.tokenizer == "gpt2" else ""))
+    work_dir = out_dir / ".partial"
+    corpus, texts = None, None
+    if config.input:
+        corpus = Corpus.from_files(config.input, config.text_field)
+    elif config.hf_dataset:
+        corpus = Corpus.from_hub(config.hf_dataset, config.hf_config, config.hf_split, config.hf_data_files,
+                                 config.text_field)
+    else:
+        texts = wikitext_splits(config)
+    held = ["val"] + (["test"] if config.test_fraction or config.test_documents else [])
+    tail = (corpus is not None and corpus.is_text_files() and not (config.val_documents or config.test_documents)
+            and any(split not in {split_of(i, config) for i in range(len(corpus.files))} for split in held))
+    stream = lambda: in_pieces(wikitext_stream(texts) if corpus is None else  # noqa: E731  (a new pass each call)
+                               by_tail(corpus, config) if tail else by_document(corpus, config))
 
-    tok = get_tokenizer(config, splits["train"])
-    check_vocab_fits(tok.vocab_size)
-    check_replaceable(out_dir, tok, config.overwrite)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "meta.json").unlink(missing_ok=True)  # until the new one is written, this is no finished dataset
-    stats = {}
-    for split, docs in splits.items():
-        ids = encode_split(tok, docs, split)
-        atomic_write(out_dir / f"{split}.bin", ids.tofile)
-        text = "".join(docs)
-        stats[split] = {"documents": len(docs), "tokens": len(ids), "bytes": len(text.encode("utf-8")),
-                        "words_whitespace": count_words(text, "whitespace")}
-        if convention == "classic":
-            stats[split]["words_classic"] = count_words(text, "classic")
-    for split in set(SPLITS) - set(splits):
-        (out_dir / f"{split}.bin").unlink(missing_ok=True)  # a stale split from an earlier run would mislead
+    # What the tokenizer depends on: a run that stopped after training it left it in work_dir, for the same settings
+    settings = {k: v for k, v in asdict(config).items() if k not in ("out_dir", "overwrite", "workers", "cache_dir")}
+    settings["files"] = [[str(f), f.stat().st_size, f.stat().st_mtime] for f in corpus.files] if corpus else None
+    settings = json.loads(json.dumps(settings))
+    try:
+        kept = False
+        if work_dir.exists():
+            try:
+                kept = json.loads((work_dir / "settings.json").read_text(encoding="utf-8")) == settings
+            except (OSError, ValueError):
+                pass
+            print(f"{work_dir} holds a run that did not finish: starting over"
+                  + (", with the tokenizer it trained" if kept else ""), file=sys.stderr)
+            for path in work_dir.iterdir():
+                if not kept or path.suffix == ".ids":
+                    path.unlink()
+        work_dir.mkdir(parents=True, exist_ok=True)  # (also: can we write here, before any work?)
+    except OSError as e:
+        raise UserError(f"cannot write in {out_dir} ({e.strerror or e}): choose another --out_dir") from None
 
-    files = tok.save(out_dir)
-    meta = {
-        "dataset": name,
-        "tokenizer": {"kind": config.tokenizer, "files": files} | (
-            {"min_frequency": config.min_frequency} if config.tokenizer == "bpe" else {}),
-        "vocab_size": tok.vocab_size,
-        "special_tokens": tok.special_tokens,
-        "eot_id": tok.eot_id,
-        "dtype": "uint16",
-        "layout": "each document is preceded by eot_id",
-        "word_convention": convention,  # word-level perplexity divides by splits[...]["words_" + word_convention]
-        **({"unknown_word": "<unk>"} if name == "wikitext-2" else {}),  # the release's marker for rare words
-        "splits": stats,
-    }
-    write_json(out_dir / "meta.json", meta)
+    workers = config.workers or cpu_count()
+    pool = worker_pool(workers) if workers > 1 else None
+    try:
+        if kept:
+            tok = load_tokenizer(work_dir)
+        else:
+            tok = get_tokenizer(config, first_chars(stream(), "train", config.tokenizer_chars), pool)
+            tok.save(work_dir)
+            write_json(work_dir / "settings.json", settings)
+        check_replaceable(out_dir, tok, config.overwrite)
+        t1 = time.time()
 
-    print(f"{name}, {config.tokenizer} tokenizer with {tok.vocab_size:,} ids -> {out_dir} in {time.time() - t0:.1f} s")
+        dtype = "uint16" if tok.vocab_size <= 1 << 16 else "uint32"
+        total = corpus.total_bytes if corpus else sum(len(text.encode("utf-8")) for text in texts.values())
+        progress = Progress("encoding", total)
+        position = (lambda: corpus.done_bytes) if corpus else None  # noqa: E731 (else: the characters encoded)
+        totals, parts = encode_stream(stream(), str(work_dir), dtype, pool, 2 * workers, progress, position)
+        t2 = time.time()
+        empty = [split for split in ["train"] + held if not totals.get(split, {}).get("tokens")]
+        if empty:
+            documents = sum(t["documents"] for t in totals.values())
+            raise UserError(f"the corpus leaves the {' and '.join(empty)} split empty ({documents:,} documents in "
+                            f"all): give more text, or change --val_fraction/--test_fraction (or --val_documents)")
+
+        # Each file whole under its final name, meta.json last: without it, the folder is no finished dataset
+        (out_dir / "meta.json").unlink(missing_ok=True)
+        for split in SPLITS:
+            if split in parts:
+                atomic_write(out_dir / f"{split}.bin", lambda tmp: concatenate(parts[split], work_dir, dtype, tmp))
+                for file in {file for file, _, _ in parts[split]}:
+                    (work_dir / file).unlink()
+            else:
+                (out_dir / f"{split}.bin").unlink(missing_ok=True)  # a stale split from an earlier run would mislead
+        files = tok.save(out_dir)
+        stats = {}
+        for split in (s for s in SPLITS if s in totals):
+            t = totals[split]
+            stats[split] = {"documents": t["documents"], "tokens": t["tokens"], "bytes": t["bytes"],
+                            "words_whitespace": t["words"]}
+            if name == "wikitext-2":  # the WikiText papers' count: word-level perplexity divides by it
+                stats[split]["words_classic"] = t["words"] + t["lines"] + (0 if t["ends_line"] else 1)
+        kind = config.tokenizer if config.tokenizer in ("bpe", "gpt2") else "folder"
+        meta = {
+            "dataset": name,
+            "tokenizer": {"kind": kind, "files": files} | (
+                {"min_frequency": config.min_frequency} if kind == "bpe" else {}) | (
+                {"from": config.tokenizer} if kind == "folder" else {}),
+            "vocab_size": tok.vocab_size,
+            "special_tokens": tok.special_tokens,
+            "eot_id": tok.eot_id,
+            "dtype": dtype,
+            "layout": "each document is preceded by eot_id",
+            "word_convention": "classic" if name == "wikitext-2" else "whitespace",  # splits[...]["words_" + this]
+            **({"unknown_word": "<unk>"} if name == "wikitext-2" else {}),  # the release's marker for rare words
+            "splits": stats,
+        }
+        write_json(out_dir / "meta.json", meta)
+        shutil.rmtree(work_dir)
+    except KeyboardInterrupt:
+        raise KeyboardInterrupt(f"nothing was written under a final name in {out_dir}; the same command starts "
+                                f"over") from None
+    except OSError as e:  # writing: a full disk, a folder made read-only meanwhile
+        raise UserError(f"cannot write in {out_dir} ({e.strerror or e}): nothing was written under a final name; "
+                        f"make room and run the same command again") from None
+    finally:
+        if pool is not None:
+            pool.terminate()
+
+    text_bytes = sum(s["bytes"] for s in stats.values())
+    print(f"{name}, {kind} tokenizer with {tok.vocab_size:,} ids -> {out_dir} in {time.time() - t0:.1f} s "
+          f"(tokenizer {t1 - t0:.1f} s, encoding {t2 - t1:.1f} s: {text_bytes / 1e6 / max(t2 - t1, 1e-9):.1f} MB/s "
+          f"on {workers} processes)")
+    size = np.dtype(dtype).itemsize
     for split, s in stats.items():
-        print(f"  {split + '.bin':9s} {s['tokens']:>11,} tokens ({2 * s['tokens'] / 1e6:6.2f} MB) from "
+        print(f"  {split + '.bin':9s} {s['tokens']:>11,} tokens ({size * s['tokens'] / 1e6:6.2f} MB) from "
               f"{s['documents']:,} documents, {s['bytes']:,} bytes ({s['bytes'] / s['tokens']:.2f} bytes/token)")
     return meta
 

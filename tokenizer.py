@@ -18,6 +18,7 @@ vocab.bpe are the same format under other names), so HF `tokenizers` and we read
 
 import hashlib
 import heapq
+import itertools
 import json
 import multiprocessing
 import operator
@@ -80,29 +81,43 @@ def count_pretokens(texts):
     return words
 
 
-def count_pretokens_parallel(texts, min_chars=1 << 20):
-    """count_pretokens, shared out over the CPU cores when the input is big (processes: the regex holds the GIL)."""
-    texts = list(texts)
-    n_procs = min(8, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
-    if (n_procs < 2 or sum(map(len, texts)) < min_chars or "fork" not in multiprocessing.get_all_start_methods()
-            or multiprocessing.current_process().daemon):  # (a daemon process may not start processes)
-        return count_pretokens(texts)
-    if len(texts) < n_procs:  # a few long texts: cut them so that every process gets a share
-        texts = [piece for text in texts for piece in cut_text(text, len(text) // n_procs + 1)]
-    ctx = multiprocessing.get_context("fork")  # forked, a worker sees its texts without a copy through a pipe
-    workers, readers = [], []
-    for group in (texts[i::n_procs] for i in range(n_procs)):
-        reader, writer = ctx.Pipe(duplex=False)
-        readers.append(reader)
-        workers.append(ctx.Process(target=_count_and_send, args=(group, writer, readers), daemon=True))
-        workers[-1].start()
-        writer.close()  # the worker holds the only writer now: if it dies, recv() raises EOFError, no hang
-    total = Counter()
-    for reader in readers:
-        total.update(reader.recv())
-    for worker in workers:
-        worker.join()
-    return total
+def count_pretokens_parallel(texts, min_chars=1 << 20, pool=None, batch_chars=1 << 22):
+    """count_pretokens over an iterable of texts, read as it goes: memory grows with the distinct words, not with
+    the text. Past min_chars, batches of ~batch_chars are shared out over the CPU cores (processes: the regex holds
+    the GIL), on `pool` if given; a long text is cut at SAFE_CUT points, so that its pieces count as it does."""
+    batches = _batches(texts, batch_chars, piece=max(batch_chars // 4, 1))
+    first = next(batches, [])
+    if sum(map(len, first)) < min_chars:  # a small input: not worth starting processes
+        return count_pretokens(first + [text for batch in batches for text in batch])
+    batches = itertools.chain([first], batches)
+    own_pool = None
+    if pool is None:
+        processes = min(8, cli.cpu_count())
+        if processes < 2 or multiprocessing.current_process().daemon:  # (a daemon process may not start any)
+            return count_pretokens(text for batch in batches for text in batch)
+        pool = own_pool = cli.worker_pool(processes)
+    try:
+        total = Counter()
+        for counts in cli.ordered_map(pool, count_pretokens, ((batch,) for batch in batches), ahead=2 * 8):
+            total.update(counts)
+        return total
+    finally:
+        if own_pool is not None:
+            own_pool.terminate()
+
+
+def _batches(texts, batch_chars, piece):
+    """Lists of texts of about batch_chars characters in all; a longer text is cut into pieces of ~`piece`."""
+    batch, size = [], 0
+    for text in texts:
+        for part in (cut_text(text, piece) if len(text) > piece else [text]):
+            batch.append(part)
+            size += len(part)
+            if size >= batch_chars:
+                yield batch
+                batch, size = [], 0
+    if batch:
+        yield batch
 
 
 def cut_text(text, size):
@@ -114,13 +129,35 @@ def cut_text(text, size):
     return pieces + [text[start:]]
 
 
-def _count_and_send(texts, connection, inherited_readers):
-    """A worker: count, then send. It closes the read ends it inherited from the fork, so that the parent holds the
-    only one: if the parent dies, the send fails (BrokenPipeError) and the worker ends instead of waiting forever."""
-    for reader in inherited_readers:
-        reader.close()
-    with connection:
-        connection.send(count_pretokens(texts))
+# A second kind of cut, for text read in chunks: after a line break between two word characters ("end\nNext"):
+# the line break is then a word of its own, whichever way the text is cut there. (\w, letters, digits and _, is
+# never whitespace.)
+STREAM_CUT = re.compile(SAFE_CUT.pattern + r"|(?<=\w\n)(?=\w)")
+
+
+def cut_stream(chunks, size=1 << 20, most=64):
+    """The text of `chunks` (cut anywhere, e.g. a file read 1 MB at a time) as pieces of about `size` characters,
+    cut only where encoding is unaffected: encoding the pieces one by one gives the ids of the whole text.
+
+        list(cut_stream(["the c", "at sat on", " it"], size=4)) -> ['the cat', ' sat', ' on it']
+
+    A text with no place to cut in `most` pieces' length (no space before a visible character, no line break
+    between letters) is cut where it stands, so that memory stays bounded; only there can ids differ."""
+    carry = ""
+    for chunk in chunks:
+        text, start = carry + chunk, 0
+        while len(text) - start > size:
+            m = STREAM_CUT.search(text, start + size)
+            if m is None:
+                break
+            yield text[start:m.start()]
+            start = m.start()
+        carry = text[start:]
+        if len(carry) > most * size:
+            yield carry[:-size]
+            carry = carry[-size:]
+    if carry:
+        yield carry
 
 
 # ----------------------------------------------------------------------------- training: learning the merges
@@ -289,9 +326,10 @@ class BPETokenizer(Tokenizer):
 
     @classmethod
     def train(cls, text_or_path_or_iterable, vocab_size=8192, min_frequency=2, special_tokens=(ENDOFTEXT,),
-              verbose=False):
+              verbose=False, pool=None):
         """Learn vocab_size - 256 - len(special_tokens) merges. Input: a file path, a text, or an iterable of texts
-        (documents: no word spans two of them). A str is read as a path if it names a file and has no newline.
+        (documents: no word spans two of them), read as it goes. A str is read as a path if it names a file and
+        has no newline. Counting runs on `pool` (cli.worker_pool) if given.
         If the pairs that occur at least min_frequency times run out first, training stops there with a warning
         on stderr, and the vocab is smaller (as HF tokenizers does)."""
         source = text_or_path_or_iterable
@@ -306,7 +344,7 @@ class BPETokenizer(Tokenizer):
         if n_merges < 0:
             raise ValueError(f"vocab_size={vocab_size} leaves no room for the 256 bytes and {special_tokens}")
         t0 = time.time()
-        words = count_pretokens_parallel(texts)
+        words = count_pretokens_parallel(texts, pool=pool)
         if not any(word.strip() for word in words):
             raise cli.UserError("the training text has no words to learn merges from: give a text that has some")
         t1 = time.time()
