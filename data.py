@@ -18,6 +18,11 @@ SPLITS = ("train", "val", "test")
 DTYPES = ("uint16", "uint32")  # uint16 holds 65,536 ids; uint32 the vocabularies beyond
 
 
+def dtype_for(vocab_size):
+    """The smallest dtype of the token files that holds every id: 8192 -> 'uint16'; 100_277 -> 'uint32'."""
+    return "uint16" if vocab_size <= 1 << 16 else "uint32"
+
+
 def count_words(text, convention="whitespace"):
     """Words for word-level perplexity: whitespace-separated words, or 'classic' (the WikiText and PTB papers' count):
     those plus one end-of-line per line, the last one too if it lacks a newline.

@@ -40,7 +40,7 @@ import numpy as np
 from cli import (Progress, UserError, atomic_write, check_settings, cpu_count, decode_utf8, ordered_map,
                  parse_config, run_main, setting, worker_pool, write_json)
 from corpus import Corpus
-from data import SPLITS
+from data import SPLITS, dtype_for
 from download import download, sha256_of
 from tokenizer import GPT2_MERGES_SHA256, GPT2_VOCAB_SHA256, BPETokenizer, cut_stream, load_tokenizer
 
@@ -404,6 +404,9 @@ def prepare_data(config):
     stream = lambda: in_pieces(wikitext_stream(texts) if corpus is None else  # noqa: E731  (a new pass each call)
                                by_tail(corpus, config) if tail else by_document(corpus, config))
 
+    if not any(piece.strip() for split, _, piece in stream() if split == "train"):  # (stops at the first text)
+        raise UserError("the corpus is empty: its train split has no text, only whitespace; give more text")
+
     # What the tokenizer depends on: a run that stopped after training it left it in work_dir, for the same settings
     settings = {k: v for k, v in asdict(config).items() if k not in ("out_dir", "overwrite", "workers", "cache_dir")}
     settings["files"] = [[str(f), f.stat().st_size, f.stat().st_mtime] for f in corpus.files] if corpus else None
@@ -436,7 +439,7 @@ def prepare_data(config):
         check_replaceable(out_dir, tok, config.overwrite)
         t1 = time.time()
 
-        dtype = "uint16" if tok.vocab_size <= 1 << 16 else "uint32"
+        dtype = dtype_for(tok.vocab_size)
         total = corpus.total_bytes if corpus else sum(len(text.encode("utf-8")) for text in texts.values())
         progress = Progress("encoding", total)
         position = (lambda: corpus.done_bytes) if corpus else None  # noqa: E731 (else: the characters encoded)

@@ -346,7 +346,7 @@ class BPETokenizer(Tokenizer):
         t0 = time.time()
         words = count_pretokens_parallel(texts, pool=pool)
         if not any(word.strip() for word in words):
-            raise cli.UserError("the training text has no words to learn merges from: give a text that has some")
+            raise cli.UserError("the training text is empty: it has no words to learn merges from; give a text that has some")
         t1 = time.time()
         merges = learn_merges(words, n_merges, min_frequency)
         if verbose:

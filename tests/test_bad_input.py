@@ -98,9 +98,9 @@ def test_train_settings_out_of_range(arg, fragment, run_train, tiny_data, traine
     (finetune_classifier, ["--dropout=1"], "--dropout must be >= 0 and < 1"),
     (serve, ["--port=70000"], "--port must be >= 1 and <= 65535, got 70000"),
     (serve, ["--port=-1"], "--port must be >= 1"), (serve, ["--max_batch_size=0"], "--max_batch_size must be >= 1"),
-    (prepare, ["--vocab_size=70000"], "--vocab_size must be >= 257 and <= 65536"),
+    (prepare, ["--vocab_size=2000000"], "--vocab_size must be >= 257 and <= 1048576"),
     (prepare, ["--val_fraction=1.5"], "--val_fraction must be > 0 and < 1"),
-    (prepare, ["--tokenizer=sentencepiece"], "--tokenizer must be one of bpe, gpt2"),
+    (prepare, ["--tokenizer=sentencepiece"], "--tokenizer must be bpe, gpt2 or a folder"),
     (tokenizer, ["--train=x.txt", "--vocab_size=10"], "--vocab_size must be >= 257"),
 ])
 def test_other_scripts_settings_out_of_range(module, args, fragment, run_in_process):

@@ -8,10 +8,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+import corpus
 import data
 import prepare
 from cli import UserError
-from tokenizer import BPETokenizer, cut_text, load_tokenizer
+from tokenizer import BPETokenizer, load_tokenizer
 
 WORDS = ("the river valley was named after a café owner in 1887 ; it grew to 4 @,@ 000 people , "
          "and its <unk> church ( built of stone ) still stands near the old bridge").split()
@@ -72,11 +73,24 @@ def test_classic_word_count_of_real_wikitext2(shared_data):
         assert data.count_words(text, "classic") == n
 
 
-def test_split_at_line_moves_to_a_line_start():
-    head, tail = prepare.split_at_line(["aaaa\nbbbb\n", "cccc\ndddd\n"], 12)
-    assert (head, tail) == (["aaaa\nbbbb\n", "cccc\n"], ["dddd\n"])
-    head, tail = prepare.split_at_line(["aaaa\nbbbb\n"], 5)  # already at a line start
-    assert (head, tail) == (["aaaa\n"], ["bbbb\n"])
+@pytest.mark.parametrize("chunk_bytes", [1 << 20, 3])
+def test_the_tail_of_text_files_is_cut_at_a_line_start(tmp_path, monkeypatch, chunk_bytes):
+    monkeypatch.setattr(corpus, "CHUNK_BYTES", chunk_bytes)  # a line break sought across chunks too
+    a, b = tmp_path / "a.txt", tmp_path / "b.txt"
+    a.write_text("aaaa\nbbbb\n")
+    b.write_text("cccc\ndddd\n")
+
+    def documents(files, **kw):
+        stream = prepare.by_tail(corpus.Corpus(files), prepare.PrepareConfig(**kw))
+        docs = []
+        for split, starts, text in stream:
+            docs += [[split, ""]] if starts else []
+            docs[-1][1] += text
+        return [tuple(d) for d in docs]
+    assert documents([a, b], val_fraction=0.4) == [("train", "aaaa\nbbbb\n"), ("train", "cccc\n"), ("val", "dddd\n")]
+    assert documents([a], val_fraction=0.5) == [("train", "aaaa\n"), ("val", "bbbb\n")]  # already at a line start
+    assert documents([a, b], val_fraction=0.3, test_fraction=0.3) == [
+        ("train", "aaaa\nbbbb\n"), ("val", "cccc\n"), ("test", "dddd\n")]
 
 
 # ----------------------------------------------------------------------------- the whole pipeline
@@ -135,14 +149,20 @@ def test_input_files_hold_out_the_tail_for_val(tmp_path, capsys):
     assert "train.bin" in capsys.readouterr().out
 
 
-def test_long_documents_encode_in_chunks_like_whole(tmp_path, monkeypatch):
+def test_long_documents_encode_in_chunks_like_whole(tmp_path):
     texts = write_corpus(tmp_path)
     tok = BPETokenizer.train(texts["train"], vocab_size=300)
-    doc = "First line.\nSecond line\n" + texts["val"] + "A\nB\nC\n" * 50
-    monkeypatch.setattr(prepare, "CHUNK_CHARS", 64)
-    assert len(cut_text(doc, 64)) > 3 and "".join(cut_text(doc, 64)) == doc
-    ids = prepare.encode_split(tok, [doc, "x"], "test", batch_chars=200)
+    tok.save(tmp_path / "tok")
+    doc = "First line.\nSecond line\n" + texts["val"] + "A\nB\nC\n" * 50 + "中文\n字 " * 40
+    chunks = [doc[i:i + 37] for i in range(0, len(doc), 37)]  # cut anywhere, as a file is read
+    stream = [("test", n == 0, chunk) for n, chunk in enumerate(chunks)] + [("test", True, "x")]
+    pieces = list(prepare.in_pieces(stream, size=64))
+    assert len(pieces) > 10 and "".join(p for _, _, p in pieces) == doc + "x"
+    assert [starts for _, starts, _ in pieces].count(True) == 2
+    stats = prepare.encode_batch(str(tmp_path / "tok"), "uint16", pieces)
+    ids = np.fromfile(tmp_path / "tok" / stats["test"]["file"], dtype=np.uint16)
     assert ids.tolist() == [tok.eot_id] + tok.encode(doc) + [tok.eot_id] + tok.encode("x")
+    assert stats["test"]["documents"] == 2 and stats["test"]["bytes"] == len((doc + "x").encode())
 
 
 def test_gpt2_tokenizer_from_local_folder(tmp_path, shared_data):
@@ -174,11 +194,12 @@ def test_oversized_vocab_refused_before_any_work(tmp_path, monkeypatch):
     monkeypatch.setattr(prepare, "download", no_work)
     monkeypatch.setattr(prepare, "wikitext_splits", no_work)
     monkeypatch.setattr(BPETokenizer, "train", no_work)
-    config = prepare.PrepareConfig(vocab_size=65_537, out_dir=str(tmp_path / "out"), cache_dir=str(tmp_path / "cache"))
+    config = prepare.PrepareConfig(vocab_size=(1 << 20) + 1, out_dir=str(tmp_path / "out"),
+                                   cache_dir=str(tmp_path / "cache"))
     with pytest.raises(UserError, match="vocab_size"):
         prepare.prepare_data(config)
     assert not (tmp_path / "out").exists() and not (tmp_path / "cache").exists()
-    prepare.check_config(replace(config, vocab_size=65_536))  # ids 0..65535 fit
+    prepare.check_config(replace(config, vocab_size=100_277))  # beyond 65,536 ids: uint32 token files
     with pytest.raises(UserError, match="--vocab_size must be >= 257"):
         prepare.check_config(replace(config, vocab_size=200))
     with pytest.raises(UserError, match="endoftext"):
