@@ -8,6 +8,7 @@ token, so that decoding a split and dropping those tokens gives its text back by
 """
 
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -23,13 +24,25 @@ def dtype_for(vocab_size):
     return "uint16" if vocab_size <= 1 << 16 else "uint32"
 
 
+# What str.split() splits at: these ASCII bytes, and the wider whitespace characters below
+ASCII_SPACE = np.zeros(256, dtype=bool)
+ASCII_SPACE[list(b" \t\n\v\f\r\x1c\x1d\x1e\x1f")] = True
+WIDE_SPACE = re.compile("[\x85\xa0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000]")
+
+
 def count_words(text, convention="whitespace"):
     """Words for word-level perplexity: whitespace-separated words, or 'classic' (the WikiText and PTB papers' count):
     those plus one end-of-line per line, the last one too if it lacks a newline.
 
         count_words("a b\\nc\\n") -> 3;  count_words("a b\\nc\\n", "classic") -> 5
-    """
-    words = len(text.split())
+
+    len(text.split()), counted without making the words: where a space byte is followed by another byte (a UTF-8
+    character's bytes are never ASCII), unless the text holds a wider space."""
+    if WIDE_SPACE.search(text):
+        words = len(text.split())
+    else:
+        space = ASCII_SPACE[np.frombuffer(text.encode("utf-8"), dtype=np.uint8)]
+        words = int(np.count_nonzero(space[:-1] & ~space[1:])) + int(space.size > 0 and not space[0])
     if convention == "whitespace":
         return words
     if convention == "classic":

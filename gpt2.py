@@ -31,6 +31,12 @@ GPT2_NAMES = {"wte.weight": "token_emb.weight", "wpe.weight": "pos_emb.weight",
 GPT2_BLOCK_NAMES = {"ln_1": "ln_1", "attn.c_attn": "attn.qkv_proj", "attn.c_proj": "attn.out_proj",
                     "ln_2": "ln_2", "mlp.c_fc": "mlp.up_proj", "mlp.c_proj": "mlp.down_proj"}
 GPT2_CONV1D = ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")
+# GPT-NeoX's names -> ours (our rotary model: GPTNeoXForCausalLM with a sequential residual computes the same)
+NEOX_NAMES = {"gpt_neox.embed_in.weight": "token_emb.weight", "gpt_neox.final_layer_norm.weight": "ln_f.weight",
+              "gpt_neox.final_layer_norm.bias": "ln_f.bias", "embed_out.weight": "lm_head.weight"}
+NEOX_BLOCK_NAMES = {"input_layernorm": "ln_1", "attention.query_key_value": "attn.qkv_proj",
+                    "attention.dense": "attn.out_proj", "post_attention_layernorm": "ln_2",
+                    "mlp.dense_h_to_4h": "mlp.up_proj", "mlp.dense_4h_to_h": "mlp.down_proj"}
 
 
 def hub_sha256(url):
@@ -77,6 +83,25 @@ def gpt2_config(hf_config, dropout=0.0):
                      num_attention_heads=hf_config["n_head"], dropout=dropout, bias=True)
 
 
+def neox_config(hf_config, dropout=0.0):
+    """Our GPTConfig for a GPT-NeoX config.json of the kind export.py writes: rotary positions on every dimension,
+    a sequential residual, tanh-GELU, LayerNorm; the output layer tied or not."""
+    rope = hf_config.get("rope_parameters") or {}
+    fraction = rope.get("partial_rotary_factor", hf_config.get("rotary_pct", 1.0))
+    base = rope.get("rope_theta", hf_config.get("rotary_emb_base", 10000))
+    checks = {"rotary_pct": (fraction, (1.0,)), "rope_theta": (base, (10000.0,)),
+              "use_parallel_residual": (hf_config.get("use_parallel_residual", True), (False,)),
+              "hidden_act": (hf_config.get("hidden_act"), ("gelu_new", "gelu_pytorch_tanh", "gelu_fast"))}
+    differs = [f"{name}={value}" for name, (value, allowed) in checks.items() if value not in allowed]
+    if differs or hf_config.get("intermediate_size") != 4 * hf_config["hidden_size"]:
+        raise UserError(f"this GPT-NeoX differs from our architecture ({', '.join(differs) or 'intermediate_size'}): "
+                        f"only models that export.py writes load here")
+    return GPTConfig(vocab_size=hf_config["vocab_size"], block_size=hf_config["max_position_embeddings"],
+                     hidden_size=hf_config["hidden_size"], num_hidden_layers=hf_config["num_hidden_layers"],
+                     num_attention_heads=hf_config["num_attention_heads"], dropout=dropout, bias=True,
+                     position="rope", tie_embeddings=bool(hf_config.get("tie_word_embeddings", False)))
+
+
 def gpt2_state_dict(tensors):
     """Rename a Hugging Face GPT-2 state dict to ours, transposing the Conv1D weights."""
     ours = {}
@@ -99,13 +124,20 @@ GPT2_CHOICES = {"position": "learned", "activation": "gelu", "qk_norm": False, "
                 "logit_softcap": 0.0}  # what GPT2LMHeadModel computes; dropout and initialisation do not matter
 
 
-def check_gpt2_compatible(config):
-    """Refuse a model that GPT2LMHeadModel would compute differently (rotary positions, ReLU², ...)."""
+def hf_architecture(config):
+    """'gpt2' for learned positions and a tied output layer (GPT2LMHeadModel), 'gpt_neox' for rotary positions
+    (GPTNeoXForCausalLM, tied or not); a UserError naming the setting that neither computes."""
     differs = [f"{name}={getattr(config, name)}" for name, value in GPT2_CHOICES.items()
-               if getattr(config, name) != value]
+               if name not in ("position", "tie_embeddings") and getattr(config, name) != value]
     if differs:
-        raise UserError(f"this model is no GPT-2 ({', '.join(differs)}): transformers' GPT2LMHeadModel would compute "
-                        f"something else; export a model trained with GPT-2's choices")
+        raise UserError(f"neither GPT-2 nor GPT-NeoX computes {', '.join(differs)}: transformers and llama.cpp would "
+                        f"compute something else; export a model trained without it")
+    if config.position == "rope":
+        return "gpt_neox"
+    if not config.tie_embeddings:
+        raise UserError("GPT-2 ties its output layer to the token embedding: a model with learned positions and "
+                        "tie_embeddings=False has no Hugging Face architecture here; train it with position=rope")
+    return "gpt2"
 
 
 def hf_state_dict(model):
@@ -135,6 +167,61 @@ def hf_config(config, eos_id=None):
             "tie_word_embeddings": True, "bos_token_id": eos_id, "eos_token_id": eos_id, "torch_dtype": "float32"}
 
 
+def neox_state_dict(model):
+    """Our rotary GPT's weights under GPTNeoXForCausalLM's names. Its fused qkv layer holds each head's q, k, v
+    together ((heads, 3, head_dim) rows), ours all q, then all k, then all v ((3, heads, head_dim)); a bias=False
+    model's biases are zeros."""
+    ours, c = model.state_dict(), model.config
+    heads, head_dim = c.num_attention_heads, c.hidden_size // c.num_attention_heads
+    zeros = lambda size: torch.zeros(size, dtype=ours["token_emb.weight"].dtype)  # noqa: E731
+    theirs = {hf: ours[name] for hf, name in NEOX_NAMES.items() if name in ours}
+    theirs.setdefault("gpt_neox.final_layer_norm.bias", zeros(c.hidden_size))
+    if c.tie_embeddings:
+        theirs.pop("embed_out.weight", None)
+    for i in range(c.num_hidden_layers):
+        for hf, name in NEOX_BLOCK_NAMES.items():
+            weight = ours[f"blocks.{i}.{name}.weight"]
+            bias = ours.get(f"blocks.{i}.{name}.bias", zeros(weight.size(0)))
+            if name == "attn.qkv_proj":
+                weight = weight.view(3, heads, head_dim, -1).transpose(0, 1).reshape(3 * c.hidden_size, -1)
+                bias = bias.view(3, heads, head_dim).transpose(0, 1).reshape(-1)
+            theirs[f"gpt_neox.layers.{i}.{hf}.weight"] = weight.contiguous()
+            theirs[f"gpt_neox.layers.{i}.{hf}.bias"] = bias.contiguous()
+    return theirs
+
+
+def neox_to_ours(tensors, config):
+    """A GPTNeoXForCausalLM state dict (as neox_state_dict writes it) under our names."""
+    heads, head_dim = config.num_attention_heads, config.hidden_size // config.num_attention_heads
+    ours = {}
+    for name, tensor in tensors.items():
+        if name in NEOX_NAMES:
+            ours[NEOX_NAMES[name]] = tensor
+            continue
+        m = re.fullmatch(r"gpt_neox\.layers\.(\d+)\.(.+)\.(weight|bias)", name)
+        if m and m[2] in NEOX_BLOCK_NAMES:
+            if m[2] == "attention.query_key_value":
+                tensor = tensor.view(heads, 3, head_dim, -1).transpose(0, 1).reshape(tensor.shape)
+            ours[f"blocks.{m[1]}.{NEOX_BLOCK_NAMES[m[2]]}.{m[3]}"] = tensor
+    if config.tie_embeddings and "token_emb.weight" in ours:
+        ours["lm_head.weight"] = ours["token_emb.weight"]
+    return ours
+
+
+def neox_hf_config(config, eos_id=None):
+    """GPTNeoXForCausalLM's config.json for our rotary GPTConfig: rotary on every dimension of a head (base 10000,
+    written both as transformers 4 and 5 read it), a sequential residual, tanh-GELU, LayerNorm eps 1e-5."""
+    return {"architectures": ["GPTNeoXForCausalLM"], "model_type": "gpt_neox", "vocab_size": config.vocab_size,
+            "hidden_size": config.hidden_size, "num_hidden_layers": config.num_hidden_layers,
+            "num_attention_heads": config.num_attention_heads, "intermediate_size": 4 * config.hidden_size,
+            "hidden_act": "gelu_pytorch_tanh", "rotary_pct": 1.0, "rotary_emb_base": 10000,
+            "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 1.0},
+            "max_position_embeddings": config.block_size, "layer_norm_eps": 1e-5, "use_parallel_residual": False,
+            "attention_bias": True, "tie_word_embeddings": config.tie_embeddings, "attention_dropout": 0.0,
+            "hidden_dropout": 0.0, "initializer_range": 0.02, "use_cache": True, "bos_token_id": eos_id,
+            "eos_token_id": eos_id, "torch_dtype": "float32"}
+
+
 def is_gpt2(name_or_dir):
     """A GPT-2 model name, or a folder in Hugging Face's format (model.safetensors)."""
     return name_or_dir in GPT2_MODELS or os.path.isfile(os.path.join(name_or_dir, "model.safetensors"))
@@ -154,13 +241,16 @@ def load_gpt2(name_or_dir, cache_dir="data/cache", tokenizer_dir="", dropout=0.0
         if not (folder / file).is_file():
             raise UserError(f"{folder} has no {file}: a GPT-2 folder holds Hugging Face's config.json and "
                             f"model.safetensors (save_pretrained(dir, safe_serialization=True) writes them)")
-    model = GPT(gpt2_config(json.loads((folder / "config.json").read_text()), dropout))
+    hf = json.loads((folder / "config.json").read_text())
+    neox = hf.get("model_type") == "gpt_neox"
+    model = GPT(neox_config(hf, dropout) if neox else gpt2_config(hf, dropout))
     try:
         tensors = load_file(folder / "model.safetensors")
     except (SafetensorError, OSError) as e:
         raise UserError(f"cannot read {folder / 'model.safetensors'} ({e}); delete it to download it again")
     try:
-        missing, unexpected = model.load_state_dict(gpt2_state_dict(tensors), strict=False)
+        renamed = neox_to_ours(tensors, model.config) if neox else gpt2_state_dict(tensors)
+        missing, unexpected = model.load_state_dict(renamed, strict=False)
     except RuntimeError as e:  # a tensor of the wrong shape
         raise UserError(f"{folder / 'model.safetensors'} does not match config.json: {str(e).splitlines()[-1].strip()}")
     if missing or unexpected:

@@ -40,7 +40,7 @@ import numpy as np
 from cli import (Progress, UserError, atomic_write, check_settings, cpu_count, decode_utf8, ordered_map,
                  parse_config, run_main, setting, worker_pool, write_json)
 from corpus import Corpus
-from data import SPLITS, dtype_for
+from data import SPLITS, count_words, dtype_for
 from download import download, sha256_of
 from tokenizer import GPT2_MERGES_SHA256, GPT2_VOCAB_SHA256, BPETokenizer, cut_stream, load_tokenizer
 
@@ -276,18 +276,18 @@ def encode_batch(work_dir, dtype, items):
     tok = _tokenizers[work_dir]
     ids, stats = {}, {}
     for split, starts, text in items:
-        ids.setdefault(split, []).append(np.array([tok.eot_id] * starts + tok.encode(text), dtype=dtype))
+        ids.setdefault(split, []).extend([np.array([tok.eot_id], dtype)] * starts + [tok.encode_to_numpy(text)])
         s = stats.setdefault(split, dict.fromkeys(("documents", "bytes", "words", "lines"), 0))
         s["documents"] += starts
         s["bytes"] += len(text.encode("utf-8"))
-        s["words"] += len(text.split())
+        s["words"] += count_words(text)
         s["lines"] += text.count("\n")
         s["ends_line"] = text.endswith("\n")
     for split, arrays in ids.items():
         path = Path(work_dir) / f"{split}.{os.getpid()}.ids"
         with open(path, "ab") as f:
             stats[split] |= {"file": path.name, "offset": f.tell(), "tokens": sum(map(len, arrays))}
-            np.concatenate(arrays).tofile(f)
+            np.concatenate(arrays, dtype=dtype, casting="unsafe").tofile(f)  # (ids < vocab_size fit dtype)
     return stats
 
 
@@ -383,36 +383,28 @@ def corpus_name(config):
     return config.dataset
 
 
-def prepare_data(config):
-    """Write out_dir/{train,val,test}.bin, the tokenizer files and meta.json; returns the meta dict."""
-    t0 = time.time()
-    check_config(config)
-    name = corpus_name(config)
-    out_dir = Path(config.out_dir or f"data/{name}" + ("-gpt2" if config.tokenizer == "gpt2" else ""))
-    work_dir = out_dir / ".partial"
-    corpus, texts = None, None
-    if config.input:
-        corpus = Corpus.from_files(config.input, config.text_field)
-    elif config.hf_dataset:
-        corpus = Corpus.from_hub(config.hf_dataset, config.hf_config, config.hf_split, config.hf_data_files,
-                                 config.text_field)
-    else:
-        texts = wikitext_splits(config)
-    held = ["val"] + (["test"] if config.test_fraction or config.test_documents else [])
-    tail = (corpus is not None and corpus.is_text_files() and not (config.val_documents or config.test_documents)
-            and any(split not in {split_of(i, config) for i in range(len(corpus.files))} for split in held))
-    stream = lambda: in_pieces(wikitext_stream(texts) if corpus is None else  # noqa: E731  (a new pass each call)
-                               by_tail(corpus, config) if tail else by_document(corpus, config))
+def held_out_splits(config):
+    return ["val"] + (["test"] if config.test_fraction or config.test_documents else [])
 
-    if not any(piece.strip() for split, _, piece in stream() if split == "train"):  # (stops at the first text)
-        raise UserError("the corpus is empty: its train split has no text, only whitespace; give more text")
 
-    # What the tokenizer depends on: a run that stopped after training it left it in work_dir, for the same settings
-    settings = {k: v for k, v in asdict(config).items() if k not in ("out_dir", "overwrite", "workers", "cache_dir")}
-    settings["files"] = [[str(f), f.stat().st_size, f.stat().st_mtime] for f in corpus.files] if corpus else None
-    settings = json.loads(json.dumps(settings))
+def document_stream(config):
+    """A function that streams the corpus's (split, starts a document, piece) from the start at each call."""
+    if config.input or config.hf_dataset:
+        corpus = Corpus.from_files(config.input, config.text_field) if config.input else Corpus.from_hub(
+            config.hf_dataset, config.hf_config, config.hf_split, config.hf_data_files, config.text_field)
+        by_fraction = {split_of(i, config) for i in range(len(corpus.files))}
+        tail = (corpus.is_text_files() and not (config.val_documents or config.test_documents)
+                and not set(held_out_splits(config)) <= by_fraction)  # too few files to hold out whole ones
+        return lambda: in_pieces(by_tail(corpus, config) if tail else by_document(corpus, config)), corpus
+    texts = wikitext_splits(config)
+    return lambda: in_pieces(wikitext_stream(texts)), texts
+
+
+def start_work_dir(work_dir, settings):
+    """Make work_dir; an earlier run's files there are removed, but for the tokenizer it trained, kept if it was
+    trained with these settings. Returns whether it was kept."""
+    kept = False
     try:
-        kept = False
         if work_dir.exists():
             try:
                 kept = json.loads((work_dir / "settings.json").read_text(encoding="utf-8")) == settings
@@ -423,9 +415,49 @@ def prepare_data(config):
             for path in work_dir.iterdir():
                 if not kept or path.suffix == ".ids":
                     path.unlink()
-        work_dir.mkdir(parents=True, exist_ok=True)  # (also: can we write here, before any work?)
-    except OSError as e:
-        raise UserError(f"cannot write in {out_dir} ({e.strerror or e}): choose another --out_dir") from None
+        work_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:  # (a folder we cannot write in: said before any work)
+        raise UserError(f"cannot write in {work_dir.parent} ({e.strerror or e}): choose another --out_dir") from None
+    return kept
+
+
+def write_dataset(out_dir, work_dir, tok, dtype, totals, parts, meta):
+    """Move the finished dataset to its final names: each .bin whole, the tokenizer, then meta.json (the folder is
+    no finished dataset without it), with the splits' totals; returns meta."""
+    (out_dir / "meta.json").unlink(missing_ok=True)
+    for split in SPLITS:
+        if split in parts:
+            atomic_write(out_dir / f"{split}.bin", lambda tmp: concatenate(parts[split], work_dir, dtype, tmp))
+            for file in {file for file, _, _ in parts[split]}:
+                (work_dir / file).unlink()
+        else:
+            (out_dir / f"{split}.bin").unlink(missing_ok=True)  # a stale split from an earlier run would mislead
+    meta["tokenizer"]["files"] = tok.save(out_dir)
+    for split in (s for s in SPLITS if s in totals):
+        t = totals[split]
+        meta["splits"][split] = {"documents": t["documents"], "tokens": t["tokens"], "bytes": t["bytes"],
+                                 "words_whitespace": t["words"]}
+        if meta["word_convention"] == "classic":  # the WikiText papers' count: + one end of line per line
+            meta["splits"][split]["words_classic"] = t["words"] + t["lines"] + (0 if t["ends_line"] else 1)
+    write_json(out_dir / "meta.json", meta)
+    shutil.rmtree(work_dir)
+    return meta
+
+
+def prepare_data(config):
+    """Write out_dir/{train,val,test}.bin, the tokenizer files and meta.json; returns the meta dict."""
+    t0 = time.time()
+    check_config(config)
+    name = corpus_name(config)
+    out_dir = Path(config.out_dir or f"data/{name}" + ("-gpt2" if config.tokenizer == "gpt2" else ""))
+    work_dir = out_dir / ".partial"
+    stream, source = document_stream(config)
+    if not any(piece.strip() for split, _, piece in stream() if split == "train"):  # (stops at the first text)
+        raise UserError("the corpus is empty: its train split has no text, only whitespace; give more text")
+    settings = {k: v for k, v in asdict(config).items() if k not in ("out_dir", "overwrite", "workers", "cache_dir")}
+    if isinstance(source, Corpus):  # the files too: a changed file makes another tokenizer
+        settings["files"] = [[str(f), f.stat().st_size, f.stat().st_mtime] for f in source.files]
+    kept = start_work_dir(work_dir, json.loads(json.dumps(settings)))
 
     workers = config.workers or cpu_count()
     pool = worker_pool(workers) if workers > 1 else None
@@ -440,39 +472,22 @@ def prepare_data(config):
         t1 = time.time()
 
         dtype = dtype_for(tok.vocab_size)
-        total = corpus.total_bytes if corpus else sum(len(text.encode("utf-8")) for text in texts.values())
-        progress = Progress("encoding", total)
-        position = (lambda: corpus.done_bytes) if corpus else None  # noqa: E731 (else: the characters encoded)
+        if isinstance(source, Corpus):
+            progress, position = Progress("encoding", source.total_bytes), lambda: source.done_bytes
+        else:  # WikiText, in memory
+            progress, position = Progress("encoding", sum(len(t.encode()) for t in source.values())), None
         totals, parts = encode_stream(stream(), str(work_dir), dtype, pool, 2 * workers, progress, position)
         t2 = time.time()
-        empty = [split for split in ["train"] + held if not totals.get(split, {}).get("tokens")]
+        empty = [split for split in ["train"] + held_out_splits(config) if split not in totals]
         if empty:
             documents = sum(t["documents"] for t in totals.values())
             raise UserError(f"the corpus leaves the {' and '.join(empty)} split empty ({documents:,} documents in "
                             f"all): give more text, or change --val_fraction/--test_fraction (or --val_documents)")
 
-        # Each file whole under its final name, meta.json last: without it, the folder is no finished dataset
-        (out_dir / "meta.json").unlink(missing_ok=True)
-        for split in SPLITS:
-            if split in parts:
-                atomic_write(out_dir / f"{split}.bin", lambda tmp: concatenate(parts[split], work_dir, dtype, tmp))
-                for file in {file for file, _, _ in parts[split]}:
-                    (work_dir / file).unlink()
-            else:
-                (out_dir / f"{split}.bin").unlink(missing_ok=True)  # a stale split from an earlier run would mislead
-        files = tok.save(out_dir)
-        stats = {}
-        for split in (s for s in SPLITS if s in totals):
-            t = totals[split]
-            stats[split] = {"documents": t["documents"], "tokens": t["tokens"], "bytes": t["bytes"],
-                            "words_whitespace": t["words"]}
-            if name == "wikitext-2":  # the WikiText papers' count: word-level perplexity divides by it
-                stats[split]["words_classic"] = t["words"] + t["lines"] + (0 if t["ends_line"] else 1)
         kind = config.tokenizer if config.tokenizer in ("bpe", "gpt2") else "folder"
-        meta = {
+        meta = write_dataset(out_dir, work_dir, tok, dtype, totals, parts, {
             "dataset": name,
-            "tokenizer": {"kind": kind, "files": files} | (
-                {"min_frequency": config.min_frequency} if kind == "bpe" else {}) | (
+            "tokenizer": {"kind": kind, "files": []} | ({"min_frequency": config.min_frequency} if kind == "bpe" else {}) | (
                 {"from": config.tokenizer} if kind == "folder" else {}),
             "vocab_size": tok.vocab_size,
             "special_tokens": tok.special_tokens,
@@ -481,10 +496,8 @@ def prepare_data(config):
             "layout": "each document is preceded by eot_id",
             "word_convention": "classic" if name == "wikitext-2" else "whitespace",  # splits[...]["words_" + this]
             **({"unknown_word": "<unk>"} if name == "wikitext-2" else {}),  # the release's marker for rare words
-            "splits": stats,
-        }
-        write_json(out_dir / "meta.json", meta)
-        shutil.rmtree(work_dir)
+            "splits": {},
+        })
     except KeyboardInterrupt:
         raise KeyboardInterrupt(f"nothing was written under a final name in {out_dir}; the same command starts "
                                 f"over") from None
@@ -495,14 +508,14 @@ def prepare_data(config):
         if pool is not None:
             pool.terminate()
 
-    text_bytes = sum(s["bytes"] for s in stats.values())
+    text_bytes = sum(s["bytes"] for s in meta["splits"].values())
     print(f"{name}, {kind} tokenizer with {tok.vocab_size:,} ids -> {out_dir} in {time.time() - t0:.1f} s "
           f"(tokenizer {t1 - t0:.1f} s, encoding {t2 - t1:.1f} s: {text_bytes / 1e6 / max(t2 - t1, 1e-9):.1f} MB/s "
           f"on {workers} processes)")
-    size = np.dtype(dtype).itemsize
-    for split, s in stats.items():
-        print(f"  {split + '.bin':9s} {s['tokens']:>11,} tokens ({size * s['tokens'] / 1e6:6.2f} MB) from "
-              f"{s['documents']:,} documents, {s['bytes']:,} bytes ({s['bytes'] / s['tokens']:.2f} bytes/token)")
+    for split, s in meta["splits"].items():
+        print(f"  {split + '.bin':9s} {s['tokens']:>11,} tokens ({np.dtype(dtype).itemsize * s['tokens'] / 1e6:6.2f} "
+              f"MB) from {s['documents']:,} documents, {s['bytes']:,} bytes ({s['bytes'] / s['tokens']:.2f} "
+              f"bytes/token)")
     return meta
 
 

@@ -84,4 +84,51 @@ def test_a_model_beyond_gpt2_is_refused(tiny_ckpt, tmp_path, run_in_process):
     save_checkpoint({"model": GPT(GPTConfig(**config)).state_dict(), "model_config": config}, folder)
     load_tokenizer(tiny_ckpt).save(folder)
     status, _, err = run_in_process(export, f"--model={folder}", f"--to={tmp_path / 'hf'}")
-    assert status == 2 and "position=rope, activation=relu2" in err and not (tmp_path / "hf").exists()
+    assert status == 2 and "neither GPT-2 nor GPT-NeoX computes activation=relu2" in err, err
+    assert not (tmp_path / "hf").exists()
+
+
+def recipe_model(recipe, tiny_ckpt, folder, **change):
+    """A small model with the architecture a shipped config trains (its position, output layer, activation ...),
+    every weight random (biases and LayerNorm gains too, so that a misplaced tensor shows), saved with the tiny
+    tokenizer in folder."""
+    from cli import read_config_file
+    settings = read_config_file(f"config/{recipe}.py")
+    arch = {k: settings[k] for k in ("position", "tie_embeddings", "activation", "qk_norm", "logit_softcap", "bias")
+            if k in settings}
+    config = torch.load(tiny_ckpt / "ckpt.pt", weights_only=True)["model_config"] | {"bias": True} | arch | change
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(**config))
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    save_checkpoint({"model": model.state_dict(), "model_config": config}, folder)
+    load_tokenizer(tiny_ckpt).save(folder)
+    return model.eval()
+
+
+@pytest.mark.parametrize("recipe, change", [("wikitext_small", {}), ("wikitext_tiny", {}),
+                                            ("wikitext_small", {"tie_embeddings": True, "bias": False})])
+def test_rotary_recipes_export_as_gpt_neox(recipe, change, tiny_ckpt, tmp_path, monkeypatch):
+    transformers = pytest.importorskip("transformers")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    ours = recipe_model(recipe, tiny_ckpt, tmp_path / "ckpt", **change)
+    assert ours.config.position == "rope"
+    export.export(tmp_path / "ckpt", tmp_path / "hf")
+    theirs = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
+    assert type(theirs).__name__ == "GPTNeoXForCausalLM"
+    assert theirs.config.tie_word_embeddings == ours.config.tie_embeddings
+    idx = torch.randint(ours.config.vocab_size, (2, ours.config.block_size), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        assert torch.allclose(theirs(idx).logits, ours(idx)[0], atol=1e-4)
+        prompt = idx[:1, :5]
+        greedy = theirs.generate(prompt, max_new_tokens=20, do_sample=False, pad_token_id=0, min_new_tokens=20)
+        mine = [t.item() for t in ours.generate_tokens(prompt, 20, temperature=0.0)]
+    assert greedy[0, 5:].tolist() == mine
+    back, tok = load_gpt2(tmp_path / "hf")  # the folder loads back into our GPT
+    with torch.no_grad():
+        assert torch.allclose(back(idx)[0], ours(idx)[0], atol=1e-5)
+    hf_tok = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf")
+    for text in TEXTS:
+        assert hf_tok(text)["input_ids"] == tok.encode(text, allowed_special="all")
+
