@@ -1,7 +1,8 @@
 """
 GPT-2's format and ours, both ways. OpenAI's GPT-2 weights as our GPT: downloaded from the Hugging Face Hub (checked,
 cached) or read from a local folder in Hugging Face's format (model.safetensors + config.json), without pickle and
-without `transformers`. And our GPT as a GPT-2 (GPT2LMHeadModel), for export.py.
+without `transformers`. And our GPT as a GPT-2 (GPT2LMHeadModel) or, with rotary positions, a GPT-NeoX
+(GPTNeoXForCausalLM), for export.py; such a GPT-NeoX folder loads back here too.
 
     model, tokenizer = load_gpt2("gpt2")              # gpt2 | gpt2-medium | gpt2-large | gpt2-xl, or a folder
     tensors, config = hf_state_dict(model), hf_config(model.config, eos_id=tokenizer.eot_id)

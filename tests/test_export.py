@@ -132,3 +132,31 @@ def test_rotary_recipes_export_as_gpt_neox(recipe, change, tiny_ckpt, tmp_path, 
     for text in TEXTS:
         assert hf_tok(text)["input_ids"] == tok.encode(text, allowed_special="all")
 
+
+
+@pytest.mark.parametrize("recipe, gguf_type", [("wikitext_small", "f32"), ("wikitext_small", "q8_0"),
+                                               ("wikitext_tiny", "f16")])
+def test_gguf_holds_the_weights_and_the_tokenizer(recipe, gguf_type, tiny_ckpt, tmp_path, run_in_process):
+    gguf = pytest.importorskip("gguf")
+    ours = recipe_model(recipe, tiny_ckpt, tmp_path / "ckpt")
+    status, out, err = run_in_process(export, f"--model={tmp_path / 'ckpt'}", f"--to={tmp_path / 'm.gguf'}",
+                                      f"--gguf_type={gguf_type}")
+    assert status == 0, err
+    reader = gguf.GGUFReader(tmp_path / "m.gguf")
+    field = lambda key: reader.fields[key].contents()  # noqa: E731
+    c = ours.config
+    assert field("general.architecture") == "gptneox"
+    assert field("gptneox.rope.dimension_count") == c.hidden_size // c.num_attention_heads
+    assert field("gptneox.use_parallel_residual") is False and field("gptneox.block_count") == c.num_hidden_layers
+    tok = load_tokenizer(tiny_ckpt)
+    vocab, merges = tok._vocab_and_merges()
+    assert field("tokenizer.ggml.tokens") == list(vocab) and field("tokenizer.ggml.merges") == merges
+    assert field("tokenizer.ggml.eos_token_id") == tok.eot_id and field("tokenizer.ggml.pre") == "gpt-2"
+    tensors = {t.name: t for t in reader.tensors}
+    state = ours.state_dict()
+    for ours_name, theirs in [("blocks.1.attn.qkv_proj.weight", "blk.1.attn_qkv.weight"),
+                              ("lm_head.weight", "output.weight"), ("blocks.0.ln_2.bias", "blk.0.ffn_norm.bias")]:
+        t = tensors[theirs]
+        data = gguf.quants.dequantize(t.data, t.tensor_type).reshape(state[ours_name].shape)
+        tolerance = {"f32": 0, "f16": 1e-3, "q8_0": 2e-2}[gguf_type] if data.ndim == 2 else 0
+        assert abs(data - state[ours_name].numpy()).max() <= tolerance, (theirs, gguf_type)

@@ -66,6 +66,15 @@ def test_count_words_conventions():
         data.count_words("a", "bytes")
 
 
+def test_fast_word_count_is_str_split():
+    rng = np.random.default_rng(0)
+    chars = [" ", "\t", "\n", "\x0b", "\x0c", "\r", "\x1c", "\x1f", "\x85", "\xa0", "\u3000", "\u2009", "a", "é", "中",
+             "🙂", "b", "\x00"]
+    for _ in range(2000):
+        text = "".join(rng.choice(chars, size=int(rng.integers(0, 30))))
+        assert data.count_words(text) == len(text.split()), repr(text)
+
+
 def test_classic_word_count_of_real_wikitext2(shared_data):
     expected = {"test": 245_569, "valid": 217_646, "train": 2_088_628}  # the WikiText paper's figures
     for split, n in expected.items():
