@@ -351,9 +351,10 @@ def main():
                 train_loss = loss_sum.item() / (iter_num - last_log_iter)
                 loss_sum.zero_()
                 if not math.isfinite(train_loss):
+                    rates = "--learning_rate" + (" and --muon_learning_rate" if config.optimizer == "muon" else "")
+                    dtype_hint = ", use --dtype=bfloat16 or float32" if ptdtype == torch.float16 else ""
                     raise UserError(f"loss is {train_loss} at iteration {iter_num}: training diverged; lower "
-                                    f"--learning_rate, use --dtype=bfloat16 or float32, and resume from the last "
-                                    f"checkpoint")
+                                    f"{rates}{dtype_hint}, and resume from the last checkpoint")
                 dt = (now - last_log_time) / (iter_num - last_log_iter)
                 tokens_per_sec = tokens_per_iter / dt
                 mfu = raw_model.estimate_mfu(tokens_per_sec, device_peak_flops) if device_peak_flops else None
