@@ -67,9 +67,9 @@ class Corpus:
 
     def __init__(self, files=(), text_field="text", dataset=None, describe=""):
         self.files, self.text_field, self.dataset, self.describe = list(files), text_field, dataset, describe
-        sizes = [f.stat().st_size for f in self.files]
-        self._before = dict(zip(self.files, itertools.accumulate([0] + sizes)))  # the bytes of the files before f
-        self.total_bytes = sum(sizes) if self.files else None
+        self.sizes = {f: f.stat().st_size for f in self.files}
+        self._before = dict(zip(self.files, itertools.accumulate([0, *self.sizes.values()])))  # bytes before f
+        self.total_bytes = sum(self.sizes.values()) if self.files else None
         self.done_bytes = 0
 
     @classmethod
@@ -98,11 +98,7 @@ class Corpus:
 
     def text_sizes(self):
         """The bytes of text in each file (a .gz file is read through to count them)."""
-        sizes = []
-        for f in self.files:
-            sizes.append(sum(len(b) for b in self._binary_chunks(f, count=False)) if f.suffix == ".gz"
-                         else f.stat().st_size)
-        return sizes
+        return [sum(map(len, self._binary_chunks(f))) if f.suffix == ".gz" else self.sizes[f] for f in self.files]
 
     def documents(self):
         """Each document as an iterator of str chunks; take each one fully before asking for the next."""
@@ -118,17 +114,15 @@ class Corpus:
                 records = self._jsonl_texts(path) if kind == "jsonl" else self._parquet_texts(path)
                 for text in records:
                     yield iter((text,))
-            self.done_bytes = self._before[path] + path.stat().st_size
+            self.done_bytes = self._before[path] + self.sizes[path]
 
-    def _binary_chunks(self, path, count=True):
+    def _binary_chunks(self, path):
         """The bytes of a file (decompressed if .gz) in chunks; done_bytes follows the file read so far."""
-        before = self._before[path] if count else 0
         try:
             with open(path, "rb") as raw:
                 stream = gzip.GzipFile(fileobj=raw) if path.suffix == ".gz" else raw
                 while chunk := stream.read(CHUNK_BYTES):
-                    if count:
-                        self.done_bytes = before + raw.tell()
+                    self.done_bytes = self._before[path] + raw.tell()
                     yield chunk
         except (gzip.BadGzipFile, EOFError, zlib.error) as e:
             raise UserError(f"{path} is not a whole gzip file ({e}): download or compress it again") from None
@@ -204,7 +198,7 @@ class Corpus:
                             raise UserError(f"{path}: the {self.text_field!r} column holds "
                                             f"{type(text).__name__}, not text")
                         yield text or ""
-                self.done_bytes = before + path.stat().st_size * (g + 1) // groups
+                self.done_bytes = before + self.sizes[path] * (g + 1) // groups
         except OSError as e:
             raise UserError(f"cannot read {path} as Parquet ({e})") from None
         except Exception as e:

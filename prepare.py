@@ -327,6 +327,8 @@ def concatenate(parts, work_dir, dtype, path):
                 left = tokens * size
                 while left:
                     block = f.read(min(left, 1 << 24))
+                    if not block:  # (a work file cut short under us: stop, rather than loop forever)
+                        raise OSError(f"{work_dir / name} is shorter than the ids written into it")
                     out.write(block)
                     left -= len(block)
 
@@ -339,7 +341,7 @@ def check_config(config):
     check_settings(config)
     if config.out_dir and os.path.exists(config.out_dir) and not os.path.isdir(config.out_dir):
         raise UserError(f"--out_dir={config.out_dir} is a file: choose a folder")
-    if sum(map(bool, (config.input, config.hf_dataset))) > 1:
+    if config.input and config.hf_dataset:
         raise UserError("give one corpus: --input or --hf_dataset")
     if not (config.input or config.hf_dataset) and config.dataset not in WIKITEXT:
         raise UserError(f"unknown --dataset={config.dataset}: choose {' or '.join(WIKITEXT)}, or give --input=FILE "
