@@ -11,6 +11,10 @@ The engine owns the rows: it points the model's caches at one row to run a promp
         ...
     sequence.finish_reason              # "stop" (stop_id) or "length" (max_new_tokens)
 
+With logprobs=k, each new token's log-probability under the model (its raw distribution, whatever the sampling
+settings) and the k likeliest tokens' come in sequence.scores; with score_prompt, the prompt's tokens' in
+sequence.prompt_scores (None for the first, which has no context). max_new_tokens=0 then just scores the prompt.
+
 Decoding one token for 32 sequences reads the weights once, as for one sequence: on a small model the step costs
 little more than a single sequence's step, so the server's throughput grows with the batch.
 """
@@ -23,12 +27,26 @@ import torch
 from model import sample_next_token
 
 
+def scores(logits, tokens, k):
+    """For each row of logits (T, vocab) and the token that followed it: (its log-probability, [(id, logprob)] of the
+    k likeliest tokens), as Python numbers."""
+    logprobs = logits.float().log_softmax(dim=-1)
+    chosen = logprobs.gather(1, torch.tensor(tokens, device=logits.device)[:, None])[:, 0].tolist()
+    top = logprobs.topk(k, dim=-1) if k else None
+    alternatives = [list(zip(i, v)) for i, v in zip(top.indices.tolist(), top.values.tolist())] if k else \
+        [[] for _ in tokens]
+    return list(zip(chosen, alternatives))
+
+
 class Sequence:
     """One request: its tokens so far, sampling settings, and the queue its new token ids arrive on. Iterate over
     it for the new ids; close() (or leaving the loop early) frees its row at the engine's next step."""
 
-    def __init__(self, ids, max_new_tokens, temperature, top_k, top_p, seed, stop_id, device):
+    def __init__(self, ids, max_new_tokens, temperature, top_k, top_p, seed, stop_id, device, logprobs=None,
+                 score_prompt=False):
         self.ids, self.max_new_tokens, self.stop_id = list(ids), max_new_tokens, stop_id
+        self.logprobs, self.score_prompt = logprobs, score_prompt
+        self.scores, self.prompt_scores = [], None  # [(logprob, [(id, logprob) of the likeliest]) per token]
         self.temperature, self.top_k, self.top_p = temperature, top_k or None, top_p
         self.generator = None if seed is None else torch.Generator(device=device).manual_seed(seed)
         self.generated, self.length, self.logits = 0, 0, None  # length: positions of this sequence in the KV cache
@@ -64,11 +82,14 @@ class BatchEngine:
         self.thread = threading.Thread(target=self._run, name="batch-engine", daemon=True)
         self.thread.start()
 
-    def submit(self, ids, max_new_tokens, temperature=0.8, top_k=None, top_p=None, seed=None, stop_id=None):
+    def submit(self, ids, max_new_tokens, temperature=0.8, top_k=None, top_p=None, seed=None, stop_id=None,
+               logprobs=None, score_prompt=False):
         """Queue a prompt (token ids); returns its Sequence. Greedy when temperature is 0; top_k 0/None and top_p
-        None/1.0 switch those filters off; a seed makes the sample reproducible, whatever else is in the batch."""
-        sequence = Sequence(ids, max_new_tokens, temperature, top_k, top_p, seed, stop_id, self.device)
-        if max_new_tokens < 1:
+        None/1.0 switch those filters off; a seed makes the sample reproducible, whatever else is in the batch.
+        logprobs (the number of alternatives) and score_prompt: see the module's docstring."""
+        sequence = Sequence(ids, max_new_tokens, temperature, top_k, top_p, seed, stop_id, self.device, logprobs,
+                            score_prompt)
+        if max_new_tokens < 1 and not score_prompt:
             sequence.finish_reason = "length"
             sequence.tokens.put(None)
         else:
@@ -109,9 +130,17 @@ class BatchEngine:
             context = sequence.ids[-self.model.config.block_size:]  # a long prompt keeps its end
             try:
                 self._use_rows(len(self.active), len(self.active) + 1)
-                sequence.logits = self.model.prefill(self._tensor([context]))[0]
+                logits = self.model.prefill(self._tensor([context]), every_position=sequence.score_prompt)[0]
+                if sequence.score_prompt:
+                    sequence.prompt_scores = [None] + scores(logits[:-1], context[1:], sequence.logprobs or 0)
+                    logits = logits[-1]
+                sequence.logits = logits
             except Exception as e:  # this request fails alone
                 sequence.tokens.put(e)
+                continue
+            if sequence.max_new_tokens < 1:  # only the prompt's scores were asked for
+                sequence.finish_reason = "length"
+                sequence.tokens.put(None)
                 continue
             sequence.length = len(context)
             self.active.append(sequence)
@@ -128,6 +157,8 @@ class BatchEngine:
             if token == sequence.stop_id:
                 sequence.finish_reason = "stop"
                 continue
+            if sequence.logprobs is not None:
+                sequence.scores += scores(sequence.logits[None], [token], sequence.logprobs)
             sequence.ids.append(token)
             sequence.generated += 1
             sequence.tokens.put(token)

@@ -298,10 +298,12 @@ class GPT(nn.Module):
                 shape = (batch_size, attn.num_heads, self.config.block_size, attn.head_dim)
                 attn.kv_cache = KVCache(w.new_zeros(shape), w.new_zeros(shape))
 
-    def prefill(self, idx):
-        """Run the prompt idx (B, T) as positions 0..T-1, writing the KV cache; the next-token logits (B, vocab)."""
+    def prefill(self, idx, every_position=False):
+        """Run the prompt idx (B, T) as positions 0..T-1, writing the KV cache; the next-token logits (B, vocab), or
+        with every_position those after each of its tokens (B, T, vocab): what scoring a prompt needs."""
         positions = torch.arange(idx.size(1), device=idx.device)
-        return self.logits(self.hidden_states(idx, positions)[:, -1])
+        hidden = self.hidden_states(idx, positions)
+        return self.logits(hidden if every_position else hidden[:, -1])
 
     def decode_one_token(self, idx, input_pos):
         """One token per sequence, idx (B, 1), at input_pos: (1,), the same position for every row, or (B, 1), a

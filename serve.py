@@ -15,8 +15,11 @@ model list; plus classification with a fine-tuned classifier and a small page to
     curl -s localhost:8000/v1/classify -d '{"text": "Free entry, win cash now"}'
     curl -s localhost:8000/health
 
-Endpoints: GET /v1/models (and /v1/models/<id>); POST /v1/completions {prompt, max_tokens, temperature, top_p, n (1),
-stop, seed, stream, stream_options, and our extra top_k}; POST /v1/chat/completions {messages, ...the same}, for a
+Endpoints: GET /v1/models (and /v1/models/<id>); POST /v1/completions {prompt (a string, a list of strings, a list of
+token ids or a list of such lists: a choice group each), max_tokens (0 with echo scores a text), temperature, top_p,
+n (up to 16), logprobs (0-5: each token's log-probability under the model and the likeliest alternatives), echo,
+stop, seed, stream, stream_options, and our extra top_k}, as lm-evaluation-harness's local-completions model uses it;
+POST /v1/chat/completions {messages, ...the same but n 1, no logprobs}, for a
 model that finetune_instruct.py trained: the messages become its prompt template (the last user message is the
 instruction; earlier messages, the system message first, become its input as a "role: text" transcript); another
 model answers 400. POST /v1/classify {text} -> {"label", "probability"}. GET /health -> the model, the device and
@@ -126,12 +129,19 @@ def sampling_fields(config, default_max_tokens):
     }
 
 
+MAX_N, MAX_CHOICES = 16, 64  # choices per prompt; choices per request (prompts x n)
+
+
 def completion_fields(config):
-    fields = sampling_fields(config, default_max_tokens=min(16, config.max_tokens_limit))  # OpenAI's default
-    chars = config.max_prompt_chars
-    fields["prompt"] = (REQUIRED, lambda v: isinstance(v, str) and 0 < len(v) <= chars,
-                        f"must be a string of 1 to {chars} characters")
-    fields["echo"] = (False, lambda v: v is False, "is not supported: leave it out or false")
+    limit = config.max_tokens_limit
+    fields = sampling_fields(config, default_max_tokens=min(16, limit))  # OpenAI's default
+    fields["prompt"] = (REQUIRED, lambda v: isinstance(v, (str, list)),  # read_prompts checks what is inside
+                        "must be a string, a list of strings, a list of token ids or a list of such lists")
+    fields["max_tokens"] = (fields["max_tokens"][0], number(int, 0, limit),
+                            f"must be an integer from 0 to {limit} (0: score the prompt, with echo)")
+    fields["n"] = (1, number(int, 1, MAX_N), f"must be an integer from 1 to {MAX_N} (choices per prompt)")
+    fields["logprobs"] = (None, number(int, 0, 5), "must be an integer from 0 to 5 (the likeliest tokens shown)")
+    fields["echo"] = (False, lambda v: isinstance(v, bool), "must be true or false")
     fields["best_of"] = (1, lambda v: v == 1, "is not supported: leave it out or 1")
     fields["suffix"] = (None, lambda v: False, "is not supported: leave it out")
     return fields
@@ -213,6 +223,40 @@ def token_matches(header, token):
     return scheme.lower() == "bearer" and hmac.compare_digest(given.strip().encode(), token.encode())
 
 
+def read_prompts(value, tokenizer, max_chars, max_prompts):
+    """OpenAI's prompt forms as [(text or None, token ids)]: a string (its ids after <|endoftext|>, where a document
+    starts; "" is just that token), a list of strings, a list of token ids (taken as they are), or a list of such
+    lists. One prompt per choice group, in order.
+
+        read_prompts("Hi", ...) -> [("Hi", [eot, ...])];  read_prompts([[5, 6], [7]], ...) -> [(None, [5, 6]), (None, [7])]
+    """
+    vocab = tokenizer.vocab_size
+    is_id = lambda t: is_json_type(t, int) and 0 <= t < vocab  # noqa: E731
+
+    def one(item, where):
+        if isinstance(item, str):
+            if len(item) > max_chars:
+                raise ApiError(f"prompt{where} has {len(item)} characters, beyond the server's limit of {max_chars}",
+                               "prompt")
+            return item, tokenizer.encode_document(item)
+        if isinstance(item, list) and item and all(is_id(t) for t in item):
+            if len(item) > max_chars:
+                raise ApiError(f"prompt{where} has {len(item)} token ids, beyond the server's limit of {max_chars}",
+                               "prompt")
+            return None, list(item)
+        bad = next((t for t in item if not is_id(t)), None) if isinstance(item, list) and item else None
+        if bad is not None and is_json_type(bad, int):
+            raise ApiError(f"prompt{where} holds the token id {bad}, outside the vocabulary (0 to {vocab - 1})",
+                           "prompt")
+        raise ApiError(f"prompt{where} must be a string or a non-empty list of token ids (0 to {vocab - 1}), got "
+                       f"{excerpt(item)}", "prompt")
+    if isinstance(value, str) or (value and all(is_json_type(t, int) for t in value)):
+        return [one(value, "")]
+    if not 0 < len(value) <= max_prompts:
+        raise ApiError(f"prompt must hold 1 to {max_prompts} prompts, got {len(value)}", "prompt")
+    return [one(item, f"[{i}]") for i, item in enumerate(value)]
+
+
 def chat_to_prompt(messages):
     """The instruction-template prompt for OpenAI chat messages: the last user message is the instruction, the
     earlier ones the input, as a transcript. A message's content is a string or a list of text parts."""
@@ -259,30 +303,74 @@ def text_until_stop(pieces, stops):
 
 
 class Completion:
-    """One generation of the engine, as text: iterate for the pieces; then finish_reason ("stop": end-of-text or a
-    stop string; "length": max_tokens) and the token counts are set."""
+    """One choice: the engine's generation of a prompt, as text. Iterate for the pieces (with echo, the prompt's
+    text first); then finish_reason ("stop": end-of-text or a stop string; "length": max_tokens) is set, and with
+    logprobs, logprobs() gives OpenAI's object. A text prompt starts after <|endoftext|> (as documents do in
+    training): that token is not echoed, and the text's first token is scored; a token-id prompt is taken as it is,
+    its first token unscored (null)."""
 
-    def __init__(self, engine, tokenizer, prompt, req):
-        self.ids = tokenizer.encode_document(prompt)
-        self.sequence = engine.submit(self.ids, req["max_tokens"], req["temperature"], req["top_k"], req["top_p"],
-                                      req["seed"], tokenizer.eot_id)
-        self.tokenizer, self.stops, self.finish_reason = tokenizer, req["stop"], None
-        if isinstance(self.stops, str):
-            self.stops = [self.stops]
+    def __init__(self, engine, tokenizer, text, ids, req, seed, logprobs=None, echo=False):
+        self.tokenizer, self.text, self.ids, self.logprobs_wanted, self.echo = tokenizer, text, ids, logprobs, echo
+        self.hidden = 0 if text is None else 1  # the <|endoftext|> a text prompt starts after
+        self.sequence = engine.submit(ids, req["max_tokens"], req["temperature"], req["top_k"], req["top_p"], seed,
+                                      tokenizer.eot_id, logprobs=logprobs, score_prompt=echo and logprobs is not None)
+        self.stops = [req["stop"]] if isinstance(req["stop"], str) else req["stop"] or []
+        self.finish_reason, self.taken, self.completion_text = None, [], ""  # taken: new ids the text has read
+
+    def prompt_text(self):
+        return self.text if self.text is not None else self.tokenizer.decode(self.ids)
 
     def __iter__(self):
         try:
-            stopped = yield from text_until_stop(decode_stream(self.tokenizer, self.sequence), self.stops or [])
+            if self.echo and self.prompt_text():
+                yield self.prompt_text()
+            stopped = False
+            pieces = text_until_stop(decode_stream(self.tokenizer, self._taking()), self.stops)
+            while True:
+                try:
+                    piece = next(pieces)
+                except StopIteration as end:
+                    stopped = end.value
+                    break
+                self.completion_text += piece
+                yield piece
             self.finish_reason = "stop" if stopped else self.sequence.finish_reason
         finally:
             self.sequence.close()  # a stop string, or a client gone: the engine frees the row at its next step
 
+    def _taking(self):
+        for token in self.sequence:
+            self.taken.append(token)
+            yield token
+
     def close(self):
         self.sequence.close()
 
-    def usage(self):
-        prompt, completion = len(self.ids), self.sequence.generated
-        return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+    def logprobs(self, prompt=True, start=0, stop=None):
+        """OpenAI's logprobs object (tokens, token_logprobs, top_logprobs, text_offset) of the prompt (with echo)
+        and of the new tokens start..stop; the whole answer's (stop None) ends where its text does (a stop string).
+        An offset counts the characters of the tokens before it (a character split over tokens counts as U+FFFD)."""
+        if self.logprobs_wanted is None:
+            return None
+        out = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
+        decode = lambda token: self.tokenizer.decode([token])  # noqa: E731
+
+        def add(tokens, scores, offset, end=None):
+            for token, score in zip(tokens, scores):
+                if end is not None and offset >= end:
+                    break
+                out["tokens"].append(decode(token))
+                out["text_offset"].append(offset)
+                out["token_logprobs"].append(None if score is None else score[0])
+                out["top_logprobs"].append(None if score is None else {decode(i): lp for i, lp in score[1]})
+                offset += len(out["tokens"][-1])
+        if prompt and self.echo:
+            add(self.ids[self.hidden:], self.sequence.prompt_scores[self.hidden:], 0)
+        new, before = self.taken[start:stop], len(self.prompt_text())
+        end = before + len(self.completion_text) if stop is None else None
+        add(new, self.sequence.scores[start:start + len(new)], before + sum(len(decode(t)) for t in self.taken[:start]),
+            end)
+        return out
 
 
 def sse(data):
@@ -302,52 +390,77 @@ def client_gone(environ):
         return True
 
 
-def completion_response(completion, model_name, chat, stream, include_usage, logger, environ):
-    """The OpenAI answer to a completion: one JSON object, or a text/event-stream of chunks ending in [DONE]. A client
-    that hangs up stops its generation, streamed or not."""
+def completion_response(completions, prompt_tokens, model_name, chat, stream, include_usage, logger, environ):
+    """The OpenAI answer to a completion (one choice per Completion, in order): one JSON object, or a
+    text/event-stream of chunks ending in [DONE]. A client that hangs up stops its generations, streamed or not."""
     header = {"id": f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}", "created": int(time.time()),
               "model": model_name}
-    pieces = iter(completion)
-    if not stream:
-        text = ""
-        for piece in pieces:
-            text += piece
-            if client_gone(environ):
-                completion.close()
-                return Response(status=499)  # nobody reads it: the status is for the log ("client closed request")
-        choice = ({"message": {"role": "assistant", "content": text}} if chat else {"text": text, "logprobs": None})
-        return jsonify(**header, object="chat.completion" if chat else "text_completion",
-                       choices=[{"index": 0, **choice, "finish_reason": completion.finish_reason}],
-                       usage=completion.usage())
+    kind = "chat.completion" if chat else "text_completion"
 
-    def chunk(text=None, finish_reason=None, first=False):
+    def usage():
+        completion = sum(c.sequence.generated for c in completions)
+        return {"prompt_tokens": prompt_tokens, "completion_tokens": completion,
+                "total_tokens": prompt_tokens + completion}
+
+    if not stream:
+        choices = []
+        for index, completion in enumerate(completions):
+            text = ""
+            for piece in completion:
+                text += piece
+                if client_gone(environ):
+                    for c in completions:
+                        c.close()
+                    return Response(status=499)  # nobody reads it: the status is for the log ("client closed")
+            choice = {"message": {"role": "assistant", "content": text}} if chat else {
+                "text": text, "logprobs": completion.logprobs()}
+            choices.append({"index": index, **choice, "finish_reason": completion.finish_reason})
+        return jsonify(**header, object=kind, choices=choices, usage=usage())
+
+    def chunk(index, text=None, finish_reason=None, first=False, logprobs=None):
         if chat:
             delta = {"role": "assistant", "content": ""} if first else {} if text is None else {"content": text}
             choice = {"delta": delta}
         else:
-            choice = {"text": text or "", "logprobs": None}
-        return sse({**header, "object": "chat.completion.chunk" if chat else "text_completion",
-                    "choices": [{"index": 0, **choice, "finish_reason": finish_reason}]})
+            choice = {"text": text or "", "logprobs": logprobs}
+        return sse({**header, "object": f"{kind}.chunk" if chat else kind,
+                    "choices": [{"index": index, **choice, "finish_reason": finish_reason}]})
+
+    def pieces_with_logprobs(completion):
+        """(text, logprobs of the tokens read since the last piece) for each piece of a choice."""
+        done, prompt = 0, completion.echo and bool(completion.prompt_text())
+        for piece in completion:
+            if prompt:  # the echoed prompt comes first, whole
+                yield piece, completion.logprobs(prompt=True, start=0, stop=0)
+                prompt = False
+                continue
+            yield piece, completion.logprobs(prompt=False, start=done, stop=len(completion.taken))
+            done = len(completion.taken)
 
     # the first piece before the status line: a request that fails at its start gets a 500, not a 200 and a cut stream
-    first = next(pieces, None)
+    streams = [pieces_with_logprobs(c) for c in completions]
+    first = next(streams[0], None)
 
     def events():
-        with contextlib.closing(completion):
-            try:
-                if chat:
-                    yield chunk(first=True)
-                for piece in itertools.chain([] if first is None else [first], pieces):
-                    yield chunk(piece)
-                yield chunk(finish_reason=completion.finish_reason)
-                if include_usage:
-                    yield sse({**header, "object": "chat.completion.chunk" if chat else "text_completion",
-                               "choices": [], "usage": completion.usage()})
-            except Exception:  # the status line is already sent: the stream itself has to say it failed
-                logger.exception("generation failed mid-stream")
-                yield sse({"error": {"message": "generation failed", "type": "server_error", "param": None,
-                                     "code": None}})
-            yield sse("[DONE]")
+        try:
+            for index, (completion, pieces) in enumerate(zip(completions, streams)):
+                with contextlib.closing(completion):
+                    if chat:
+                        yield chunk(index, first=True)
+                    head = [first] if index == 0 and first is not None else []
+                    for piece, logprobs in itertools.chain(head, pieces):
+                        yield chunk(index, piece, logprobs=logprobs)
+                    yield chunk(index, finish_reason=completion.finish_reason)
+            if include_usage:
+                yield sse({**header, "object": f"{kind}.chunk" if chat else kind, "choices": [], "usage": usage()})
+        except Exception:  # the status line is already sent: the stream itself has to say it failed
+            logger.exception("generation failed mid-stream")
+            yield sse({"error": {"message": "generation failed", "type": "server_error", "param": None,
+                                 "code": None}})
+        finally:
+            for completion in completions:
+                completion.close()
+        yield sse("[DONE]")
 
     # no-cache and X-Accel-Buffering: proxies pass each event on as it comes
     return Response(events(), mimetype="text/event-stream", headers={"Cache-Control": "no-cache",
@@ -423,11 +536,10 @@ def create_app(config=None, **settings):
     require_token(app, os.environ.get(TOKEN_ENV, ""))
     answer_errors_in_json(app)
 
-    def complete(prompt, req, chat):
-        completion = Completion(engine, tokenizer, prompt, req)
+    def respond(completions, prompt_tokens, req, chat):
         include_usage = bool((req["stream_options"] or {}).get("include_usage"))
-        return completion_response(completion, name, chat, req["stream"], include_usage, app.logger,
-                                   request.environ)
+        return completion_response(completions, prompt_tokens, name, chat, req["stream"], include_usage,
+                                   app.logger, request.environ)
 
     @app.get("/")
     def page():
@@ -463,7 +575,18 @@ def create_app(config=None, **settings):
     @app.post("/v1/completions")
     def completions():
         req = read_body(fields["completions"], config.max_body_bytes)
-        return complete(req["prompt"], req, chat=False)
+        prompts = read_prompts(req["prompt"], tokenizer, config.max_prompt_chars, MAX_CHOICES)
+        if len(prompts) * req["n"] > MAX_CHOICES:
+            raise ApiError(f"n={req['n']} choices for each of {len(prompts)} prompts make {len(prompts) * req['n']}, "
+                           f"beyond the server's limit of {MAX_CHOICES} per request", "n")
+        if req["echo"] and req["logprobs"] is not None and any(len(ids) > model.config.block_size
+                                                               for _, ids in prompts):
+            raise ApiError(f"prompt is longer than the model's context of {model.config.block_size} tokens: it "
+                           f"cannot be scored whole", "prompt")
+        seed = req["seed"]  # each choice its own sample; with a seed, choice i of every prompt draws from seed + i
+        completions = [Completion(engine, tokenizer, text, ids, req, None if seed is None else (seed + i) % 2**63,
+                                  req["logprobs"], req["echo"]) for text, ids in prompts for i in range(req["n"])]
+        return respond(completions, sum(len(ids) for _, ids in prompts), req, chat=False)
 
     @app.post("/v1/chat/completions")
     def chat_completions():
@@ -476,7 +599,8 @@ def create_app(config=None, **settings):
             raise ApiError(f"messages make a prompt of {len(prompt)} characters with the template, beyond the "
                            f"server's limit of {config.max_prompt_chars}", "messages")
         req["max_tokens"] = req["max_completion_tokens"] or req["max_tokens"]  # the newer name wins
-        return complete(prompt, req, chat=True)
+        ids = tokenizer.encode_document(prompt)
+        return respond([Completion(engine, tokenizer, prompt, ids, req, req["seed"])], len(ids), req, chat=True)
 
     @app.post("/v1/classify")
     def classify_text():

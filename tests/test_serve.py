@@ -17,7 +17,7 @@ import requests
 import torch
 from werkzeug.serving import make_server
 
-from checkpoint import CHECKPOINT_NAME, save_checkpoint
+from checkpoint import CHECKPOINT_NAME, load_model, save_checkpoint
 from cli import UserError, run_main
 from generate import format_prompt
 from serve import TOKEN_ENV, chat_to_prompt, create_app, main, text_until_stop
@@ -204,14 +204,17 @@ BAD_COMPLETION = [  # (body: a dict sent as JSON, or raw bytes; status; the para
     (b'"The cat"', 400, None),
     (b'{"prompt": "x", "prompt": "x"' + b" " * 3000 + b"}", 413, None),
     ({}, 400, "prompt"),
-    ({"prompt": ""}, 400, "prompt"),
+    ({"prompt": []}, 400, "prompt"),
     ({"prompt": "x" * 201}, 400, "prompt"),
     ({"prompt": 5}, 400, "prompt"),
     ({"prompt": None}, 400, "prompt"),
-    ({"prompt": ["The"]}, 400, "prompt"),
+    ({"prompt": ["x"] * 100}, 400, "prompt"),  # more prompts than one request may hold
+    ({"prompt": [1, 300]}, 400, "prompt"),  # a token id outside the vocabulary (300 ids)
+    ({"prompt": [[1, 2], []]}, 400, "prompt"),
+    ({"prompt": [1.5]}, 400, "prompt"),
     ({"prompt": "x", "promt": "x"}, 400, "promt"),
     ({"prompt": "x", "max_new_tokens": 5}, 400, "max_new_tokens"),
-    ({"prompt": "x", "max_tokens": 0}, 400, "max_tokens"),
+    ({"prompt": "x", "max_tokens": -1}, 400, "max_tokens"),
     ({"prompt": "x", "max_tokens": 65}, 400, "max_tokens"),
     ({"prompt": "x", "max_tokens": 10**30}, 400, "max_tokens"),
     ({"prompt": "x", "max_tokens": "10"}, 400, "max_tokens"),
@@ -233,14 +236,16 @@ BAD_COMPLETION = [  # (body: a dict sent as JSON, or raw bytes; status; the para
     ({"prompt": "x", "seed": "abc"}, 400, "seed"),
     ({"prompt": "x", "stream": "yes"}, 400, "stream"),
     ({"prompt": "x", "stream": 1}, 400, "stream"),
-    ({"prompt": "x", "n": 2}, 400, "n"),
+    ({"prompt": "x", "n": 17}, 400, "n"),
+    ({"prompt": ["x"] * 5, "n": 16}, 400, "n"),  # 80 choices in all
     ({"prompt": "x", "stop": ""}, 400, "stop"),
     ({"prompt": "x", "stop": ["a", "b", "c", "d", "e"]}, 400, "stop"),
     ({"prompt": "x", "stop": [1]}, 400, "stop"),
     ({"prompt": "x", "stream_options": {"include_usage": "yes"}}, 400, "stream_options"),
     ({"prompt": "x", "presence_penalty": 0.5}, 400, "presence_penalty"),
-    ({"prompt": "x", "logprobs": 3}, 400, "logprobs"),
-    ({"prompt": "x", "echo": True}, 400, "echo"),
+    ({"prompt": "x", "logprobs": 6}, 400, "logprobs"),
+    ({"prompt": "x", "logprobs": True}, 400, "logprobs"),
+    ({"prompt": "x", "echo": "yes"}, 400, "echo"),
     ({"prompt": "x", "model": 3}, 400, "model"),
 ]
 
@@ -290,7 +295,7 @@ def test_error_messages_are_helpful(client):
     message = lambda body: post(client, "/v1/completions", body).json["error"]["message"]  # noqa: E731
     assert "did you mean 'prompt'?" in message({"promt": "x"})
     assert "did you mean 'max_tokens'?" in message({"prompt": "x", "max_token": 5})
-    assert "from 1 to 64" in message({"prompt": "x", "max_tokens": 65})
+    assert "from 0 to 64" in message({"prompt": "x", "max_tokens": 65})
     assert "not valid JSON" in message(b"{")
     assert "2000 bytes" in message(b" " * 3000)
 
@@ -405,8 +410,8 @@ def test_the_openai_client(server, chat_server, checkpoint):
     assert whole.usage.completion_tokens == 20 or whole.choices[0].finish_reason == "stop"
     streamed = list(client.completions.create(**kw, stream=True))
     assert "".join(c.choices[0].text for c in streamed) == whole.choices[0].text
-    with pytest.raises(openai.BadRequestError, match="max_tokens must be an integer from 1"):
-        client.completions.create(model=checkpoint.name, prompt="x", max_tokens=0)
+    with pytest.raises(openai.BadRequestError, match="max_tokens must be an integer from 0"):
+        client.completions.create(model=checkpoint.name, prompt="x", max_tokens=-1)
     with pytest.raises(openai.AuthenticationError):
         openai.OpenAI(base_url=f"{server}/v1", api_key="wrong").models.list()
     chat = openai.OpenAI(base_url=f"{chat_server}/v1", api_key="unused")
@@ -414,6 +419,50 @@ def test_the_openai_client(server, chat_server, checkpoint):
     answer = chat.chat.completions.create(model="any", messages=messages, max_tokens=10, temperature=0)
     streamed = chat.chat.completions.create(model="any", messages=messages, max_tokens=10, temperature=0, stream=True)
     assert "".join(c.choices[0].delta.content or "" for c in streamed) == answer.choices[0].message.content
+
+
+def test_the_openai_client_with_every_prompt_form(server, checkpoint):
+    """OpenAI's /v1/completions as lm-evaluation-harness uses it: prompts as strings, lists of them, token ids and
+    lists of those; n choices; logprobs and echo, with max_tokens=0 to score a text; an empty prompt."""
+    client = openai.OpenAI(base_url=f"{server}/v1", api_key="s3cret")
+    model, tokenizer, _ = load_model(checkpoint)
+    create = lambda **kw: client.completions.create(model="any", **kw)  # noqa: E731
+    text = "The river valley was named after a café owner"
+    ids = tokenizer.encode_document(text)
+
+    scored = create(prompt=text, max_tokens=0, echo=True, logprobs=0)
+    choice = scored.choices[0]
+    assert choice.text == text and scored.usage.completion_tokens == 0 and choice.finish_reason == "length"
+    with torch.no_grad():  # the sum of the echoed logprobs is the model's log-likelihood of the text after <eot>
+        logits, _ = model(torch.tensor([ids]))
+    nll = torch.nn.functional.cross_entropy(logits[0, :-1], torch.tensor(ids[1:]), reduction="sum").item()
+    assert abs(-sum(choice.logprobs.token_logprobs) - nll) < 1e-3 * len(ids)
+    assert "".join(choice.logprobs.tokens) == text and choice.logprobs.text_offset[0] == 0
+
+    as_ids = create(prompt=ids, max_tokens=1, echo=True, logprobs=2, temperature=0).choices[0]  # <eot> included
+    assert as_ids.logprobs.token_logprobs[0] is None  # a token-id prompt's first token has no context
+    assert as_ids.logprobs.token_logprobs[1:len(ids)] == pytest.approx(choice.logprobs.token_logprobs, abs=1e-4)
+    new = as_ids.logprobs.top_logprobs[-1]
+    assert len(new) == 2 and max(new.values()) == pytest.approx(as_ids.logprobs.token_logprobs[-1], abs=1e-5)
+
+    batch = create(prompt=[[ids[1]], [ids[2], ids[3]], "The"], max_tokens=3, n=2, seed=7, temperature=1.0)
+    assert [c.index for c in batch.choices] == list(range(6))
+    again = create(prompt=[[ids[2], ids[3]]], max_tokens=3, n=2, seed=7, temperature=1.0)
+    assert [c.text for c in again.choices] == [c.text for c in batch.choices[2:4]]  # seeded: reproducible
+    assert batch.usage.prompt_tokens == 1 + 2 + len(tokenizer.encode_document("The"))  # each prompt once
+
+    with pytest.raises(openai.BadRequestError, match="prompt must hold 1 to 64 prompts, got 10000"):
+        create(prompt=["x"] * 10_000)
+
+    empty = create(prompt="", max_tokens=5, temperature=0)
+    alone = create(prompt=[[tokenizer.eot_id]], max_tokens=5, temperature=0)
+    assert empty.choices[0].text == alone.choices[0].text and empty.usage.prompt_tokens == 1
+
+    whole = create(prompt="The bird", max_tokens=12, temperature=0, logprobs=1)
+    streamed = list(create(prompt="The bird", max_tokens=12, temperature=0, logprobs=1, stream=True))
+    assert "".join(c.choices[0].text for c in streamed) == whole.choices[0].text
+    assert [p for c in streamed if c.choices[0].logprobs for p in c.choices[0].logprobs.token_logprobs] == \
+        pytest.approx(whole.choices[0].logprobs.token_logprobs)
 
 
 def test_batched_requests_get_the_tokens_they_get_alone(server):
