@@ -154,11 +154,11 @@ class BatchEngine:
                 continue
             token = int(sample_next_token(sequence.logits[None], sequence.temperature, sequence.top_k,
                                           sequence.top_p, sequence.generator)[0])
+            if sequence.logprobs is not None:  # (the stop token's too: it ends the text, and has its probability)
+                sequence.scores += scores(sequence.logits[None], [token], sequence.logprobs)
             if token == sequence.stop_id:
                 sequence.finish_reason = "stop"
                 continue
-            if sequence.logprobs is not None:
-                sequence.scores += scores(sequence.logits[None], [token], sequence.logprobs)
             sequence.ids.append(token)
             sequence.generated += 1
             sequence.tokens.put(token)

@@ -316,6 +316,7 @@ class Completion:
                                       tokenizer.eot_id, logprobs=logprobs, score_prompt=echo and logprobs is not None)
         self.stops = [req["stop"]] if isinstance(req["stop"], str) else req["stop"] or []
         self.finish_reason, self.taken, self.completion_text = None, [], ""  # taken: new ids the text has read
+        self.stopped_by_string = False
 
     def prompt_text(self):
         return self.text if self.text is not None else self.tokenizer.decode(self.ids)
@@ -334,6 +335,7 @@ class Completion:
                     break
                 self.completion_text += piece
                 yield piece
+            self.stopped_by_string = stopped
             self.finish_reason = "stop" if stopped else self.sequence.finish_reason
         finally:
             self.sequence.close()  # a stop string, or a client gone: the engine frees the row at its next step
@@ -348,7 +350,8 @@ class Completion:
 
     def logprobs(self, prompt=True, start=0, stop=None):
         """OpenAI's logprobs object (tokens, token_logprobs, top_logprobs, text_offset) of the prompt (with echo)
-        and of the new tokens start..stop; the whole answer's (stop None) ends where its text does (a stop string).
+        and of the new tokens start..stop; the whole answer's (stop None) ends where its text does (a stop string),
+        or with the end-of-text token that ended it, as vLLM and OpenAI count it.
         An offset counts the characters of the tokens before it (a character split over tokens counts as U+FFFD)."""
         if self.logprobs_wanted is None:
             return None
@@ -364,12 +367,15 @@ class Completion:
                 out["token_logprobs"].append(None if score is None else score[0])
                 out["top_logprobs"].append(None if score is None else {decode(i): lp for i, lp in score[1]})
                 offset += len(out["tokens"][-1])
+            return offset
         if prompt and self.echo:
             add(self.ids[self.hidden:], self.sequence.prompt_scores[self.hidden:], 0)
         new, before = self.taken[start:stop], len(self.prompt_text())
         end = before + len(self.completion_text) if stop is None else None
-        add(new, self.sequence.scores[start:start + len(new)], before + sum(len(decode(t)) for t in self.taken[:start]),
-            end)
+        offset = add(new, self.sequence.scores[start:start + len(new)],
+                     before + sum(len(decode(t)) for t in self.taken[:start]), end)
+        if stop is None and self.sequence.finish_reason == "stop" and not self.stopped_by_string:
+            add([self.tokenizer.eot_id], self.sequence.scores[len(self.taken):], offset)  # the end-of-text token
         return out
 
 
