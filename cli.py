@@ -383,7 +383,10 @@ def parse_config(config_class, argv=None, renamed=None):
         else:
             name, eq, text = arg[2:].partition("=")
             name = name.replace("-", "_")
-            if not eq:  # a bare --flag switches a boolean on
+            if not eq:  # a bare --flag switches a boolean on; any other setting needs its value
+                target = renamed.get(name, name) if renamed and name not in hints else name
+                if target in hints and hints[target] is not bool:
+                    raise UserError(f"--{name} needs a value: --{name}=VALUE")
                 text = "True"
             value = text if hints.get(name) is str else _parse_flag_value(text)
             try:

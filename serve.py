@@ -38,6 +38,7 @@ production WSGI server run one process (one copy of the model and its engine) wi
 import contextlib
 import difflib
 import hmac
+import ipaddress
 import itertools
 import json
 import math
@@ -48,6 +49,7 @@ import threading
 import time
 import uuid
 from dataclasses import dataclass
+from urllib.parse import urlsplit
 
 from flask import Flask, Response, jsonify, request
 from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
@@ -72,6 +74,10 @@ class ServeConfig:
     max_prompt_chars: int = setting(10_000, low=1)  # longest prompt (all messages, or a text to classify)
     max_body_bytes: int = setting(64 * 1024, low=1)  # larger request bodies are refused unread
     request_timeout: float = setting(60.0, above=0)  # seconds a client may stall mid-request before it is cut off
+    allowed_origins: str = ""                 # web pages on other origins that may call the API, comma-separated
+                                              # (https://app.example); * for any. curl, SDKs and / need none
+    allowed_hosts: str = ""                   # Host names to answer besides localhost and IP addresses, comma-
+                                              # separated: a guard against DNS rebinding
 
 
 RENAMED = {"out_dir": "model", "classifier_dir": "classifier"}  # settings' old names, still taken
@@ -99,10 +105,14 @@ def number(kind, low, high):
     return lambda value: is_json_type(value, kind) and low <= value <= high
 
 
+MAX_STOP_CHARS = 200  # a stop string's length: the text held back for it is checked at every piece
+
+
 def stop_strings(value):
-    """OpenAI's stop: a string or a list of up to 4 non-empty strings."""
+    """OpenAI's stop: a string or a list of up to 4 non-empty strings (here of at most MAX_STOP_CHARS)."""
     items = [value] if isinstance(value, str) else value
-    return isinstance(items, list) and 0 < len(items) <= 4 and all(isinstance(s, str) and s for s in items)
+    return isinstance(items, list) and 0 < len(items) <= 4 and all(
+        isinstance(s, str) and 0 < len(s) <= MAX_STOP_CHARS for s in items)
 
 
 def sampling_fields(config, default_max_tokens):
@@ -116,7 +126,8 @@ def sampling_fields(config, default_max_tokens):
         "top_p": (1.0, lambda v: number(float, 0, 1)(v) and v > 0, "must be a number above 0, at most 1"),
         "top_k": (None, number(int, 1, 2**31), "must be an integer >= 1 (keep the k likeliest tokens)"),
         "n": (1, lambda v: v == 1 and is_json_type(v, int), "must be 1 (one choice per request)"),
-        "stop": (None, stop_strings, "must be a string or a list of up to 4 non-empty strings"),
+        "stop": (None, stop_strings, f"must be a string or a list of up to 4 strings of 1 to {MAX_STOP_CHARS} "
+                                     f"characters"),
         "seed": (None, number(int, 0, 2**63 - 1), "must be an integer from 0 to 2**63 - 1"),
         "stream": (False, lambda v: isinstance(v, bool), "must be true or false"),
         "stream_options": (None, lambda v: isinstance(v, dict) and set(v) <= {"include_usage"}
@@ -293,7 +304,8 @@ def text_until_stop(pieces, stops):
             if min(found):
                 yield held[:min(found)]
             return True
-        keep = max((n for stop in stops for n in range(1, len(stop)) if held.endswith(stop[:n])), default=0)
+        keep = max((len(held) - i for stop in stops for i in range(max(len(held) - len(stop) + 1, 0), len(held))
+                    if stop.startswith(held[i:])), default=0)  # the longest end of held that starts a stop string
         if len(held) > keep:
             yield held[:len(held) - keep]
             held = held[len(held) - keep:]
@@ -490,12 +502,57 @@ def require_token(app, token):
 
     @app.before_request
     def check_token():
-        if token and request.path != "/" and not token_matches(request.headers.get("Authorization", ""), token):
+        if token and request.path != "/" and request.method != "OPTIONS" and not token_matches(
+                request.headers.get("Authorization", ""), token):
             response, status = error_response(401, "this server needs 'Authorization: Bearer <token>' (see "
                                                    f"{TOKEN_ENV}); the token was missing or wrong",
                                               code="invalid_api_key")
             response.headers["WWW-Authenticate"] = "Bearer"
             return response, status
+
+
+def refuse_other_origins(app, allowed_origins, allowed_hosts):
+    """No web page on another site may drive the server (as Jupyter, Ollama and llama.cpp's server guard): a
+    request that a browser sends from another origin (its Origin header) is refused with 403 unless allowed, and so
+    is a Host that is not localhost, an IP address or an allowed name (a page that rebinds its own name to
+    127.0.0.1 is same-origin to the browser, but its requests carry that name). curl, the SDKs and the page at /
+    send no foreign Origin. An allowed origin gets CORS headers, preflight included."""
+    origins = {o.strip().rstrip("/") for o in allowed_origins.split(",") if o.strip()}
+    hosts = {"localhost"} | {h.strip().lower() for h in allowed_hosts.split(",") if h.strip()}
+
+    def known_host(host):
+        name = (urlsplit("//" + host).hostname or "") if host else ""
+        try:
+            ipaddress.ip_address(name)
+            return True
+        except ValueError:
+            return name in hosts
+
+    def allowed_origin():
+        origin = request.headers.get("Origin")
+        return origin if origin and ("*" in origins or origin.rstrip("/") in origins) else None
+
+    @app.before_request
+    def check_origin():
+        if not known_host(request.host):
+            return error_response(403, f"this server does not answer for the host {request.host[:100]!r}: start it "
+                                       f"with --allowed_hosts=NAME to allow it", code="host_not_allowed")
+        origin = request.headers.get("Origin")
+        if origin and origin != request.host_url.rstrip("/") and not allowed_origin():
+            return error_response(403, f"requests from web pages on {origin[:100]} are refused: start the server "
+                                       f"with --allowed_origins={origin[:100]} to allow that origin",
+                                  code="origin_not_allowed")
+
+    @app.after_request
+    def cors_headers(response):
+        origin = allowed_origin()
+        if origin:
+            response.headers["Access-Control-Allow-Origin"] = origin
+            response.headers["Vary"] = "Origin"
+            if request.method == "OPTIONS":
+                response.headers["Access-Control-Allow-Methods"] = "GET, POST, OPTIONS"
+                response.headers["Access-Control-Allow-Headers"] = "Authorization, Content-Type"
+        return response
 
 
 def answer_errors_in_json(app):
@@ -539,6 +596,7 @@ def create_app(config=None, **settings):
     app = Flask(__name__)
     app.config["MAX_CONTENT_LENGTH"] = config.max_body_bytes
     app.engine = engine  # for whoever embeds the app: app.engine.close() stops its thread
+    refuse_other_origins(app, config.allowed_origins, config.allowed_hosts)
     require_token(app, os.environ.get(TOKEN_ENV, ""))
     answer_errors_in_json(app)
 

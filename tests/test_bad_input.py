@@ -275,3 +275,58 @@ def test_counting_workers_end_with_their_parent(tmp_path):
     while workers() and time.time() < deadline:
         time.sleep(0.5)
     assert workers() == []
+
+# ----------------------------------------------------------------------------- the second battery (issue 21)
+
+
+def test_d15_a_text_flag_without_a_value_is_refused(tiny_ckpt, tmp_path, run_in_process):
+    import export
+    status, _, err = run_in_process(export, f"--model={tiny_ckpt}", "--to")
+    assert_one_line(status, err, "--to needs a value: --to=VALUE")
+    assert not (ROOT / "True").exists()
+    status, _, err = run_in_process(sample, f"--model={tiny_ckpt}", "--compile", "--max_new_tokens=2")
+    assert status == 0, err  # a bare boolean flag still switches it on
+
+
+@pytest.fixture(scope="module")
+def guarded_app(tiny_ckpt):
+    app = serve.create_app(str(tiny_ckpt), device="cpu", allowed_origins="https://app.example")
+    yield app
+    app.engine.close()
+
+
+@pytest.mark.parametrize("headers, status", [
+    ({}, 200),                                                                 # curl, the SDKs
+    ({"Origin": "http://localhost"}, 200),                                     # the page the server serves
+    ({"Origin": "http://evil.example", "Content-Type": "text/plain"}, 403),   # a page elsewhere, no preflight
+    ({"Origin": "null"}, 403),                                                 # a sandboxed page or a file
+    ({"Host": "attacker.example:8000"}, 403),                                 # DNS rebinding: its own name
+    ({"Host": "attacker.example:8000", "Origin": "http://attacker.example:8000"}, 403),
+    ({"Host": "127.0.0.1:8000"}, 200), ({"Host": "[::1]:8000"}, 200),
+    ({"Origin": "https://app.example"}, 200),                                  # allowed with --allowed_origins
+])
+def test_d3_no_web_page_elsewhere_can_drive_the_server(guarded_app, headers, status):
+    client = guarded_app.test_client()
+    r = client.post("/v1/completions", data='{"prompt": "The", "max_tokens": 2}', headers=headers)
+    assert r.status_code == status, r.data
+    if status == 403:
+        assert r.json["error"]["message"].count("--allowed_") == 1
+    if headers.get("Origin") == "https://app.example":
+        assert r.headers["Access-Control-Allow-Origin"] == "https://app.example"
+
+
+def test_d3_an_allowed_origin_passes_its_preflight(guarded_app):
+    r = guarded_app.test_client().options("/v1/completions", headers={
+        "Origin": "https://app.example", "Access-Control-Request-Method": "POST",
+        "Access-Control-Request-Headers": "authorization, content-type"})
+    assert r.status_code == 200 and "POST" in r.headers["Access-Control-Allow-Methods"]
+    assert "Authorization" in r.headers["Access-Control-Allow-Headers"]
+
+
+def test_d1_long_stop_strings_are_refused_and_cheap_ones_stay_cheap(guarded_app):
+    client = guarded_app.test_client()
+    r = client.post("/v1/completions", json={"prompt": "The", "stop": "x" * 15_500})
+    assert r.status_code == 400 and r.json["error"]["param"] == "stop"
+    stop = "a" * (serve.MAX_STOP_CHARS - 1) + "b"  # the longest allowed, against text that keeps almost matching it
+    assert "".join(serve.text_until_stop(["a" * 7] * 2000, [stop])) == "a" * 14_000
+    assert "".join(serve.text_until_stop(["a" * 7] * 2000 + ["b", "c"], [stop])) == "a" * (14_000 - len(stop) + 1)

@@ -494,7 +494,7 @@ def test_a_dropped_request_stops_its_generation(server):
     host, port = server.removeprefix("http://").split(":")
     body = json.dumps({"prompt": "The", "max_tokens": 1_000_000, "temperature": 0}).encode()
     with socket.create_connection((host, int(port))) as s:
-        s.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer s3cret\r\n"
+        s.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer s3cret\r\n"
                   b"Content-Type: application/json\r\nContent-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
         deadline = time.time() + 20
         while requests.get(f"{server}/health", headers=headers).json()["batch"]["active"] == 0:
