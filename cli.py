@@ -183,9 +183,17 @@ _BINOPS = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul,
 MAX_INT, MAX_LENGTH = 10**18, 10_000  # a config value beyond these is a mistake, not a setting
 
 
+def _size(value):
+    """Characters and items in all: 'ab' -> 2; ('ab', 'c') -> 5 (2 items + 3 characters)."""
+    if isinstance(value, (list, tuple)):
+        return len(value) + sum(map(_size, value))
+    return len(value) if isinstance(value, str) else 0
+
+
 def _bounded(value):
-    """value, if it is of a size a setting can have: integers to 1e18, strings and lists to 10,000 items."""
-    too_long = isinstance(value, (str, list, tuple)) and len(value) > MAX_LENGTH
+    """value, if it is of a size a setting can have: integers to 1e18, strings and lists to 10,000 characters and
+    items in all (nested ones counted)."""
+    too_long = _size(value) > MAX_LENGTH
     if isinstance(value, int) and abs(value) > MAX_INT or too_long:
         raise ValueError(f"the value is too large for a setting ({type(value).__name__} beyond "
                          f"{MAX_INT if isinstance(value, int) else f'{MAX_LENGTH} items'})")
@@ -204,13 +212,15 @@ def _safe_eval(node, names):
         return -value if isinstance(node.op, ast.USub) else +value
     if isinstance(node, ast.BinOp) and type(node.op) in _BINOPS:
         left, right = _safe_eval(node.left, names), _safe_eval(node.right, names)
+        if isinstance(node.op, ast.Mod) and isinstance(left, str):  # '%*d' % (10**9, 1) would build 1 GB
+            raise ValueError(f"'{ast.unparse(node)[:60]}': string formatting is not supported in a config file")
         if isinstance(node.op, ast.Pow) and isinstance(right, (int, float)) and isinstance(left, (int, float)) \
                 and abs(left) > 1 and right * math.log10(abs(left)) > 18:
             raise ValueError(f"'{ast.unparse(node)}' is too large for a setting")
         if isinstance(node.op, ast.Mult) and isinstance(left, int) != isinstance(right, int) and \
                 any(isinstance(x, (str, list, tuple)) for x in (left, right)):
             count, sequence = (left, right) if isinstance(left, int) else (right, left)
-            if count * len(sequence) > MAX_LENGTH:  # refused before it is built
+            if count * _size(sequence) > MAX_LENGTH:  # refused before it is built
                 raise ValueError(f"'{ast.unparse(node)}' is too large for a setting ({type(sequence).__name__} "
                                  f"beyond {MAX_LENGTH} items)")
         return _bounded(_BINOPS[type(node.op)](left, right))
@@ -227,6 +237,8 @@ def read_config_file(path):
         tree = ast.parse(source, filename=path)
     except SyntaxError as e:
         raise UserError(f"{path}:{e.lineno}: syntax error: {e.msg}")
+    except (RecursionError, MemoryError):
+        raise UserError(f"{path}: an expression nested too deeply to read: write the value out") from None
     values = {}
     for stmt in tree.body:
         if isinstance(stmt, ast.Expr) and isinstance(stmt.value, ast.Constant):
@@ -237,6 +249,9 @@ def read_config_file(path):
             values[stmt.targets[0].id] = _safe_eval(stmt.value, values)
         except (ValueError, ArithmeticError) as e:
             raise UserError(f"{path}:{stmt.lineno}: {e}")
+        except RecursionError:
+            raise UserError(f"{path}:{stmt.lineno}: an expression nested too deeply to read: write the value out") \
+                from None
     return values
 
 
@@ -388,6 +403,12 @@ def parse_config(config_class, argv=None, renamed=None):
                 if target in hints and hints[target] is not bool:
                     raise UserError(f"--{name} needs a value: --{name}=VALUE")
                 text = "True"
+            try:
+                text.encode("utf-8")
+            except UnicodeEncodeError as e:  # bytes a Latin-1 terminal sent, kept by Python as lone surrogates
+                bad = ord(text[e.start]) - 0xDC00
+                raise UserError(f"--{name} is not UTF-8 text (byte {bad:#04x} at character {e.start}): set the "
+                                f"terminal to UTF-8, or write the value in a config file") from None
             value = text if hints.get(name) is str else _parse_flag_value(text)
             try:
                 overrides.append((name, _bounded(value), "command line"))

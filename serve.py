@@ -55,7 +55,7 @@ from flask import Flask, Response, jsonify, request
 from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 from werkzeug.serving import WSGIRequestHandler
 
-from cli import check_settings, parse_config, run_main, setting
+from cli import UserError, check_settings, parse_config, run_main, setting
 from engine import BatchEngine
 from generate import decode_stream, format_prompt, has_prompt_format
 from runtime import load_for_inference, pick_device
@@ -202,7 +202,13 @@ def read_body(fields, max_bytes):
     """The JSON object of the request, defaults filled in (null: the default). Each field must be known and pass its
     test; the first that does not is an ApiError naming it."""
     try:
-        body = json.loads(request.get_data(cache=False))  # any content type: curl -d sends a form type
+        if request.content_length is None:  # a chunked body: its size is known only by reading it
+            data = request.environ["wsgi.input"].read(max_bytes + 1)
+            if len(data) > max_bytes:
+                raise RequestEntityTooLarge()
+        else:
+            data = request.get_data(cache=False)
+        body = json.loads(data)  # any content type: curl -d sends a form type
     except RequestEntityTooLarge:
         raise ApiError(f"the body is larger than the server's limit of {max_bytes} bytes", status=413)
     except (ValueError, RecursionError) as e:  # bad JSON, bad UTF-8, or nesting too deep to parse
@@ -581,6 +587,9 @@ def create_app(config=None, **settings):
     name; settings: ServeConfig fields by name. For a WSGI server:
     gunicorn 'serve:create_app(model="out-wikitext-tiny", classifier="out-spam")'."""
     config = serve_config(config, settings)
+    token = os.environ.get(TOKEN_ENV, "")
+    if not (token.isascii() and token.isprintable() and token.strip() == token):
+        raise UserError(f"{TOKEN_ENV} must be printable ASCII without spaces at its ends: an HTTP header carries it")
     device = pick_device(config.device)
     model, tokenizer, checkpoint = load_for_inference(config.model, device, config.dtype)
     engine = BatchEngine(model, config.max_batch_size)
@@ -597,7 +606,7 @@ def create_app(config=None, **settings):
     app.config["MAX_CONTENT_LENGTH"] = config.max_body_bytes
     app.engine = engine  # for whoever embeds the app: app.engine.close() stops its thread
     refuse_other_origins(app, config.allowed_origins, config.allowed_hosts)
-    require_token(app, os.environ.get(TOKEN_ENV, ""))
+    require_token(app, token)
     answer_errors_in_json(app)
 
     def respond(completions, prompt_tokens, req, chat):

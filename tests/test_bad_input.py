@@ -330,3 +330,58 @@ def test_d1_long_stop_strings_are_refused_and_cheap_ones_stay_cheap(guarded_app)
     stop = "a" * (serve.MAX_STOP_CHARS - 1) + "b"  # the longest allowed, against text that keeps almost matching it
     assert "".join(serve.text_until_stop(["a" * 7] * 2000, [stop])) == "a" * 14_000
     assert "".join(serve.text_until_stop(["a" * 7] * 2000 + ["b", "c"], [stop])) == "a" * (14_000 - len(stop) + 1)
+
+
+def test_d2_a_chunked_body_beyond_the_limit_is_413(tiny_ckpt):
+    import json
+    import socket
+    import threading
+
+    from werkzeug.serving import make_server
+    app = serve.create_app(str(tiny_ckpt), device="cpu", max_body_bytes=2000)
+    httpd = make_server("127.0.0.1", 0, app, threaded=True)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    try:
+        def send_chunked(body):
+            with socket.create_connection(("127.0.0.1", httpd.server_port)) as s:
+                chunks = b"".join(b"%x\r\n%s\r\n" % (len(body[i:i + 500]), body[i:i + 500])
+                                  for i in range(0, len(body), 500)) + b"0\r\n\r\n"
+                s.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+                          b"Transfer-Encoding: chunked\r\nConnection: close\r\n\r\n" + chunks)
+                answer = b""
+                while data := s.recv(65536):
+                    answer += data
+            return int(answer.split(b" ", 2)[1])
+        big = json.dumps({"prompt": "The", "max_tokens": 1, "user": "x" * 3000}).encode()
+        small = json.dumps({"prompt": "The", "max_tokens": 1}).encode()
+        assert send_chunked(big) == 413
+        assert send_chunked(small) == 200
+    finally:
+        httpd.shutdown()
+        app.engine.close()
+
+
+@pytest.mark.parametrize("token", ["café", " padded ", "tab\there"])
+def test_d4_a_token_no_client_can_send_is_refused_at_start(tiny_ckpt, token, monkeypatch, run_in_process):
+    monkeypatch.setenv(serve.TOKEN_ENV, token)
+    status, _, err = run_in_process(serve, f"--model={tiny_ckpt}", "--device=cpu")
+    assert_one_line(status, err, "GPT_API_TOKEN must be printable ASCII")
+
+
+@pytest.mark.parametrize("content, fragment", [
+    ("max_iters = " + "+".join(["1"] * 100_000), "nested too deeply"),                        # D9
+    ("wandb_project = ('x' * 10000,) * 10000", "too large for a setting"),                    # D10
+    ("wandb_project = 'x' * 9000\nwandb_run_name = (wandb_project,) * 2", "too large"),       # D10, nested
+    ("wandb_project = '%*d' % (10**9, 1)", "string formatting is not supported"),             # D10
+])
+def test_d9_d10_config_files_that_would_eat_memory(content, fragment, tmp_path, run_script):
+    config = tmp_path / "config.py"
+    config.write_text(content)
+    r = run_script("train.py", str(config), f"--out_dir={tmp_path / 'out'}", timeout=60)
+    assert_one_line(r.returncode, r.stderr, fragment)
+
+
+def test_d12_a_start_text_that_is_not_utf8(tiny_ckpt, run_script):
+    r = subprocess.run([sys.executable, str(ROOT / "sample.py"), f"--model={tiny_ckpt}", b"--start=ab\xff\xfecd"],
+                       cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert_one_line(r.returncode, r.stderr, "--start is not UTF-8 text (byte 0xff")
