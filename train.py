@@ -136,14 +136,18 @@ def get_lr(it, config):
 
 
 @torch.no_grad()
-def estimate_loss(model, splits, config, amp, device):
-    """Mean loss over eval_iters batches of each split; the same batches every time, so evaluations compare."""
+def estimate_loss(model, splits, config, amp, device, stop=()):
+    """Mean loss over eval_iters batches of each split; the same batches every time, so evaluations compare. None if
+    a stop signal arrives meanwhile (stop: stop_on_signals' list): a SIGTERM does not wait for eval_iters batches."""
     model.eval()
-    losses = {}
+    losses, signals = {}, len(stop)
     for name, data in splits.items():
         generator = torch.Generator().manual_seed(config.seed + 1)  # its own stream: training's is left untouched
         total = torch.zeros((), device=device)
         for _ in range(config.eval_iters):
+            if len(stop) > signals:
+                model.train()
+                return None
             x, y = get_batch(data, generator, 1, config, device)
             with amp:
                 total += model(x[0], y[0])[1].float()
@@ -310,7 +314,14 @@ def main():
             at_eval = iter_num % config.eval_interval == 0 or iter_num == config.max_iters or stop_requested
             if master and at_eval and not resumed_here:
                 eval_start = time.time()
-                losses = estimate_loss(model, splits, config, amp, device)
+                losses = estimate_loss(model, splits, config, amp, device, stop_requested)
+                if losses is None:  # stopped during the evaluation: save without it, as a stop does, and leave
+                    print(f"eval {iter_num}: stopped", flush=True)
+                    if iter_num > start_iter and (config.always_save_checkpoint or saved):
+                        save_run(config.out_dir, log_rows, asdict(config), config.data_dir,
+                                 ["meta.json"] + meta["tokenizer"]["files"],
+                                 training_state() if config.always_save_checkpoint else None)
+                    break
                 print(f"eval {iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}, "
                       f"val perplexity {math.exp(losses['val']):.2f}", flush=True)
                 improved = losses["val"] < best_val_loss
