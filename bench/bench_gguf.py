@@ -8,8 +8,8 @@ its tokens, its greedy continuations and its perplexity against ours on the same
 1. Tokens: llama.cpp's tokenizer (read from the file) against ours on the first 200 lines of the test text.
 2. Greedy continuations of three prompts, 40 tokens: llama.cpp's argmax step by step against sample.py's
    greedy path (model.generate_tokens with temperature 0), each after <|endoftext|> as our documents start.
-3. Perplexity of the test split: windows of the model's context, every token after a window's first scored,
-   by llama.cpp's logits and by ours (the same windows), beside evaluate.py's strided figure.
+3. Token perplexity of the test split as evaluate.py scores it (its windows and its function), and from
+   llama.cpp's logits on the same windows.
 """
 
 import math
@@ -29,6 +29,7 @@ import export  # noqa: E402
 from checkpoint import load_model  # noqa: E402
 from cli import UserError, parse_config, run_main, setting  # noqa: E402
 from data import load_split  # noqa: E402
+from evaluate import score_tokens, window_spans  # noqa: E402
 
 PROMPTS = ("The history of", " = Valkyria Chronicles = \n", "In 1999 , the")
 
@@ -41,10 +42,6 @@ class BenchGgufConfig:
     new_tokens: int = 40                 # greedy tokens per prompt
     max_tokens: int = 0                  # score only the first N test tokens (0: all)
     work_dir: str = ""                   # default: a temporary folder
-
-
-def windows(ids, size):
-    return [ids[i:i + size] for i in range(0, len(ids) - 1, size) if len(ids[i:i + size]) > 1]
 
 
 def main():
@@ -90,24 +87,26 @@ def main():
         print(f"greedy after {prompt!r}: {'same' if ours == theirs else 'DIFFERENT'} "
               f"({sum(a == b for a, b in zip(ours, theirs))}/{len(ours)} tokens): {tokenizer.decode(ours)!r}")
 
-    # 3. perplexity, the same windows both ways
-    all_ids = ids.tolist()[:config.max_tokens or None]
-    nll_ours = nll_theirs = 0.0
-    count = 0
+    # 3. perplexity: evaluate.py's windows (block_size long, half a block apart, each token scored once), ours by
+    # evaluate.py's own function, llama.cpp's from its logits on the same windows
+    all_ids = ids[:config.max_tokens or None]
     t0 = time.time()
-    for window in windows(all_ids, n_ctx):
-        targets = torch.tensor(window[1:])
-        with torch.no_grad():
-            logits, _ = model(torch.tensor([window]))
-        nll_ours += torch.nn.functional.cross_entropy(logits[0, :-1].float(), targets, reduction="sum").item()
+    nll_ours, count_ours = score_tokens(model, all_ids, skip_id=eot)
+    nll_theirs, count = 0.0, 0
+    T = min(n_ctx, len(all_ids) - 1)
+    for start, first in window_spans(len(all_ids), n_ctx, max(1, n_ctx // 2)):
+        window = all_ids[start:start + T + 1].tolist()
         llm.reset()
-        llm.eval(window)
-        theirs = torch.from_numpy(np.array(llm.scores[:len(window) - 1], dtype=np.float32))
-        nll_theirs += torch.nn.functional.cross_entropy(theirs, targets, reduction="sum").item()
-        count += len(window) - 1
+        llm.eval(window[:-1])
+        logits = torch.from_numpy(np.array(llm.scores[:T], dtype=np.float32))
+        targets = torch.tensor(window[1:])
+        scored = (torch.arange(T) >= first - start - 1) & (targets != eot)
+        nll_theirs += torch.nn.functional.cross_entropy(logits[scored], targets[scored], reduction="sum").item()
+        count += int(scored.sum())
+    assert count == count_ours
     ppl_ours, ppl_theirs = math.exp(nll_ours / count), math.exp(nll_theirs / count)
-    print(f"perplexity of {count:,} test tokens in windows of {n_ctx}: ours {ppl_ours:.3f}, llama.cpp "
-          f"{ppl_theirs:.3f} ({100 * (ppl_theirs / ppl_ours - 1):+.3f}%) in {time.time() - t0:.0f} s")
+    print(f"token perplexity of the test split ({count:,} tokens, evaluate.py's windows): evaluate.py {ppl_ours:.3f}, "
+          f"llama.cpp {ppl_theirs:.3f} ({100 * (ppl_theirs / ppl_ours - 1):+.3f}%) in {time.time() - t0:.0f} s")
     print(f"greedy: {agree}/{len(PROMPTS)} prompts the same")
 
 
