@@ -328,7 +328,8 @@ class Completion:
     its first token unscored (null)."""
 
     def __init__(self, engine, tokenizer, text, ids, req, seed, logprobs=None, echo=False):
-        self.tokenizer, self.text, self.ids, self.logprobs_wanted, self.echo = tokenizer, text, ids, logprobs, echo
+        self.tokenizer, self.ids, self.logprobs_wanted, self.echo = tokenizer, ids, logprobs, echo
+        self.prompt = text if text is not None else tokenizer.decode(ids)
         self.hidden = 0 if text is None else 1  # the <|endoftext|> a text prompt starts after
         self.sequence = engine.submit(ids, req["max_tokens"], req["temperature"], req["top_k"], req["top_p"], seed,
                                       tokenizer.eot_id, logprobs=logprobs, score_prompt=echo and logprobs is not None)
@@ -336,13 +337,10 @@ class Completion:
         self.finish_reason, self.taken, self.completion_text = None, [], ""  # taken: new ids the text has read
         self.stopped_by_string = False
 
-    def prompt_text(self):
-        return self.text if self.text is not None else self.tokenizer.decode(self.ids)
-
     def __iter__(self):
         try:
-            if self.echo and self.prompt_text():
-                yield self.prompt_text()
+            if self.echo and self.prompt:
+                yield self.prompt
             stopped = False
             pieces = text_until_stop(decode_stream(self.tokenizer, self._taking()), self.stops)
             while True:
@@ -388,7 +386,7 @@ class Completion:
             return offset
         if prompt and self.echo:
             add(self.ids[self.hidden:], self.sequence.prompt_scores[self.hidden:], 0)
-        new, before = self.taken[start:stop], len(self.prompt_text())
+        new, before = self.taken[start:stop], len(self.prompt)
         end = before + len(self.completion_text) if stop is None else None
         offset = add(new, self.sequence.scores[start:start + len(new)],
                      before + sum(len(decode(t)) for t in self.taken[:start]), end)
@@ -452,7 +450,7 @@ def completion_response(completions, prompt_tokens, model_name, chat, stream, in
 
     def pieces_with_logprobs(completion):
         """(text, logprobs of the tokens read since the last piece) for each piece of a choice."""
-        done, prompt = 0, completion.echo and bool(completion.prompt_text())
+        done, prompt = 0, completion.echo and bool(completion.prompt)
         for piece in completion:
             if prompt:  # the echoed prompt comes first, whole
                 yield piece, completion.logprobs(prompt=True, start=0, stop=0)
