@@ -8,14 +8,16 @@ epoch loop, and the classifier that finetune_classifier.py trains and serve.py l
     classifier, tokenizer = load_classifier("out-spam"); classify(classifier, tokenizer, ["Free entry, win cash"])
 """
 
+import contextlib
 import math
+import os
 import time
 from dataclasses import dataclass, replace
 
 import torch
 import torch.nn as nn
 
-from checkpoint import load_model, read_checkpoint
+from checkpoint import check_out_dir, folder_lock, load_model, read_checkpoint
 from cli import Progress, UserError, setting
 from lora import add_lora
 from model import GPT, GPTConfig
@@ -31,6 +33,8 @@ class FinetuneConfig:
                                             # empty: out-wikitext-tiny. With --classify or --prompt: the fine-tuned
                                             # model to answer with; empty: out_dir
     out_dir: str = "out-finetune"           # the fine-tuned model, its tokenizer and results.json go here
+    overwrite: bool = False                 # replace a model already in out_dir (a pretraining run's, or an earlier
+                                            # fine-tune's)
     trainable: str = "all"                  # all | last_block | lora (see finetune_classifier.py)
     lora_rank: int = setting(8, low=1)      # rank of each LoRA update
     lora_alpha: float = setting(16.0, above=0)  # the update is scaled by lora_alpha / lora_rank
@@ -57,6 +61,23 @@ class FinetuneConfig:
 
 
 # ----------------------------------------------------------------------------- the model to start from
+
+OTHER_RUN_FILES = ("log.jsonl", "config.json", "loss.png")  # what a train.py run leaves beside its checkpoint
+
+
+@contextlib.contextmanager
+def fine_tuning_run(config):
+    """The rule for where a fine-tuning run writes, the one train.py follows: out_dir holding a model (a pretraining
+    run's, with its optimizer state and log, or an earlier fine-tune's) is refused before any work unless
+    --overwrite=True; then the other run's records go, so that the two never mix; the folder is locked meanwhile."""
+    check_out_dir(config.out_dir, fresh=True, overwrite=config.overwrite)
+    with folder_lock(config.out_dir):
+        for name in OTHER_RUN_FILES:
+            path = os.path.join(config.out_dir, name)
+            if os.path.exists(path):
+                os.unlink(path)
+        yield
+
 
 def with_model(config, answering):
     """config with --model filled in where it was left empty: out_dir, the fine-tuned model, to answer with

@@ -46,8 +46,8 @@ import torch.nn.functional as F
 from checkpoint import save_checkpoint
 from cli import UserError, atomic_write, parse_config, read_utf8, run_main, setting, write_json
 from download import download, sha256_of
-from finetune import (FinetuneConfig, GPTClassifier, classify, count_parameters, encode_texts, fit, load_base_model,
-                      load_classifier, pad_batch, run_epoch, set_trainable, with_model)
+from finetune import (FinetuneConfig, GPTClassifier, classify, count_parameters, encode_texts, fine_tuning_run, fit,
+                      load_base_model, load_classifier, pad_batch, run_epoch, set_trainable, with_model)
 from lora import merged_state_dict
 from runtime import pick_device
 
@@ -231,7 +231,8 @@ def main():
         label, probability = classify(model, tokenizer, [config.classify])[0]
         print(f"{label} ({probability:.1%})")
         return
-    train_classifier(config, device)
+    with fine_tuning_run(config):
+        train_classifier(config, device)
 
 
 if __name__ == "__main__":

@@ -27,7 +27,8 @@ import torch
 from checkpoint import load_model, save_checkpoint
 from cli import UserError, parse_config, read_utf8, run_main, setting, write_json
 from download import download
-from finetune import FinetuneConfig, count_parameters, fit, load_base_model, run_epoch, set_trainable, with_model
+from finetune import (FinetuneConfig, count_parameters, fine_tuning_run, fit, load_base_model, run_epoch, set_trainable,
+                      with_model)
 from generate import format_prompt, generate_ids
 from lora import merged_state_dict
 from runtime import pick_device
@@ -209,7 +210,8 @@ def main():
         print(respond(model, tokenizer, {"instruction": config.prompt, "input": config.input}, config.max_new_tokens,
                       config.temperature, config.top_k))
         return
-    train_instruct(config, device)
+    with fine_tuning_run(config):
+        train_instruct(config, device)
 
 
 if __name__ == "__main__":

@@ -91,6 +91,9 @@ def read_resume_checkpoint(config, model_config, meta, tokenizer_sha256):
     """The checkpoint to resume from, and the model shape it holds, after refusing what cannot go on from it: other
     data, a max_iters it has already passed, a longer context than its model has."""
     checkpoint = read_checkpoint(config.out_dir)
+    if "iter_num" not in checkpoint or "optimizer" not in checkpoint:
+        raise UserError(f"{config.out_dir} holds a model that train.py did not write (fine-tuned, or exported), so "
+                        f"there is no run to resume: start one from scratch in another --out_dir")
     saved = checkpoint["model_config"]
     if saved["vocab_size"] != meta["vocab_size"]:
         raise UserError(f"vocab mismatch: the checkpoint has vocab_size={saved['vocab_size']} but {config.data_dir} "

@@ -422,3 +422,27 @@ def test_d16_a_second_sigterm_exits_at_once(tiny_data, tmp_path):
     proc.send_signal(signal.SIGTERM)
     proc.communicate(timeout=30)
     assert proc.returncode == -signal.SIGTERM
+
+
+def test_d8_fine_tuning_into_a_pretraining_folder_is_refused_unless_asked(trained, tmp_path, run_in_process,
+                                                                          run_train, tiny_data):
+    import json
+    records = [{"instruction": f"say {w}", "input": "", "output": f"{w} ok"} for w in "a b c d e f g h i j".split()]
+    data = tmp_path / "records.json"
+    data.write_text(json.dumps(records * 3))
+    before = folder_hash(trained)
+    status, _, err = run_in_process(finetune_instruct, f"--model={trained}", f"--out_dir={trained}", f"--data={data}",
+                                    "--num_epochs=1", "--max_new_tokens=2", "--device=cpu")
+    assert_one_line(status, err, "holds a trained model", "--overwrite=True")
+    assert folder_hash(trained) == before
+    status, _, err = run_in_process(finetune_classifier, f"--model={trained}", f"--out_dir={trained}",
+                                    "--device=cpu")
+    assert_one_line(status, err, "holds a trained model")
+    sms = tmp_path / "sms.tsv"
+    sms.write_text("".join(f"ham\tsee you at {i}\nspam\twin cash now {i}\n" for i in range(30)))
+    status, _, err = run_in_process(finetune_classifier, f"--model={trained}", f"--out_dir={trained}", f"--data={sms}",
+                                    "--num_epochs=1", "--device=cpu", "--overwrite=True")
+    assert status == 0, err
+    assert not (trained / "log.jsonl").exists()  # the pretraining run's records went with its model
+    message = train_error(run_train, f"--data_dir={tiny_data}", f"--out_dir={trained}", *TINY, "--init_from=resume")
+    assert "no run to resume" in message
