@@ -33,8 +33,7 @@ class FinetuneConfig:
                                             # empty: out-wikitext-tiny. With --classify or --prompt: the fine-tuned
                                             # model to answer with; empty: out_dir
     out_dir: str = "out-finetune"           # the fine-tuned model, its tokenizer and results.json go here
-    overwrite: bool = False                 # replace a model already in out_dir: a pretraining run's, or an earlier
-                                            # fine-tuned one
+    overwrite: bool = False                 # replace a model already in out_dir, whichever script wrote it
     trainable: str = "all"                  # all | last_block | lora (see finetune_classifier.py)
     lora_rank: int = setting(8, low=1)      # rank of each LoRA update
     lora_alpha: float = setting(16.0, above=0)  # the update is scaled by lora_alpha / lora_rank
