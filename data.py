@@ -8,6 +8,7 @@ token, so that decoding a split and dropping those tokens gives its text back by
 """
 
 import json
+import os
 import re
 from pathlib import Path
 
@@ -79,4 +80,21 @@ def load_split(data_dir, split):
     size, item = path.stat().st_size, np.dtype(dtype).itemsize
     if size % item or not size:
         raise UserError(f"{path} holds {size:,} bytes, not whole {dtype} ids: {_run_prepare_first(data_dir)} again")
+    largest = largest_id(path, dtype)
+    vocab_size = load_meta(data_dir).get("vocab_size")
+    if isinstance(vocab_size, int) and largest >= vocab_size:
+        raise UserError(f"{path} holds the id {largest:,}, beyond its vocabulary of {vocab_size:,} (meta.json): "
+                        f"the file is damaged; {_run_prepare_first(data_dir)} again")
     return np.memmap(path, dtype=dtype, mode="r")
+
+
+def largest_id(path, dtype, chunk=1 << 24):
+    """The largest id in a token file, read a chunk at a time into one buffer; the file's pages are then let go
+    from the page cache, so that a scan of a big file leaves nothing behind for the training's memmap to map."""
+    buffer, largest = np.empty(chunk, dtype=dtype), 0
+    with open(path, "rb") as f:
+        while n := f.readinto(memoryview(buffer).cast("B")) // buffer.itemsize:
+            largest = max(largest, int(buffer[:n].max()))
+        if hasattr(os, "posix_fadvise"):
+            os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
+    return largest

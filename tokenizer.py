@@ -384,12 +384,25 @@ class BPETokenizer(Tokenizer):
         for path in (vocab_path, Path(merges_path)):
             if not path.is_file():
                 raise cli.UserError(f"tokenizer file not found: {path}")
-        vocab = json.loads(vocab_path.read_text(encoding="utf-8"))
+        try:
+            vocab = json.loads(vocab_path.read_text(encoding="utf-8"))
+            if not (isinstance(vocab, dict) and all(isinstance(i, int) for i in vocab.values())):
+                raise ValueError("not an object of token: id")
+        except ValueError as e:  # bad JSON or bad UTF-8
+            raise cli.UserError(f"{vocab_path} is not a tokenizer's vocabulary ({str(e)[:80]}): copy it again, or "
+                                f"run prepare.py again") from None
         byte_of = {c: b for b, c in bytes_to_unicode().items()}
         made = set(byte_of)  # tokens as written in the files: the 256 byte characters, then merge results
         merges = []
-        for line in Path(merges_path).read_text(encoding="utf-8").splitlines():
+        try:
+            lines = Path(merges_path).read_text(encoding="utf-8").splitlines()
+        except ValueError:
+            raise cli.UserError(f"{merges_path} is not UTF-8 text: copy it again, or run prepare.py again") from None
+        for number, line in enumerate(lines, 1):
             if line and not line.startswith("#version"):
+                if line.count(" ") != 1:
+                    raise cli.UserError(f"{merges_path}:{number}: not a merge ('left right'): copy the file again, "
+                                        f"or run prepare.py again")
                 left, right = line.split(" ")
                 if left + right not in made:
                     made.add(left + right)

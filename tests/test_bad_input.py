@@ -446,3 +446,20 @@ def test_d8_fine_tuning_into_a_pretraining_folder_is_refused_unless_asked(traine
     assert not (trained / "log.jsonl").exists()  # the pretraining run's records went with its model
     message = train_error(run_train, f"--data_dir={tiny_data}", f"--out_dir={trained}", *TINY, "--init_from=resume")
     assert "no run to resume" in message
+
+
+@pytest.mark.parametrize("damage, fragment", [
+    (lambda d: (d / "train.bin").write_bytes((d / "train.bin").read_bytes() + b"\x01"), "not whole uint16 ids"),
+    (lambda d: (d / "train.bin").write_bytes(b"\xff\xff" + (d / "train.bin").read_bytes()[2:]),
+     "holds the id 65,535, beyond its vocabulary"),
+    (lambda d: (d / "meta.json").write_text("{not json"), "cannot read"),
+    (lambda d: (d / "vocab.json").write_text("[1, 2"), "is not a tokenizer's vocabulary"),
+    (lambda d: (d / "merges.txt").write_text("#version: 0.2\na b c\n"), "merges.txt:2: not a merge"),
+])
+def test_d13_damaged_data_files_are_one_line(tiny_data, tmp_path, damage, fragment, run_script):
+    data = tmp_path / "data"
+    shutil.copytree(tiny_data, data)
+    damage(data)
+    r = run_script("train.py", f"--data_dir={data}", f"--out_dir={tmp_path / 'out'}", *TINY, "--max_iters=2",
+                   timeout=120)
+    assert_one_line(r.returncode, r.stderr, fragment)
