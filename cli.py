@@ -42,8 +42,9 @@ class UserError(Exception):
 
 
 def run_main(main):
-    """Run main(), turning a UserError into one 'error: ...' line and exit status 2, and Ctrl-C into one
-    'interrupted' line (with what the script says about its files) and exit status 130."""
+    """Run main(), turning a UserError, or an OSError from the machine (a full disk, a read-only folder), into one
+    'error: ...' line and exit status 2, and Ctrl-C into one 'interrupted' line (with what the script says about its
+    files) and exit status 130."""
     try:
         main()
     except UserError as e:
@@ -52,6 +53,11 @@ def run_main(main):
     except KeyboardInterrupt as e:
         print("interrupted" + (f": {e}" if str(e) else ""), file=sys.stderr)
         sys.exit(130)
+    except OSError as e:  # the machine's answer (a full disk, a read-only folder): what it says, and where
+        where = f" ({e.filename})" if e.filename else ""
+        print(f"error: {e.strerror or e}{where}: make room or choose another folder, then run it again",
+              file=sys.stderr)
+        sys.exit(2)
 
 
 def decode_utf8(data, name):

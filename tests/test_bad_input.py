@@ -463,3 +463,14 @@ def test_d13_damaged_data_files_are_one_line(tiny_data, tmp_path, damage, fragme
     r = run_script("train.py", f"--data_dir={data}", f"--out_dir={tmp_path / 'out'}", *TINY, "--max_iters=2",
                    timeout=120)
     assert_one_line(r.returncode, r.stderr, fragment)
+
+
+def test_d6_d7_a_full_disk_while_exporting_is_one_line(tiny_ckpt, tmp_path, monkeypatch, run_in_process):
+    import export
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "hf" / "model.safetensors.tmp"))
+    monkeypatch.setattr(export, "save_file", full)
+    status, _, err = run_in_process(export, f"--model={tiny_ckpt}", f"--to={tmp_path / 'hf'}")
+    assert_one_line(status, err, "No space left on device", "model.safetensors")
+    assert not (tmp_path / "hf" / "model.safetensors").exists()
