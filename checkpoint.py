@@ -10,14 +10,17 @@ which refuses to unpickle anything else. The tokenizer files lie beside it, so t
 """
 
 import contextlib
+import dataclasses
+import errno
 import json
 import os
+import re
 import shutil
 from pathlib import Path
 
 import torch
 
-from cli import UserError, atomic_write, write_json
+from cli import UserError, atomic_write, check_writable, write_json
 from model import GPT, GPTConfig
 from tokenizer import load_tokenizer
 
@@ -29,23 +32,31 @@ def is_checkpoint(folder):
 
 
 def check_out_dir(out_dir, fresh, overwrite):
-    """Refuse, before any work, a run that would harm out_dir: a file in its place, or a trained model that a run
-    from scratch (fresh) would replace without overwrite."""
+    """Refuse, before any work, a run that would harm out_dir or could not save there: a file in its place, a folder
+    it cannot write into, or a trained model that a run from scratch (fresh) would replace without overwrite."""
     if os.path.exists(out_dir) and not os.path.isdir(out_dir):
         raise UserError(f"--out_dir={out_dir} is a file: choose a folder")
+    check_writable(out_dir, "out_dir")
     if fresh and is_checkpoint(out_dir) and not overwrite:
         raise UserError(f"{out_dir} holds a trained model: continue it with --init_from=resume, choose another "
                         f"--out_dir, or replace it with --overwrite=True")
 
 
 def save_checkpoint(checkpoint, out_dir):
-    """Write out_dir/ckpt.pt atomically: a crash mid-save leaves the previous checkpoint intact. Returns its path."""
+    """Write out_dir/ckpt.pt atomically: a crash mid-save leaves the previous checkpoint intact. Returns its path.
+    A write that fails is an OSError, as a full disk is for every other file (torch.save raises RuntimeError)."""
     os.makedirs(out_dir, exist_ok=True)
-    return atomic_write(os.path.join(out_dir, CHECKPOINT_NAME), lambda tmp: torch.save(checkpoint, tmp))
+    path = os.path.join(out_dir, CHECKPOINT_NAME)
+    try:
+        return atomic_write(path, lambda tmp: torch.save(checkpoint, tmp))
+    except RuntimeError as e:  # "[enforce fail at inline_container.cc:...] . PytorchStreamWriter failed writing ..."
+        reason = re.sub(r"^\[enforce fail at [^\]]*\][ .]*", "", (str(e).splitlines() or [""])[0])[:100]
+        raise OSError(errno.EIO, f"cannot write the checkpoint ({reason})", path) from None
 
 
 def read_checkpoint(out_dir, map_location="cpu"):
-    """The checkpoint dict of out_dir, loaded without unpickling arbitrary objects."""
+    """The checkpoint dict of out_dir, loaded without unpickling arbitrary objects, after checking that its
+    model_config describes a GPT that its weights can fill (see check_model_config)."""
     path = os.path.join(out_dir, CHECKPOINT_NAME)
     if not os.path.exists(path):
         raise UserError(f"no checkpoint at {path}: train one first (python train.py ...) or fix the folder's name")
@@ -57,7 +68,56 @@ def read_checkpoint(out_dir, map_location="cpu"):
             and isinstance(checkpoint.get("model_config"), dict)):
         raise UserError(f"{path} is not a checkpoint of this project (it lacks the model's weights or shape): "
                         f"give a folder that train.py wrote")
+    check_model_config(checkpoint, path)
     return checkpoint
+
+
+def check_model_config(checkpoint, path):
+    """Refuse, in one line and before any model is built, a model_config that is not a GPTConfig (an unknown key, a
+    value of the wrong type, a shape GPTConfig refuses) or that describes more parameters than the weights hold."""
+    config, fields = checkpoint["model_config"], {f.name: f for f in dataclasses.fields(GPTConfig)}
+    problem = next((f"an unknown key '{k}'" for k in config if k not in fields), None)
+    for name, value in config.items():
+        expected = type(fields[name].default) if name in fields else None
+        if problem is None and not (type(value) is expected or expected is float and type(value) is int):
+            problem = f"{name}={value!r}, not {expected.__name__}"
+    if problem is None:
+        try:
+            needed = GPTConfig(**config).num_params()
+        except ValueError as e:
+            problem = str(e)
+    if problem is None:
+        held = sum(t.numel() for t in checkpoint["model"].values() if isinstance(t, torch.Tensor))
+        if needed > held:
+            problem = f"it describes {needed:,} parameters and the weights hold {held:,}"
+    if problem:
+        raise UserError(f"{path}: its model_config does not fit its weights ({problem}): the file was edited or "
+                        f"damaged; train or copy it again")
+
+
+def load_weights(module, weights, path):
+    """module.load_state_dict(weights), every tensor present and of its shape, or one line naming the first that
+    is not."""
+    try:
+        module.load_state_dict(weights)
+    except RuntimeError as e:  # "Error(s) in loading state_dict for GPT:\n\tMissing key(s) ...": the second line
+        lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+        raise UserError(f"{path}: its model_config does not fit its weights ({lines[-1][:200]}): the file was "
+                        f"edited or damaged; train or copy it again")
+
+
+def load_folder_tokenizer(folder, checkpoint):
+    """The tokenizer beside a checkpoint, refused in one line unless it is the one the model was trained with: the
+    same number of ids, and the same fingerprint where the checkpoint records it."""
+    tokenizer = load_tokenizer(folder)
+    vocab_size, recorded = checkpoint["model_config"]["vocab_size"], checkpoint.get("tokenizer_sha256")
+    fix = "copy the tokenizer files (vocab.json, merges.txt) of the run's data folder beside ckpt.pt"
+    if tokenizer.vocab_size != vocab_size:
+        raise UserError(f"the tokenizer in {folder} has {tokenizer.vocab_size:,} ids and its model {vocab_size:,}: "
+                        f"{fix}")
+    if recorded not in (None, tokenizer.fingerprint()):
+        raise UserError(f"the tokenizer in {folder} is not the one its model was trained with: {fix}")
+    return tokenizer
 
 
 def load_model(name_or_dir, device="cpu", dropout=None, cache_dir="data/cache", tokenizer_dir=""):
@@ -76,8 +136,8 @@ def load_model(name_or_dir, device="cpu", dropout=None, cache_dir="data/cache", 
                         f"model that train.py or finetune_instruct.py wrote")
     config = checkpoint["model_config"] | ({} if dropout is None else {"dropout": dropout})
     model = GPT(GPTConfig(**config))
-    model.load_state_dict(checkpoint["model"])
-    return model.to(device).eval(), load_tokenizer(name_or_dir), checkpoint
+    load_weights(model, checkpoint["model"], os.path.join(name_or_dir, CHECKPOINT_NAME))
+    return model.to(device).eval(), load_folder_tokenizer(name_or_dir, checkpoint), checkpoint
 
 
 @contextlib.contextmanager
@@ -140,8 +200,8 @@ def save_run(out_dir, log_rows, settings, source_dir, source_files, checkpoint=N
             source = os.path.join(source_dir, name)
             atomic_write(os.path.join(out_dir, name), lambda tmp: shutil.copyfile(source, tmp))
         plot_losses(log_rows, os.path.join(out_dir, "loss.png"))
-    except (OSError, RuntimeError) as e:  # a full disk, a read-only folder (torch.save raises RuntimeError)
-        reason = getattr(e, "strerror", None) or str(e).splitlines()[0]
+    except OSError as e:  # a full disk, a read-only folder
+        reason = e.strerror or str(e)
         raise UserError(f"cannot save into {out_dir} ({reason}); the last checkpoint there is intact: free some space "
                         f"or fix the permissions, then --init_from=resume")
 

@@ -28,6 +28,7 @@ import json
 import math
 import operator
 import os
+import re
 import sys
 import textwrap
 import time
@@ -42,9 +43,9 @@ class UserError(Exception):
 
 
 def run_main(main):
-    """Run main(), turning a UserError, or an OSError from the machine (a full disk, a read-only folder), into one
-    'error: ...' line and exit status 2, and Ctrl-C into one 'interrupted' line (with what the script says about its
-    files) and exit status 130."""
+    """Run main(), turning a UserError, an OSError from the machine (a full disk, a read-only folder) or running out of
+    memory into one 'error: ...' line and exit status 2, and Ctrl-C into one 'interrupted' line (with what the script
+    says about its files) and exit status 130."""
     try:
         main()
     except UserError as e:
@@ -58,6 +59,15 @@ def run_main(main):
         print(f"error: {e.strerror or e}{where}: make room or choose another folder, then run it again",
               file=sys.stderr)
         sys.exit(2)
+    except (MemoryError, RuntimeError) as e:  # numpy's MemoryError; torch's allocators raise RuntimeError
+        if isinstance(e, RuntimeError) and not OUT_OF_MEMORY.search(str(e)):
+            raise
+        print(f"error: out of memory ({(str(e).splitlines() or ['MemoryError'])[0][:120]}): lower --batch_size or the "
+              f"model's size", file=sys.stderr)
+        sys.exit(2)
+
+
+OUT_OF_MEMORY = re.compile(r"out of memory|can't allocate memory|not enough memory")  # CUDA's, the CPU's, MPS's words
 
 
 def decode_utf8(data, name):
@@ -92,6 +102,16 @@ def atomic_write(path, write):
         tmp.unlink(missing_ok=True)
         raise
     return path
+
+
+def check_writable(path, flag):
+    """Refuse, before any work, a path this script could not write: the folder it names, or the nearest folder above
+    it that exists, must be one the user may write into.  check_writable("/proc/x", "out_dir") -> UserError."""
+    folder = Path(path).absolute()
+    while not folder.is_dir() and folder != folder.parent:
+        folder = folder.parent
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise UserError(f"--{flag}={path}: {folder} is read-only here: choose a folder you can write into")
 
 
 def write_json(path, data):
@@ -379,9 +399,10 @@ def print_help(config_class, defaults, hints):
 
 # ----------------------------------------------------------------------------- the one entry point
 
-def parse_config(config_class, argv=None, renamed=None):
+def parse_config(config_class, argv=None, renamed=None, base=None):
     """Build a `config_class` from defaults, then an optional config file, then --name=value flags. renamed: {old
-    name: new name} of settings that were renamed; the old name still works, with a one-line notice."""
+    name: new name} of settings that were renamed; the old name still works, with a one-line notice. base: values
+    that take the place of the defaults and the config file (a resumed run's own settings): only flags change them."""
     argv = sys.argv[1:] if argv is None else list(argv)
     fields = {f.name: f for f in dataclasses.fields(config_class)}
     hints = typing.get_type_hints(config_class)
@@ -422,6 +443,9 @@ def parse_config(config_class, argv=None, renamed=None):
                 raise UserError(f"--{name}: {e}")
 
     values = dict(defaults)
+    if base is not None:
+        values.update((name, value) for name, value in base.items() if name in fields)
+        overrides = [override for override in overrides if override[2] == "command line"]
     for name, value, where in overrides:
         if name in (renamed or {}) and name not in fields:
             print(f"notice: --{name} is now --{renamed[name]}; taking it as --{renamed[name]}={value}", file=sys.stderr)

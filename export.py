@@ -25,7 +25,7 @@ import torch
 from safetensors.torch import save_file
 
 from checkpoint import load_model
-from cli import UserError, atomic_write, parse_config, run_main, setting, write_json
+from cli import UserError, atomic_write, check_writable, parse_config, run_main, setting, write_json
 from gpt2 import hf_architecture, hf_config, hf_state_dict, neox_hf_config, neox_state_dict
 
 
@@ -130,6 +130,7 @@ def main():
         raise UserError("say where to write the model: --to=DIR (a Hugging Face folder) or --to=FILE.gguf")
     if os.path.abspath(config.to) == os.path.abspath(config.model):
         raise UserError("--to must be another folder than --model (the checkpoint stays as it is)")
+    check_writable(config.to, "to")
     if config.to.endswith(".gguf"):
         arch = export_gguf(config.model, config.to, config.gguf_type)
         print(f"exported {config.model} -> {config.to} (GGUF, {arch}, {config.gguf_type})")

@@ -17,7 +17,7 @@ from dataclasses import dataclass, replace
 import torch
 import torch.nn as nn
 
-from checkpoint import check_out_dir, folder_lock, load_model, read_checkpoint
+from checkpoint import check_out_dir, folder_lock, load_folder_tokenizer, load_model, load_weights, read_checkpoint
 from cli import Progress, UserError, setting
 from lora import add_lora
 from model import GPT, GPTConfig
@@ -228,8 +228,8 @@ def load_classifier(out_dir, device="cpu"):
         raise UserError(f"{out_dir} holds no classifier: train one with python finetune_classifier.py "
                         f"--out_dir={out_dir}")
     model = GPTClassifier(GPT(GPTConfig(**checkpoint["model_config"])), checkpoint["labels"], checkpoint["max_length"])
-    model.load_state_dict(checkpoint["model"])
-    return model.to(device).eval(), load_tokenizer(out_dir)
+    load_weights(model, checkpoint["model"], out_dir)
+    return model.to(device).eval(), load_folder_tokenizer(out_dir, checkpoint)
 
 
 @torch.no_grad()

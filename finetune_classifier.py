@@ -199,11 +199,12 @@ def train_classifier(config, device):
         ids, lengths = pad_batch([ids for ids, _ in items], tokenizer.eot_id)
         return ids.to(device), lengths.to(device), torch.tensor([label for _, label in items], device=device)
 
-    def save(epoch, row):  # the first save writes the tokenizer too: the out_dir alone is enough to classify
-        tokenizer.save(config.out_dir)
+    def save(epoch, row):  # then the tokenizer: the out_dir alone is enough to classify
         save_checkpoint({"model": merged_state_dict(model), "model_config": asdict(gpt.config), "labels": labels,
-                         "max_length": max_length, "finetune_config": asdict(config), "epoch": epoch,
-                         "val_loss": row["val_loss"], "val_accuracy": row["val_accuracy"]}, config.out_dir)
+                         "max_length": max_length, "tokenizer_sha256": tokenizer.fingerprint(),
+                         "finetune_config": asdict(config), "epoch": epoch, "val_loss": row["val_loss"],
+                         "val_accuracy": row["val_accuracy"]}, config.out_dir)
+        tokenizer.save(config.out_dir)
 
     rows = fit(model, config, train_set, val_set, collate, classification_loss,
                lambda val: (val["accuracy"], -val["loss"]), save)

@@ -176,11 +176,12 @@ def train_instruct(config, device):
         inputs, targets = make_batch(items, tokenizer.eot_id, mask_prompt)
         return inputs.to(device), targets.to(device)
 
-    def save(epoch, row):  # with the tokenizer: the out_dir alone is enough to answer
-        tokenizer.save(config.out_dir)
+    def save(epoch, row):  # then the tokenizer: the out_dir alone is enough to answer
         save_checkpoint({"model": merged_state_dict(model), "model_config": asdict(model.config),
-                         "prompt_format": "alpaca", "finetune_config": asdict(config), "epoch": epoch,
-                         "val_loss": row["val_loss"]}, config.out_dir)
+                         "tokenizer_sha256": tokenizer.fingerprint(), "prompt_format": "alpaca",
+                         "finetune_config": asdict(config), "epoch": epoch, "val_loss": row["val_loss"]},
+                        config.out_dir)
+        tokenizer.save(config.out_dir)
 
     rows = fit(model, config, train_set, val_set, collate, lm_loss, lambda val: -val["loss"], save)
 

@@ -52,6 +52,15 @@ class GPTConfig:
         if self.position == "rope" and (self.hidden_size // self.num_attention_heads) % 2:
             raise ValueError("rope rotates pairs of dimensions: hidden_size / num_attention_heads must be even")
 
+    def num_params(self):
+        """The parameters of a GPT of this shape, counted without building it: GPT(c).num_params(False) equals it.
+        Per block 12 h^2 (attention 4 h^2, MLP 8 h^2) and the norms' gains (+ every bias, with bias)."""
+        h, bias = self.hidden_size, self.bias
+        block = 12 * h * h + 2 * h + (11 * h if bias else 0)
+        tables = self.vocab_size * h * (1 if self.tie_embeddings else 2)
+        positions = self.block_size * h if self.position == "learned" else 0
+        return tables + positions + self.num_hidden_layers * block + h * (2 if bias else 1)
+
 
 # ----------------------------------------------------------------------------- attention
 

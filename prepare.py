@@ -37,8 +37,8 @@ from pathlib import Path
 
 import numpy as np
 
-from cli import (Progress, UserError, atomic_write, check_settings, cpu_count, decode_utf8, ordered_map,
-                 parse_config, run_main, setting, worker_pool, write_json)
+from cli import (Progress, UserError, atomic_write, check_settings, check_writable, cpu_count, decode_utf8,
+                 ordered_map, parse_config, run_main, setting, worker_pool, write_json)
 from corpus import Corpus
 from data import SPLITS, count_words, dtype_for
 from download import download, sha256_of
@@ -341,6 +341,7 @@ def check_config(config):
     check_settings(config)
     if config.out_dir and os.path.exists(config.out_dir) and not os.path.isdir(config.out_dir):
         raise UserError(f"--out_dir={config.out_dir} is a file: choose a folder")
+    check_writable(config.out_dir or "data", "out_dir")
     if config.input and config.hf_dataset:
         raise UserError("give one corpus: --input or --hf_dataset")
     if not (config.input or config.hf_dataset) and config.dataset not in WIKITEXT:

@@ -130,6 +130,42 @@ def keep_freed_memory():
     mallopt(M_TRIM_THRESHOLD, 2**30)  # the heap keeps up to 1 GiB of free memory at its top
 
 
+# ----------------------------------------------------------------------------- will it fit?
+
+def free_memory(device):
+    """Bytes a new allocation can still take on device: the GPU's free memory, or on Linux the RAM the kernel counts
+    as available plus free swap; None where that is unknown (mps, other systems)."""
+    if device.startswith("cuda"):
+        return torch.cuda.mem_get_info(device)[0]
+    if device != "cpu":
+        return None
+    try:
+        with open("/proc/meminfo") as f:
+            kib = {line.split(":")[0]: int(line.split()[1]) for line in f if line.split()[1:2] != []}
+        return (kib["MemAvailable"] + kib.get("SwapFree", 0)) * 1024
+    except (OSError, KeyError, ValueError):
+        return None
+
+
+def training_memory(model_config, batch_size, block_size, optimizer_states):
+    """A lower bound on the bytes one training step needs, as (weights, activations): float32 weights, gradients and
+    optimizer_states values per parameter (AdamW keeps 2), and what backward keeps per token: ~34 bytes per hidden
+    unit per layer in 16-bit with fused attention (Korthikanti et al. 2022) and the float32 logits with their
+    gradient.  wikitext_tiny (7.3M parameters, Muon: 1 state, batch 16 x 128) -> (0.09 GB, 0.21 GB)."""
+    c = model_config
+    tokens = batch_size * block_size
+    return (c.num_params() * 4 * (2 + optimizer_states),
+            tokens * (34 * c.hidden_size * c.num_hidden_layers + 8 * c.vocab_size))
+
+
+def check_fits(needed, device, what, advice):
+    """A UserError with the size needed, before allocating, where `needed` bytes are more than device has free."""
+    free = free_memory(device)
+    if free is not None and needed > free:
+        raise UserError(f"{what} needs at least {needed / 1e9:,.1f} GB of memory and {device} has {free / 1e9:,.1f} "
+                        f"GB free: {advice}")
+
+
 # ----------------------------------------------------------------------------- a model ready for inference
 
 def load_for_inference(name_or_dir, device="auto", dtype="auto", quantize="none", compile=False):

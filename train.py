@@ -25,12 +25,13 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from checkpoint import check_out_dir, folder_lock, read_checkpoint, read_log, save_run
+from checkpoint import check_out_dir, folder_lock, load_weights, read_checkpoint, read_log, save_run
 from cli import UserError, duration, parse_config, run_main, setting
 from data import load_meta, load_split
 from model import GPT, GPTConfig
 from muon import muon_with_adamw
-from runtime import autocast, compile_or_eager, keep_freed_memory, peak_flops, pick_device, pick_dtype
+from runtime import (autocast, check_fits, compile_or_eager, keep_freed_memory, peak_flops, pick_device, pick_dtype,
+                     training_memory)
 from tokenizer import load_tokenizer
 
 
@@ -87,13 +88,41 @@ class TrainConfig:
 
 # ----------------------------------------------------------------------------- resuming
 
-def read_resume_checkpoint(config, model_config, meta, tokenizer_sha256):
-    """The checkpoint to resume from, and the model shape it holds, after refusing what cannot go on from it: other
-    data, a max_iters it has already passed, a longer context than its model has."""
-    checkpoint = read_checkpoint(config.out_dir)
+# what a trained model and its optimizer state cannot change, and what each command says for itself
+FIXED_ON_RESUME = {"optimizer"} | {f.name for f in fields(GPTConfig)} - {"vocab_size", "block_size", "dropout",
+                                                                         "embedding_dropout"}
+OWN_FLAGS = {"out_dir", "init_from", "overwrite"}
+
+
+def settings_to_resume(config, checkpoint):
+    """The settings the run in out_dir was started with (its checkpoint keeps them), with this command's --name=value
+    flags on top: each change is named in one line, and one the model's shape or optimizer cannot take is refused."""
     if "iter_num" not in checkpoint or "optimizer" not in checkpoint:
         raise UserError(f"{config.out_dir} holds a model that train.py did not write (fine-tuned, or exported), so "
                         f"there is no run to resume: start one from scratch in another --out_dir")
+    saved = {k: v for k, v in checkpoint.get("train_config", {}).items() if k not in OWN_FLAGS}
+    resumed = parse_config(TrainConfig, base=saved)
+    changed = {k: (saved[k], v) for k, v in asdict(resumed).items() if k in saved and saved[k] != v}
+    fixed = sorted(FIXED_ON_RESUME & changed.keys())
+    if fixed:
+        name = fixed[0]
+        raise UserError(f"--{name} cannot change when resuming: the run was trained with {name}={saved[name]!r}; "
+                        f"drop the flag, or start a new run in another --out_dir")
+    flags_only = asdict(parse_config(TrainConfig, base={}))  # the defaults and this command's flags
+    from_file = [k for k, v in asdict(config).items() if k in saved and v != flags_only[k] and v != saved[k]]
+    if from_file:
+        print("resuming with the run's own settings, not the config file's: " + ", ".join(
+            f"{k}={saved[k]!r} (the file says {getattr(config, k)!r})" for k in from_file)
+            + "; a --name=value flag changes one")
+    if changed:
+        print("changed from the run's settings by this command: " + ", ".join(f"{k} {a!r} -> {b!r}"
+                                                                            for k, (a, b) in changed.items()))
+    return resumed
+
+
+def read_resume_checkpoint(config, checkpoint, model_config, meta, tokenizer_sha256):
+    """The model shape a checkpoint holds, after refusing what cannot go on from it: other data, a max_iters it has
+    already passed, a longer context than its model has."""
     saved = checkpoint["model_config"]
     if saved["vocab_size"] != meta["vocab_size"]:
         raise UserError(f"vocab mismatch: the checkpoint has vocab_size={saved['vocab_size']} but {config.data_dir} "
@@ -108,9 +137,9 @@ def read_resume_checkpoint(config, model_config, meta, tokenizer_sha256):
     if config.block_size > saved["block_size"]:
         raise UserError(f"block_size={config.block_size} is beyond the model's {saved['block_size']} positions")
     changed = {k: (saved[k], v) for k, v in asdict(model_config).items() if k != "block_size" and saved[k] != v}
-    if changed:
+    if changed:  # a checkpoint without its train_config
         print(f"resuming with the checkpoint's model shape; ignoring {changed}")
-    return checkpoint, GPTConfig(**saved)
+    return GPTConfig(**saved)
 
 
 # ----------------------------------------------------------------------------- data, schedule, evaluation, signals
@@ -182,6 +211,10 @@ def stop_on_signals():
 def main():
     config = parse_config(TrainConfig)
     check_out_dir(config.out_dir, fresh=config.init_from == "scratch", overwrite=config.overwrite)
+    checkpoint = None
+    if config.init_from == "resume":  # the run goes on with its own settings
+        checkpoint = read_checkpoint(config.out_dir)
+        config = settings_to_resume(config, checkpoint)
 
     # processes, device, precision
     ddp = int(os.environ.get("RANK", -1)) != -1  # torchrun sets RANK, WORLD_SIZE and LOCAL_RANK
@@ -229,15 +262,21 @@ def main():
         model_config = GPTConfig(vocab_size=meta["vocab_size"], **model_settings)  # the same names in both
     except ValueError as e:  # a shape that cannot be built: the settings say so
         raise UserError(str(e))
-    checkpoint, iter_num, best_val_loss, log_rows = None, 0, float("inf"), []
-    if config.init_from == "resume":
-        checkpoint, model_config = read_resume_checkpoint(config, model_config, meta, tokenizer_sha256)
+    iter_num, best_val_loss, log_rows = 0, float("inf"), []
+    if checkpoint is not None:
+        model_config = read_resume_checkpoint(config, checkpoint, model_config, meta, tokenizer_sha256)
         iter_num, best_val_loss = checkpoint["iter_num"], checkpoint["best_val_loss"]
         if iter_num == config.max_iters:
             print(f"{config.out_dir} is trained to --max_iters={iter_num} already: nothing to do (raise --max_iters "
                   f"and --lr_decay_iters to train on)")
             return
         log_rows = read_log(config.out_dir, iter_num)
+    weights, activations = training_memory(model_config, config.batch_size, config.block_size,
+                                           optimizer_states=1 if config.optimizer == "muon" else 2)
+    check_fits(weights + activations, device, f"training {model_config.num_params() / 1e6:,.1f}M parameters "
+               f"({weights / 1e9:,.1f} GB with gradients and optimizer state) at batch_size={config.batch_size} x "
+               f"block_size={config.block_size} ({activations / 1e9:,.1f} GB of activations)",
+               "lower --batch_size (raising --gradient_accumulation_steps keeps the batch), or the model's size")
     raw_model = GPT(model_config).to(device)  # the plain module: what checkpoints hold
     betas = (config.beta1, config.beta2)
     if config.optimizer == "muon":
@@ -246,7 +285,7 @@ def main():
     else:
         optimizer = raw_model.configure_optimizer(config.weight_decay, config.learning_rate, betas, device_type)
     if checkpoint is not None:
-        raw_model.load_state_dict(checkpoint["model"])
+        load_weights(raw_model, checkpoint["model"], config.out_dir)
         try:
             optimizer.load_state_dict(checkpoint["optimizer"])
         except (KeyError, ValueError, TypeError):

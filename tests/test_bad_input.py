@@ -4,6 +4,7 @@ folder, SIGTERM saves like Ctrl-C, a full disk loses nothing, and counting worke
 
 import errno
 import hashlib
+import json
 import os
 import shutil
 import signal
@@ -474,3 +475,180 @@ def test_d6_d7_a_full_disk_while_exporting_is_one_line(tiny_ckpt, tmp_path, monk
     status, _, err = run_in_process(export, f"--model={tiny_ckpt}", f"--to={tmp_path / 'hf'}")
     assert_one_line(status, err, "No space left on device", "model.safetensors")
     assert not (tmp_path / "hf" / "model.safetensors").exists()
+
+
+def folder_with(tiny_ckpt, tmp_path, edit):
+    """A copy of tiny_ckpt whose checkpoint dict went through edit(checkpoint)."""
+    folder = tmp_path / "edited"
+    shutil.copytree(tiny_ckpt, folder)
+    checkpoint = torch.load(folder / CHECKPOINT_NAME, weights_only=True)
+    edit(checkpoint)
+    torch.save(checkpoint, folder / CHECKPOINT_NAME)
+    return folder
+
+
+def every_reader(folder, tmp_path, run_in_process):
+    """(status, stderr) of each script that loads a model folder, pointed at `folder`."""
+    import export
+    records = tmp_path / "records.json"
+    records.write_text(json.dumps([{"instruction": f"say {i}", "input": "", "output": f"{i} ok"} for i in range(30)]))
+    runs = [(sample, "--device=cpu", "--max_new_tokens=2"), (evaluate, "--device=cpu", "--split=val"),
+            (export, f"--to={tmp_path / 'hf'}"), (finetune_instruct, "--device=cpu", f"--data={records}", f"--out_dir={tmp_path / 'ft'}")]
+    for module, *args in runs:
+        status, _, err = run_in_process(module, f"--model={folder}", *args)
+        yield module.__name__, status, err
+    try:  # serve.py's main() loads the model here, before it listens
+        serve.create_app(str(folder), device="cpu").engine.close()
+        yield "serve", 0, ""
+    except UserError as e:
+        yield "serve", 2, f"error: {e}\n"
+
+
+@pytest.mark.parametrize("edit, fragment", [
+    (lambda c: c["model_config"].update(rotary_base=500000), "an unknown key 'rotary_base'"),
+    (lambda c: c["model_config"].update(vocab_size="300"), "vocab_size='300', not int"),
+    (lambda c: c["model_config"].update(hidden_size=100000), "the weights hold"),
+    (lambda c: c["model_config"].update(vocab_size=299), "size mismatch for"),
+    (lambda c: c["model"].pop("blocks.1.mlp.up_proj.weight"), "blocks.1.mlp.up_proj.weight"),
+])
+def test_d11_a_model_config_that_does_not_fit_its_weights_is_one_line(edit, fragment, tiny_ckpt, tmp_path,
+                                                                      run_in_process):
+    folder = folder_with(tiny_ckpt, tmp_path, edit)
+    for script, status, err in every_reader(folder, tmp_path, run_in_process):
+        assert_one_line(status, err, "model_config does not fit its weights", fragment)
+    assert not (tmp_path / "hf").exists() and not (tmp_path / "ft").exists()
+
+
+def test_d5_a_tokenizer_that_is_not_the_models_is_one_line(tiny_ckpt, tmp_path, run_in_process):
+    folder = tmp_path / "mixed"
+    shutil.copytree(tiny_ckpt, folder)
+    text = " ".join(f"zq{i % 97} xv{i % 89}" for i in range(5000))
+    BPETokenizer.train(text, vocab_size=280, min_frequency=1).save(folder)  # 280 ids beside a 300-id model
+    for script, status, err in every_reader(folder, tmp_path, run_in_process):
+        assert_one_line(status, err, "has 280 ids and its model 300", "vocab.json")
+    BPETokenizer.train(text, vocab_size=300, min_frequency=1).save(folder)  # as many ids, other merges
+    for script, status, err in every_reader(folder, tmp_path, run_in_process):
+        assert_one_line(status, err, "is not the one its model was trained with")
+    assert not (tmp_path / "hf").exists() and not (tmp_path / "ft").exists()
+
+
+def test_d6_a_first_save_that_fails_leaves_nothing_behind(run_train, tiny_data, tmp_path, monkeypatch, run_in_process):
+    def failing(obj, path, *args, **kw):  # what torch.save raises on a full disk: RuntimeError, not OSError
+        Path(path).write_bytes(b"half")
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . PytorchStreamWriter failed writing file")
+
+    monkeypatch.setattr(torch, "save", failing)
+    out = tmp_path / "out"
+    message = train_error(run_train, f"--data_dir={tiny_data}", f"--out_dir={out}", *TINY, "--max_iters=2")
+    assert "cannot save into" in message and "PytorchStreamWriter failed" in message
+    assert not out.exists()  # no config, log or tokenizer without a checkpoint
+    records = tmp_path / "records.json"
+    records.write_text(json.dumps([{"instruction": f"say {i}", "input": "", "output": f"{i} ok"} for i in range(30)]))
+    status, _, err = run_in_process(finetune_instruct, "--model=scratch", f"--tokenizer_dir={tiny_data}",
+                                    "--hidden_size=16", "--num_hidden_layers=1", "--num_attention_heads=1",
+                                    "--block_size=512", "--max_length=512",
+                                    f"--data={records}", f"--out_dir={out}", "--device=cpu", "--num_epochs=1",
+                                    "--max_new_tokens=2")
+    assert status == 2 and "Traceback" not in err  # after the epoch's progress line, one error line
+    assert err.splitlines()[-1].startswith("error: cannot write the checkpoint (PytorchStreamWriter failed"), err
+    assert not (out / "vocab.json").exists()
+
+
+@pytest.fixture
+def read_only(tmp_path):
+    """A folder no script may write into: read-only by its mode, or (as root, whom modes do not stop) a read-only
+    tmpfs mounted there."""
+    folder = tmp_path / "read-only"
+    folder.mkdir()
+    if os.geteuid() != 0:
+        folder.chmod(0o555)
+        yield folder
+        folder.chmod(0o755)
+        return
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=1M", "tmpfs", str(folder)],
+                      capture_output=True).returncode != 0:
+        pytest.skip("root here cannot mount a read-only folder, and modes do not stop root")
+    yield folder
+    subprocess.run(["umount", str(folder)], check=True)
+
+
+def test_d7_a_read_only_folder_is_refused_before_any_work(read_only, tiny_data, tiny_ckpt, tmp_path, run_in_process,
+                                                          run_train):
+    import export
+    corpus = tmp_path / "c.txt"
+    corpus.write_text("some words to learn from\n" * 50)
+    records = tmp_path / "records.json"
+    records.write_text(json.dumps([{"instruction": f"say {i}", "input": "", "output": f"{i} ok"} for i in range(30)]))
+    runs = [(prepare, f"--input={corpus}", f"--out_dir={read_only / 'data'}", "--vocab_size=300"),
+            (tokenizer, f"--train={corpus}", f"--out={read_only / 'tok'}", "--vocab_size=300"),
+            (export, f"--model={tiny_ckpt}", f"--to={read_only / 'hf'}"),
+            (export, f"--model={tiny_ckpt}", f"--to={read_only / 'model.gguf'}"),
+            (finetune_instruct, f"--model={tiny_ckpt}", f"--data={records}", f"--out_dir={read_only / 'ft'}",
+             "--device=cpu")]
+    for module, *args in runs:
+        status, out, err = run_in_process(module, *args)
+        assert_one_line(status, err, "is read-only here")
+        assert "epoch" not in out and "training" not in out  # refused before the work
+    message = train_error(run_train, f"--data_dir={tiny_data}", f"--out_dir={read_only / 'out'}", *TINY)
+    assert "is read-only here" in message
+
+
+@pytest.mark.parametrize("args", [["--hidden_size=100000", "--num_attention_heads=1"],
+                                  ["--hidden_size=384", "--num_attention_heads=6", "--num_hidden_layers=100000"],
+                                  ["--batch_size=100000000"]])
+def test_d14_a_run_that_cannot_fit_in_memory_says_what_it_needs(args, run_train, tiny_data, tmp_path):
+    t0 = time.time()
+    message = train_error(run_train, f"--data_dir={tiny_data}", f"--out_dir={tmp_path / 'out'}", *TINY, *args)
+    assert "needs at least" in message and "GB of memory" in message and "GB free" in message
+    assert time.time() - t0 < 10 and not (tmp_path / "out").exists()
+
+
+def test_d14_running_out_of_memory_anyway_is_one_line(capsys):
+    from cli import run_main
+
+    def allocate():
+        raise RuntimeError("CUDA out of memory. Tried to allocate 20.00 GiB (GPU 0; 79.15 GiB total capacity)\nmore")
+    with pytest.raises(SystemExit) as stop:
+        run_main(allocate)
+    err = capsys.readouterr().err
+    assert stop.value.code == 2 and err.count("\n") == 1 and "out of memory" in err and "--batch_size" in err
+
+    def bug():
+        raise RuntimeError("mat1 and mat2 shapes cannot be multiplied")
+    with pytest.raises(RuntimeError, match="cannot be multiplied"):  # a bug still shows its traceback
+        run_main(bug)
+
+
+def test_d17_the_log_holds_each_row_once_after_kills_and_resumes(tiny_data, tmp_path, run_train):
+    out = tmp_path / "out"
+    args = [f"--data_dir={tiny_data}", f"--out_dir={out}", *TINY, "--eval_interval=2", "--max_iters=100000"]
+    proc = subprocess.Popen([sys.executable, str(ROOT / "train.py"), *args], cwd=ROOT, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            env={**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"})
+    next(line for line in proc.stdout if line.startswith("iter 5/"))
+    proc.kill()  # kill -9 past the checkpoint of step 4: the log on disk ends there, the run had gone on
+    proc.communicate()
+    assert torch.load(out / CHECKPOINT_NAME, weights_only=True)["iter_num"] == 4
+    run_train(*args[:-1], "--init_from=resume", "--max_iters=8")  # resumed twice: each time from a checkpoint
+    run_train(*args[:-1], "--init_from=resume", "--max_iters=12")
+    rows = [json.loads(line) for line in open(out / "log.jsonl")]
+    kinds = [(row["iter"], "val_loss" in row) for row in rows]
+    assert kinds == sorted([(i, False) for i in range(1, 13)] + [(i, True) for i in range(0, 13, 2)])
+
+
+def test_d18_a_resumed_run_takes_its_own_settings(run_train, tiny_data, tmp_path, capsys):
+    out, config = tmp_path / "out", tmp_path / "config.py"
+    config.write_text("batch_size = 8\nlearning_rate = 3e-3\n")
+    run_train(config, f"--data_dir={tiny_data}", f"--out_dir={out}", *TINY, "--max_iters=4", "--batch_size=2")
+    capsys.readouterr()
+    run_train(config, f"--out_dir={out}", "--init_from=resume", "--max_iters=6")  # as the README resumes
+    stdout = capsys.readouterr().out
+    assert "resuming with the run's own settings, not the config file's: batch_size=2 (the file says 8)" in stdout
+    assert "changed from the run's settings by this command: max_iters 4 -> 6" in stdout
+    saved = torch.load(out / CHECKPOINT_NAME, weights_only=True)["train_config"]
+    assert (saved["batch_size"], saved["block_size"], saved["hidden_size"], saved["max_iters"]) == (2, 32, 32, 6)
+    run_train(f"--out_dir={out}", "--init_from=resume", "--max_iters=8", "--batch_size=3")  # a flag wins
+    assert torch.load(out / CHECKPOINT_NAME, weights_only=True)["train_config"]["batch_size"] == 3
+    for flag in ("--hidden_size=64", "--position=rope", "--optimizer=muon"):
+        message = train_error(run_train, f"--out_dir={out}", "--init_from=resume", "--max_iters=10", flag)
+        assert f"{flag.split('=')[0]} cannot change when resuming" in message
