@@ -38,7 +38,7 @@ from pathlib import Path
 import numpy as np
 
 from cli import (Progress, UserError, atomic_write, check_settings, check_writable, cpu_count, decode_utf8,
-                 ordered_map, parse_config, run_main, setting, worker_pool, write_json)
+                 end_pool, ordered_map, parse_config, run_main, setting, worker_pool, write_json)
 from corpus import Corpus
 from data import SPLITS, count_words, dtype_for
 from download import download, sha256_of
@@ -463,7 +463,7 @@ def prepare_data(config):
     kept = start_work_dir(work_dir, json.loads(json.dumps(settings)))
 
     workers = config.workers or cpu_count()
-    pool = worker_pool(workers) if workers > 1 else None
+    pool, finished = worker_pool(workers) if workers > 1 else None, False
     try:
         if kept:
             tok = load_tokenizer(work_dir)
@@ -501,6 +501,7 @@ def prepare_data(config):
             **({"unknown_word": "<unk>"} if name == "wikitext-2" else {}),  # the release's marker for rare words
             "splits": {},
         })
+        finished = True
     except KeyboardInterrupt:
         raise KeyboardInterrupt(f"nothing was written under a final name in {out_dir}; the same command starts "
                                 f"over") from None
@@ -509,7 +510,7 @@ def prepare_data(config):
                         f"make room and run the same command again") from None
     finally:
         if pool is not None:
-            pool.terminate()
+            end_pool(pool, finished)
 
     text_bytes = sum(s["bytes"] for s in meta["splits"].values())
     print(f"{name}, {kind} tokenizer with {tok.vocab_size:,} ids -> {out_dir} in {time.time() - t0:.1f} s "

@@ -96,7 +96,7 @@ OWN_FLAGS = {"out_dir", "init_from", "overwrite"}
 
 def settings_to_resume(config, checkpoint):
     """The settings the run in out_dir was started with (its checkpoint keeps them), with this command's --name=value
-    flags on top: each change is named in one line, and one the model's shape or optimizer cannot take is refused."""
+    flags on top, and the lines that name what differs; a flag the model's shape or optimizer cannot take is refused."""
     if "iter_num" not in checkpoint or "optimizer" not in checkpoint:
         raise UserError(f"{config.out_dir} holds a model that train.py did not write (fine-tuned, or exported), so "
                         f"there is no run to resume: start one from scratch in another --out_dir")
@@ -110,14 +110,15 @@ def settings_to_resume(config, checkpoint):
                         f"drop the flag, or start a new run in another --out_dir")
     flags_only = asdict(parse_config(TrainConfig, base={}))  # the defaults and this command's flags
     from_file = [k for k, v in asdict(config).items() if k in saved and v != flags_only[k] and v != saved[k]]
+    notices = []
     if from_file:
-        print("resuming with the run's own settings, not the config file's: " + ", ".join(
+        notices.append("resuming with the run's own settings, not the config file's: " + ", ".join(
             f"{k}={saved[k]!r} (the file says {getattr(config, k)!r})" for k in from_file)
             + "; a --name=value flag changes one")
     if changed:
-        print("changed from the run's settings by this command: " + ", ".join(f"{k} {a!r} -> {b!r}"
-                                                                            for k, (a, b) in changed.items()))
-    return resumed
+        notices.append("changed from the run's settings by this command: " + ", ".join(
+            f"{k} {a!r} -> {b!r}" for k, (a, b) in changed.items()))
+    return resumed, notices
 
 
 def read_resume_checkpoint(config, checkpoint, model_config, meta, tokenizer_sha256):
@@ -210,16 +211,18 @@ def stop_on_signals():
 
 def main():
     config = parse_config(TrainConfig)
+    ddp = int(os.environ.get("RANK", -1)) != -1  # torchrun sets RANK, WORLD_SIZE and LOCAL_RANK
+    rank, world_size = (int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])) if ddp else (0, 1)
+    master = rank == 0  # only one process logs and writes checkpoints
     check_out_dir(config.out_dir, fresh=config.init_from == "scratch", overwrite=config.overwrite)
     checkpoint = None
     if config.init_from == "resume":  # the run goes on with its own settings
         checkpoint = read_checkpoint(config.out_dir)
-        config = settings_to_resume(config, checkpoint)
+        config, notices = settings_to_resume(config, checkpoint)
+        if master and notices:
+            print("\n".join(notices))
 
     # processes, device, precision
-    ddp = int(os.environ.get("RANK", -1)) != -1  # torchrun sets RANK, WORLD_SIZE and LOCAL_RANK
-    rank, world_size = (int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])) if ddp else (0, 1)
-    master = rank == 0  # only one process logs and writes checkpoints
     device = pick_device(config.device)
     if device == "cuda" and ddp:
         device = f"cuda:{os.environ['LOCAL_RANK']}"

@@ -388,14 +388,12 @@ def test_d12_a_start_text_that_is_not_utf8(tiny_ckpt, run_script):
     assert_one_line(r.returncode, r.stderr, "--start is not UTF-8 text (byte 0xff")
 
 
-def resumed_training(tiny_data, out, *args, wait_for):
-    """A tiny run trained to step 4, resumed (no evaluation at its start) with args; returns the process once it
-    has printed a line starting with wait_for."""
-    subprocess.run([sys.executable, str(ROOT / "train.py"), f"--data_dir={tiny_data}", f"--out_dir={out}", *TINY,
-                    "--max_iters=4", "--eval_interval=4"], cwd=ROOT, check=True, capture_output=True,
-                   env={**os.environ, "OMP_NUM_THREADS": "1"})
-    proc = subprocess.Popen([sys.executable, str(ROOT / "train.py"), f"--data_dir={tiny_data}", f"--out_dir={out}",
-                             *TINY, "--init_from=resume", "--max_iters=100", "--eval_iters=1000000000", *args],
+def resumed_training(tiny_ckpt, out, *args, wait_for):
+    """A copy of the tiny run (at step 30) resumed (no evaluation at its start) with args; returns the process once
+    it has printed a line starting with wait_for."""
+    shutil.copytree(tiny_ckpt, out)
+    proc = subprocess.Popen([sys.executable, str(ROOT / "train.py"), f"--out_dir={out}", "--init_from=resume",
+                             "--log_interval=1", "--max_iters=100", "--eval_iters=1000000000", *args],
                             cwd=ROOT, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             env={**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"})
     for line in proc.stdout:
@@ -404,22 +402,22 @@ def resumed_training(tiny_data, out, *args, wait_for):
     raise AssertionError(proc.communicate())
 
 
-def test_d16_sigterm_during_an_evaluation_stops_it_within_seconds(tiny_data, tmp_path):
+def test_d16_sigterm_during_an_evaluation_stops_it_within_seconds(tiny_ckpt, tmp_path):
     out = tmp_path / "out"
-    proc = resumed_training(tiny_data, out, "--eval_interval=8", "--always_save_checkpoint=True", wait_for="iter 8/")
-    time.sleep(2)  # the evaluation of step 8 is under way: a billion batches
+    proc = resumed_training(tiny_ckpt, out, "--eval_interval=32", wait_for="iter 32/")
+    time.sleep(1)  # the evaluation of step 32 is under way: a billion batches
     proc.send_signal(signal.SIGTERM)
     t0 = time.time()
     stdout, stderr = proc.communicate(timeout=60)
     assert proc.returncode == 0 and time.time() - t0 < 30, stderr
-    assert "eval 8: stopped" in stdout and "Traceback" not in stderr
-    assert torch.load(out / CHECKPOINT_NAME, weights_only=True)["iter_num"] == 8
+    assert "eval 32: stopped" in stdout and "Traceback" not in stderr
+    assert torch.load(out / CHECKPOINT_NAME, weights_only=True)["iter_num"] == 32
 
 
-def test_d16_a_second_sigterm_exits_at_once(tiny_data, tmp_path):
-    proc = resumed_training(tiny_data, tmp_path / "out", "--eval_interval=1000", wait_for="iter 6/")
+def test_d16_a_second_sigterm_exits_at_once(tiny_ckpt, tmp_path):
+    proc = resumed_training(tiny_ckpt, tmp_path / "out", "--eval_interval=1000", wait_for="iter 32/")
     proc.send_signal(signal.SIGTERM)  # the stop's evaluation begins: a billion batches
-    time.sleep(2)
+    time.sleep(1)
     proc.send_signal(signal.SIGTERM)
     proc.communicate(timeout=30)
     assert proc.returncode == -signal.SIGTERM

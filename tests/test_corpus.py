@@ -4,7 +4,6 @@
 import gzip
 import json
 import os
-import resource
 import signal
 import subprocess
 import sys
@@ -197,15 +196,15 @@ def train_peak_rss_mb(data_dir, out_dir):
 
 
 def test_train_memory_does_not_grow_with_train_bin(tiny_data, tmp_path):
-    """A 4 GB train.bin (sparse: no disk used) takes no more memory than the 30 kB one: it is read through a
-    memmap, a batch at a time."""
+    """A 2 GB train.bin (sparse: no disk used) takes no more memory than the 30 kB one: it is read through a
+    memmap, a batch at a time (and its check at load leaves no page cache behind)."""
     big = tmp_path / "big"
     big.mkdir()
     for name in ("meta.json", "val.bin", "test.bin", "vocab.json", "merges.txt", "tokenizer.json"):
         (big / name).write_bytes((tiny_data / name).read_bytes())
     with open(big / "train.bin", "wb") as f:
         f.write((tiny_data / "train.bin").read_bytes())
-        f.truncate(4 << 30)  # zeros beyond: id 0, a valid id
+        f.truncate(2 << 30)  # zeros beyond: id 0, a valid id
     small_mb = train_peak_rss_mb(tiny_data, tmp_path / "run-small")
     big_mb = train_peak_rss_mb(big, tmp_path / "run-big")
     assert big_mb < small_mb + 100, (small_mb, big_mb)
@@ -281,12 +280,3 @@ def test_a_full_disk_is_one_line_and_nothing_under_a_final_name(tmp_path, monkey
         f"name; make room and run the same command again"), err
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [".partial"]
 
-
-def test_a_read_only_folder_is_refused_before_any_work(tmp_path, run_in_process):
-    if os.geteuid() == 0:
-        pytest.skip("root writes into read-only folders")
-    write_jsonl(tmp_path / "c.jsonl", make_documents(30))
-    (tmp_path / "ro").mkdir()
-    os.chmod(tmp_path / "ro", 0o500)
-    status, _, err = run_in_process(prepare, f"--input={tmp_path / 'c.jsonl'}", f"--out_dir={tmp_path / 'ro'}")
-    assert status == 2 and "cannot write in" in err and "choose another --out_dir" in err, err
