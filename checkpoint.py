@@ -75,12 +75,16 @@ def read_checkpoint(out_dir, map_location="cpu"):
 def check_model_config(checkpoint, path):
     """Refuse, in one line and before any model is built, a model_config that is not a GPTConfig (an unknown key, a
     value of the wrong type, a shape GPTConfig refuses) or that describes more parameters than the weights hold."""
-    config, fields = checkpoint["model_config"], {f.name: f for f in dataclasses.fields(GPTConfig)}
-    problem = next((f"an unknown key '{k}'" for k in config if k not in fields), None)
+    config, defaults = checkpoint["model_config"], {f.name: f.default for f in dataclasses.fields(GPTConfig)}
+    problem = None
     for name, value in config.items():
-        expected = type(fields[name].default) if name in fields else None
-        if problem is None and not (type(value) is expected or expected is float and type(value) is int):
+        expected = type(defaults.get(name))
+        if name not in defaults:
+            problem = f"an unknown key '{name}'"
+        elif not (type(value) is expected or expected is float and type(value) is int):  # (True is not an int here)
             problem = f"{name}={value!r}, not {expected.__name__}"
+        if problem:
+            break
     if problem is None:
         try:
             needed = GPTConfig(**config).num_params()

@@ -88,10 +88,9 @@ class TrainConfig:
 
 # ----------------------------------------------------------------------------- resuming
 
-# what a trained model and its optimizer state cannot change, and what each command says for itself
-FIXED_ON_RESUME = {"optimizer"} | {f.name for f in fields(GPTConfig)} - {"vocab_size", "block_size", "dropout",
-                                                                         "embedding_dropout"}
-OWN_FLAGS = {"out_dir", "init_from", "overwrite"}
+FIXED_ON_RESUME = ({f.name for f in fields(GPTConfig)} - {"vocab_size", "block_size", "dropout", "embedding_dropout"}
+                   | {"optimizer"})  # what a trained model and its optimizer state cannot change
+OWN_FLAGS = {"out_dir", "init_from", "overwrite"}  # what each command says for itself, resumed or not
 
 
 def settings_to_resume(config, checkpoint):
