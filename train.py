@@ -99,7 +99,9 @@ def settings_to_resume(config, checkpoint):
     if "iter_num" not in checkpoint or "optimizer" not in checkpoint:
         raise UserError(f"{config.out_dir} holds a model that train.py did not write (fine-tuned, or exported), so "
                         f"there is no run to resume: start one from scratch in another --out_dir")
-    saved = {k: v for k, v in checkpoint.get("train_config", {}).items() if k not in OWN_FLAGS}
+    if not isinstance(checkpoint.get("train_config"), dict):  # an older checkpoint: the command's settings
+        return config, []
+    saved = {k: v for k, v in checkpoint["train_config"].items() if k not in OWN_FLAGS}
     resumed = parse_config(TrainConfig, base=saved)
     changed = {k: (saved[k], v) for k, v in asdict(resumed).items() if k in saved and saved[k] != v}
     fixed = sorted(FIXED_ON_RESUME & changed.keys())
