@@ -172,17 +172,14 @@ def worker_pool(processes):
     return multiprocessing.get_context(method).Pool(processes, initializer=_worker_start, initargs=(os.getpid(),))
 
 
-def end_pool(pool, finished):
-    """Stop a worker_pool. finished: every task was taken, and pool.terminate() cleans up. After an error or Ctrl-C
-    terminate() can wait forever: a task half-written to a worker it kills leaves the pool's feeder thread blocked on
-    the pipe, and it joins that thread. So the workers are killed and the pool's clean-up is dropped (its threads are
-    daemons, and what follows is the end of the process)."""
-    if finished:
-        pool.terminate()
-        return
-    for worker in pool._pool:
-        worker.kill()
-    pool._terminate.cancel()  # (multiprocessing would call terminate() at exit)
+def end_pool(pool, wait=5.0):
+    """pool.terminate(), waiting for it at most `wait` seconds. After Ctrl-C or an error it can wait forever: a task
+    half-written to a worker it kills leaves the pool's feeder thread blocked on the pipe, and it joins that thread.
+    By then its workers are gone (it ends them first), so the process may end without it."""
+    import threading
+    ending = threading.Thread(target=pool.terminate, daemon=True)
+    ending.start()
+    ending.join(wait)
 
 
 def _worker_start(parent):

@@ -463,7 +463,7 @@ def prepare_data(config):
     kept = start_work_dir(work_dir, json.loads(json.dumps(settings)))
 
     workers = config.workers or cpu_count()
-    pool, finished = worker_pool(workers) if workers > 1 else None, False
+    pool = worker_pool(workers) if workers > 1 else None
     try:
         if kept:
             tok = load_tokenizer(work_dir)
@@ -501,7 +501,6 @@ def prepare_data(config):
             **({"unknown_word": "<unk>"} if name == "wikitext-2" else {}),  # the release's marker for rare words
             "splits": {},
         })
-        finished = True
     except KeyboardInterrupt:
         raise KeyboardInterrupt(f"nothing was written under a final name in {out_dir}; the same command starts "
                                 f"over") from None
@@ -510,7 +509,7 @@ def prepare_data(config):
                         f"make room and run the same command again") from None
     finally:
         if pool is not None:
-            end_pool(pool, finished)
+            end_pool(pool)
 
     text_bytes = sum(s["bytes"] for s in meta["splits"].values())
     print(f"{name}, {kind} tokenizer with {tok.vocab_size:,} ids -> {out_dir} in {time.time() - t0:.1f} s "

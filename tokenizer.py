@@ -96,15 +96,14 @@ def count_pretokens_parallel(texts, min_chars=1 << 20, pool=None, batch_chars=1 
         if processes < 2 or multiprocessing.current_process().daemon:  # (a daemon process may not start any)
             return count_pretokens(text for batch in batches for text in batch)
         pool = own_pool = cli.worker_pool(processes)
-    total, finished = Counter(), False
     try:
+        total = Counter()
         for counts in cli.ordered_map(pool, count_pretokens, ((batch,) for batch in batches), ahead=2 * 8):
             total.update(counts)
-        finished = True
         return total
     finally:
         if own_pool is not None:
-            cli.end_pool(own_pool, finished)
+            cli.end_pool(own_pool)
 
 
 def _batches(texts, batch_chars, piece):

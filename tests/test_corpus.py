@@ -226,8 +226,10 @@ def slow_corpus(tmp_path, mb=12):
 
 
 def start_and_wait_for_ids(args, tmp_path):
+    """prepare.py in a process group of its own, Ctrl-C answered as in a terminal (a suite started in the background
+    hands its children SIGINT ignored), returned once its workers have written ids."""
     proc = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)
+                            start_new_session=True, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.time() + 60
     while not list((tmp_path / "out" / ".partial").glob("*.ids")) and time.time() < deadline:
         time.sleep(0.05)
