@@ -51,7 +51,8 @@ def save_checkpoint(checkpoint, out_dir):
         return atomic_write(path, lambda tmp: torch.save(checkpoint, tmp))
     except RuntimeError as e:  # "[enforce fail at inline_container.cc:...] . PytorchStreamWriter failed writing ..."
         reason = re.sub(r"^\[enforce fail at [^\]]*\][ .]*", "", (str(e).splitlines() or [""])[0])[:100]
-        raise OSError(errno.EIO, f"cannot write the checkpoint ({reason})", path) from None
+        free = shutil.disk_usage(out_dir).free / 1e6  # (its usual cause, a full disk, says only "unexpected pos")
+        raise OSError(errno.EIO, f"cannot write the checkpoint ({reason}; {free:,.1f} MB free there)", path) from None
 
 
 def read_checkpoint(out_dir, map_location="cpu"):
@@ -205,9 +206,9 @@ def save_run(out_dir, log_rows, settings, source_dir, source_files, checkpoint=N
             atomic_write(os.path.join(out_dir, name), lambda tmp: shutil.copyfile(source, tmp))
         plot_losses(log_rows, os.path.join(out_dir, "loss.png"))
     except OSError as e:  # a full disk, a read-only folder
-        reason = e.strerror or str(e)
-        raise UserError(f"cannot save into {out_dir} ({reason}); the last checkpoint there is intact: free some space "
-                        f"or fix the permissions, then --init_from=resume")
+        then = ("the last checkpoint there is intact: free some space, then --init_from=resume"
+                if is_checkpoint(out_dir) else "nothing was saved: free some space and run it again")
+        raise UserError(f"cannot save into {out_dir} ({e.strerror or e}); {then}")
 
 
 def plot_losses(rows, png_path):

@@ -538,7 +538,8 @@ def test_d6_a_first_save_that_fails_leaves_nothing_behind(run_train, tiny_data, 
     monkeypatch.setattr(torch, "save", failing)
     out = tmp_path / "out"
     message = train_error(run_train, f"--data_dir={tiny_data}", f"--out_dir={out}", *TINY, "--max_iters=2")
-    assert "cannot save into" in message and "PytorchStreamWriter failed" in message
+    assert "cannot save into" in message and "PytorchStreamWriter failed" in message and "MB free there" in message
+    assert "nothing was saved" in message
     assert not out.exists()  # no config, log or tokenizer without a checkpoint
     records = tmp_path / "records.json"
     records.write_text(json.dumps([{"instruction": f"say {i}", "input": "", "output": f"{i} ok"} for i in range(30)]))
