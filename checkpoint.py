@@ -34,8 +34,6 @@ def is_checkpoint(folder):
 def check_out_dir(out_dir, fresh, overwrite):
     """Refuse, before any work, a run that would harm out_dir or could not save there: a file in its place, a folder
     it cannot write into, or a trained model that a run from scratch (fresh) would replace without overwrite."""
-    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
-        raise UserError(f"--out_dir={out_dir} is a file: choose a folder")
     check_writable(out_dir, "out_dir")
     if fresh and is_checkpoint(out_dir) and not overwrite:
         raise UserError(f"{out_dir} holds a trained model: continue it with --init_from=resume, choose another "

@@ -104,9 +104,12 @@ def atomic_write(path, write):
     return path
 
 
-def check_writable(path, flag):
-    """Refuse, before any work, a path this script could not write: the folder it names, or the nearest folder above
-    it that exists, must be one the user may write into.  check_writable("/proc/x", "out_dir") -> UserError."""
+def check_writable(path, flag, folder=True):
+    """Refuse, before any work, an output path this script could not write: a file where the folder should be, or a
+    folder (the one named, else the nearest above it that exists) the user may not write into. folder=False: path is
+    a file to write.  check_writable("README.md", "out_dir") -> UserError("--out_dir=README.md is a file: ...")"""
+    if folder and os.path.exists(path) and not os.path.isdir(path):
+        raise UserError(f"--{flag}={path} is a file: choose a folder")
     folder = Path(path).absolute()
     while not folder.is_dir() and folder != folder.parent:
         folder = folder.parent
@@ -217,6 +220,7 @@ _BINOPS = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul,
 
 
 MAX_INT, MAX_LENGTH = 10**18, 10_000  # a config value beyond these is a mistake, not a setting
+TOO_DEEP = "an expression nested too deeply to read: write the value out"
 
 
 def _size(value):
@@ -274,7 +278,7 @@ def read_config_file(path):
     except SyntaxError as e:
         raise UserError(f"{path}:{e.lineno}: syntax error: {e.msg}")
     except (RecursionError, MemoryError):
-        raise UserError(f"{path}: an expression nested too deeply to read: write the value out") from None
+        raise UserError(f"{path}: {TOO_DEEP}") from None
     values = {}
     for stmt in tree.body:
         if isinstance(stmt, ast.Expr) and isinstance(stmt.value, ast.Constant):
@@ -286,8 +290,7 @@ def read_config_file(path):
         except (ValueError, ArithmeticError) as e:
             raise UserError(f"{path}:{stmt.lineno}: {e}")
         except RecursionError:
-            raise UserError(f"{path}:{stmt.lineno}: an expression nested too deeply to read: write the value out") \
-                from None
+            raise UserError(f"{path}:{stmt.lineno}: {TOO_DEEP}") from None
     return values
 
 

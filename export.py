@@ -130,7 +130,7 @@ def main():
         raise UserError("say where to write the model: --to=DIR (a Hugging Face folder) or --to=FILE.gguf")
     if os.path.abspath(config.to) == os.path.abspath(config.model):
         raise UserError("--to must be another folder than --model (the checkpoint stays as it is)")
-    check_writable(config.to, "to")
+    check_writable(config.to, "to", folder=not config.to.endswith(".gguf"))
     if config.to.endswith(".gguf"):
         arch = export_gguf(config.model, config.to, config.gguf_type)
         print(f"exported {config.model} -> {config.to} (GGUF, {arch}, {config.gguf_type})")

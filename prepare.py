@@ -339,8 +339,6 @@ def concatenate(parts, work_dir, dtype, path):
 def check_config(config):
     """Everything that can be refused before any download or training."""
     check_settings(config)
-    if config.out_dir and os.path.exists(config.out_dir) and not os.path.isdir(config.out_dir):
-        raise UserError(f"--out_dir={config.out_dir} is a file: choose a folder")
     check_writable(config.out_dir or "data", "out_dir")
     if config.input and config.hf_dataset:
         raise UserError("give one corpus: --input or --hf_dataset")
@@ -490,7 +488,8 @@ def prepare_data(config):
         kind = config.tokenizer if config.tokenizer in ("bpe", "gpt2") else "folder"
         meta = write_dataset(out_dir, work_dir, tok, dtype, totals, parts, {
             "dataset": name,
-            "tokenizer": {"kind": kind, "files": []} | ({"min_frequency": config.min_frequency} if kind == "bpe" else {}) | (
+            "tokenizer": {"kind": kind, "files": []} | (
+                {"min_frequency": config.min_frequency} if kind == "bpe" else {}) | (
                 {"from": config.tokenizer} if kind == "folder" else {}),
             "vocab_size": tok.vocab_size,
             "special_tokens": tok.special_tokens,

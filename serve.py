@@ -245,7 +245,8 @@ def read_prompts(value, tokenizer, max_chars, max_prompts):
     starts; "" is just that token), a list of strings, a list of token ids (taken as they are), or a list of such
     lists. One prompt per choice group, in order.
 
-        read_prompts("Hi", ...) -> [("Hi", [eot, ...])];  read_prompts([[5, 6], [7]], ...) -> [(None, [5, 6]), (None, [7])]
+        read_prompts("Hi", ...) -> [("Hi", [eot, ...])]
+        read_prompts([[5, 6], [7]], ...) -> [(None, [5, 6]), (None, [7])]
     """
     vocab = tokenizer.vocab_size
     is_id = lambda t: is_json_type(t, int) and 0 <= t < vocab  # noqa: E731

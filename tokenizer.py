@@ -465,8 +465,6 @@ def main():
     config = cli.parse_config(TokenizerConfig)
     if not config.train:
         raise cli.UserError("give a text file to train on: --train=FILE")
-    if os.path.exists(config.out) and not os.path.isdir(config.out):
-        raise cli.UserError(f"--out={config.out} is a file: choose a folder for vocab.json + merges.txt")
     cli.check_writable(config.out, "out")
     if config.vocab_size < 256 + len(config.special_tokens):
         raise cli.UserError(f"--vocab_size must be at least {256 + len(config.special_tokens)} "

@@ -491,7 +491,8 @@ def every_reader(folder, tmp_path, run_in_process):
     records = tmp_path / "records.json"
     records.write_text(json.dumps([{"instruction": f"say {i}", "input": "", "output": f"{i} ok"} for i in range(30)]))
     runs = [(sample, "--device=cpu", "--max_new_tokens=2"), (evaluate, "--device=cpu", "--split=val"),
-            (export, f"--to={tmp_path / 'hf'}"), (finetune_instruct, "--device=cpu", f"--data={records}", f"--out_dir={tmp_path / 'ft'}")]
+            (export, f"--to={tmp_path / 'hf'}"),
+            (finetune_instruct, "--device=cpu", f"--data={records}", f"--out_dir={tmp_path / 'ft'}")]
     for module, *args in runs:
         status, _, err = run_in_process(module, f"--model={folder}", *args)
         yield module.__name__, status, err

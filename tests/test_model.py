@@ -89,6 +89,15 @@ def test_parameter_count(model):
     assert model.num_params() == total - config.block_size * config.hidden_size
 
 
+
+@pytest.mark.parametrize("choices", [{}, {"bias": True}, {"tie_embeddings": False}, {"position": "rope"},
+                                     {"bias": True, "position": "rope", "tie_embeddings": False, "qk_norm": True}])
+def test_the_config_counts_the_parameters_without_building_the_model(choices):
+    config = GPTConfig(vocab_size=101, block_size=17, hidden_size=24, num_hidden_layers=3, num_attention_heads=2,
+                       **choices)
+    assert config.num_params() == GPT(config).num_params(non_embedding=False)
+
+
 def test_weight_decay_on_matrices_only(model):
     opt = model.configure_optimizer(0.1, 1e-3, (0.9, 0.95), "cpu")
     decay, no_decay = opt.param_groups
