@@ -2,23 +2,33 @@
 Inference speed (no cache, KV cache, int8, compiled decoding, cold and warm) and the perplexity int8 costs, as
 markdown tables.
 
-    python bench/bench_inference.py                                  # speed: a random model shaped as wikitext_small
+    python bench/bench_inference.py                                  # speed: wikitext_small's model
     python bench/bench_inference.py --model=out-wikitext-tiny      # + perplexity float32 vs int8 on its val split
-    python bench/bench_inference.py --shape=tiny --repeats=5         # config/wikitext_tiny.py's shape
+    python bench/bench_inference.py --config=tiny --repeats=5        # config/wikitext_tiny.py's
+    python bench/bench_inference.py --config=config/gpt2_124m.py     # any train.py config file's
     python bench/bench_inference.py --devices=cuda                   # the GPU rows only
 
 Speed: tokens per second generating new_tokens tokens after a prompt_tokens-token prompt, greedy, one sequence, on
 the CPU (float32, int8) and on a GPU if there is one (bfloat16). Speed does not depend on the weights' values, so a
-randomly initialised model of the chosen shape stands in for a trained one: nothing is trained here. The warm
+randomly initialised model stands in for a trained one: nothing is trained here. It is the model
+that train.py builds from the config file (its shape and its recipe: position encoding, head tying,
+biases, activation, QK-norm...), so what is timed is what ships. The warm
 variants run after a warm-up, interleaved, `repeats` times each (the slow no-cache baseline once), and each keeps
 its best run: the one least disturbed by other work on the machine. A cold variant is the first generation in a
 fresh process, after loading (and compiling), as sample.py's first sample: what one-off costs add to it.
+
+Ops per token: the profiler over a few tokens of generation after the prompt (the decode step,
+sampling and the bookkeeping around them, as generate_tokens runs them), divided by the tokens: the
+aten ops dispatched from Python (or from a compiled step: the ones it did not fuse away), and on a
+GPU the kernels run and the launches the host made (kernel launches, CUDA graph replays, copies).
+On a GPU, launches rather than bandwidth bound a small model's decoding.
 
 Perplexity needs a trained checkpoint (--model): its split in float32, then with int8 weights, on the first
 eval_tokens tokens. Without --model that table is skipped.
 """
 
 import copy
+import dataclasses
 import json
 import os
 import platform
@@ -32,19 +42,24 @@ sys.path.insert(0, ROOT)  # run from anywhere: import the repo's modules by name
 
 import torch  # noqa: E402
 
-from cli import UserError, parse_config, read_config_file, run_main  # noqa: E402
+from cli import UserError, parse_config, run_main  # noqa: E402
 from evaluate import evaluate_split  # noqa: E402
 from model import GPT, GPTConfig  # noqa: E402
 from quantize import quantize_int8  # noqa: E402
 from runtime import compile_decoding, load_for_inference  # noqa: E402
+from train import TrainConfig  # noqa: E402
 
-SHAPE_KEYS = ("block_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "bias")
+# the settings a config file can give the model; the rest (dropout) only matter in training
+RECIPE = ("position", "tie_embeddings", "bias", "activation", "qk_norm", "logit_softcap")
+# what the host does to start work on a GPU: a kernel, a CUDA graph's replay, a copy or a fill
+LAUNCHES = ("cudaLaunchKernel", "cuLaunchKernel", "cudaGraphLaunch", "cudaMemcpyAsync",
+            "cudaMemsetAsync")
 
 
 @dataclass
 class BenchInferenceConfig:
     model: str = ""             # a trained checkpoint: adds the perplexity table (none: speed only)
-    shape: str = "small"        # small | tiny (config/wikitext_<shape>.py) | checkpoint (--model's own model)
+    config: str = "small"       # a config file, small, tiny (config/wikitext_*.py) or checkpoint
     vocab_size: int = 8192      # of the random model (prepare.py's default tokenizer size)
     new_tokens: int = 512       # tokens generated per timed run
     prompt_tokens: int = 16     # random prompt tokens before them
@@ -54,29 +69,43 @@ class BenchInferenceConfig:
     threads: int = 0            # torch CPU threads; 0: torch's default
     devices: str = "cpu,cuda"   # which rows: cpu, cuda (left out without a GPU), or both
     compile: bool = True        # also time the decode step compiled (with CUDA graphs on a GPU)
+    ops: bool = True            # also count the ops (on a GPU: kernels) per decoded token
     cold: bool = True           # also time the first generation in a fresh process
     child: str = ""             # internal: "device:compile" times one cold generation and prints it as JSON
 
 
+def model_config(path, vocab_size):
+    """The GPTConfig that `train.py path` builds (its defaults, then the file), with vocab_size:
+    what ships. config/wikitext_small.py -> GPTConfig(hidden_size=512, ..., position="rope",
+    tie_embeddings=False, bias=False)"""
+    if not os.path.isfile(path):
+        raise UserError(f"no config file {path}: give --config=small, tiny, checkpoint or a "
+                        f"train.py config file")
+    settings = parse_config(TrainConfig, [path])
+    names = [f.name for f in dataclasses.fields(GPTConfig) if f.name != "vocab_size"]
+    return GPTConfig(vocab_size=vocab_size, **{name: getattr(settings, name) for name in names})
+
+
 def bench_model(config):
     """The model to time, and a line describing it."""
-    if config.shape == "checkpoint":
+    if config.config == "checkpoint":
         if not config.model:
-            raise UserError("--shape=checkpoint needs --model")
+            raise UserError("--config=checkpoint needs --model")
         model, _, _ = load_for_inference(config.model, "cpu", "float32")
         where = config.model
-    elif config.shape in ("small", "tiny"):
-        path = os.path.join(ROOT, "config", f"wikitext_{config.shape}.py")
-        shape = {k: v for k, v in read_config_file(path).items() if k in SHAPE_KEYS}
-        torch.manual_seed(0)
-        model = GPT(GPTConfig(vocab_size=config.vocab_size, **shape)).eval()
-        where = f"config/wikitext_{config.shape}.py, random weights"
     else:
-        raise UserError(f"--shape must be small, tiny or checkpoint, got '{config.shape}'")
+        named = config.config in ("small", "tiny")
+        path = config.config
+        if named:
+            path = os.path.join(ROOT, "config", f"wikitext_{config.config}.py")
+        torch.manual_seed(0)
+        model = GPT(model_config(path, config.vocab_size)).eval()
+        where = f"{os.path.relpath(path, ROOT) if named else path}, random weights"
     c = model.config
+    recipe = ", ".join(f"{name}={getattr(c, name)}" for name in RECIPE)
     return model, (f"{c.num_hidden_layers} layers x {c.hidden_size}, {c.num_attention_heads} heads, context "
-                   f"{c.block_size}, vocab {c.vocab_size}: {model.num_params(non_embedding=False) / 1e6:.1f}M "
-                   f"parameters ({where})")
+                   f"{c.block_size}, vocab {c.vocab_size}, {recipe}: "
+                   f"{model.num_params(non_embedding=False) / 1e6:.1f}M parameters ({where})")
 
 
 def tokens_per_second(model, prompt, new_tokens, use_cache):
@@ -117,8 +146,8 @@ def cold_child(config, model):
     print(json.dumps({"tokens_per_second": tokens_per_second(model, prompt.to(device), config.new_tokens, True)}))
 
 
-def speed_table(config, model, devices):
-    """{variant: best tokens/s}: warm variants over interleaved repeats, then the cold ones."""
+def variants_to_time(config, model, devices):
+    """{variant name: (model, use_cache)}: the copies of model that the warm rows time."""
     variants = {}
     if "cpu" in devices:
         variants["cpu, no cache, float32"] = (model, False)
@@ -133,8 +162,11 @@ def speed_table(config, model, devices):
         variants["cuda, KV cache, bfloat16"] = (gpu, True)
         if config.compile:
             variants["cuda, KV cache, bfloat16, compiled decode (CUDA graphs)"] = (prepared(model, "cuda", True), True)
-    g = torch.Generator().manual_seed(0)
-    prompt = torch.randint(model.config.vocab_size, (1, config.prompt_tokens), generator=g)
+    return variants
+
+
+def speed_table(config, variants, prompt, devices):
+    """{variant: best tokens/s}: warm variants over interleaved repeats, then the cold ones."""
     best = {name: 0.0 for name in variants}
     for name, (m, cache) in variants.items():  # warm-up: allocations, kernels, caches
         tokens_per_second(m, prompt.to(m.token_emb.weight.device), 8, cache)
@@ -154,8 +186,63 @@ def speed_table(config, model, devices):
     return best
 
 
+def ops_per_token(model, prompt, tokens=8):
+    """What one decoded token dispatches: the profiler over `tokens` tokens of generate_tokens after
+    its prefill (the decode step, sampling, the bookkeeping between them), per token.
+    {"aten ops": the ops dispatched from Python or from a compiled step, not those they call in
+    turn}, and on a GPU also "GPU kernels" (run), "GPU copies" and "host launches" (the kernel
+    launches, CUDA graph replays and copies the host asked for)."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    on_gpu = prompt.is_cuda
+    steps = model.generate_tokens(prompt, tokens + 1, temperature=0)
+    # the prompt's prefill and the first token: once per generation, not per token
+    next(steps)
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if on_gpu else [])
+    with profile(activities=activities) as profiler:
+        for _ in steps:
+            pass
+        if on_gpu:
+            torch.cuda.synchronize()
+    events = profiler.events()
+    host = [e for e in events if e.device_type == DeviceType.CPU]
+    counts = {"aten ops": sum(1 for e in host if is_outermost_aten_op(e))}
+    if on_gpu:
+        gpu = [e for e in events if e.device_type == DeviceType.CUDA]
+        counts["GPU kernels"] = sum(1 for e in gpu if not e.name.startswith(("Memcpy", "Memset")))
+        counts["GPU copies"] = len(gpu) - counts["GPU kernels"]
+        counts["host launches"] = sum(1 for e in host if e.name.startswith(LAUNCHES))
+    return {name: count / tokens for name, count in counts.items()}
+
+
+def is_outermost_aten_op(event):
+    """An aten op that no other aten op called: aten::linear counts, not the aten::addmm in it."""
+    if not event.name.startswith("aten::"):
+        return False
+    parent = event.cpu_parent
+    while parent is not None:
+        if parent.name.startswith("aten::"):
+            return False
+        parent = parent.cpu_parent
+    return True
+
+
+def print_ops_table(variants, prompt):
+    """Per decoded token, for every variant with a KV cache: what ops_per_token counts."""
+    counted = {name: ops_per_token(m, prompt.to(m.token_emb.weight.device))
+               for name, (m, cache) in variants.items() if cache}
+    columns = list(dict.fromkeys(column for counts in counted.values() for column in counts))
+    print("\nops per decoded token (profiler, 8 tokens after the prompt, greedy):\n")
+    print("| variant | " + " | ".join(columns) + " |")
+    print("| --- |" + " ---: |" * len(columns))
+    for name, counts in counted.items():
+        cells = (f"{counts[c]:.1f}" if c in counts else "-" for c in columns)
+        print(f"| {name} | " + " | ".join(cells) + " |")
+
+
 def quantize_int8_blocks(model):
-    """int8 for the transformer blocks only: shows what quantizing the (tied) output head adds."""
+    """int8 for the transformer blocks only: shows what quantizing the output head adds."""
     model = copy.deepcopy(model)
     quantize_int8(model.blocks)
     return model
@@ -185,7 +272,7 @@ def machine_line():
 
 
 def main():
-    config = parse_config(BenchInferenceConfig)
+    config = parse_config(BenchInferenceConfig, renamed={"shape": "config"})
     if config.threads:
         torch.set_num_threads(config.threads)
     if config.new_tokens < 1 or config.prompt_tokens < 1 or config.repeats < 1:
@@ -198,7 +285,10 @@ def main():
     print(f"model: {description}")
     print(f"generating {config.new_tokens} tokens after a {config.prompt_tokens}-token prompt, greedy, batch 1, "
           f"best of {config.repeats} (no cache: one run)", flush=True)
-    best = speed_table(config, model, devices)
+    variants = variants_to_time(config, model, devices)
+    g = torch.Generator().manual_seed(0)
+    prompt = torch.randint(model.config.vocab_size, (1, config.prompt_tokens), generator=g)
+    best = speed_table(config, variants, prompt, devices)
     for device in devices:
         dtype_name = "bfloat16" if device == "cuda" else "float32"
         base, cached = best[f"{device}, no cache, {dtype_name}"], best[f"{device}, KV cache, {dtype_name}"]
@@ -215,9 +305,11 @@ def main():
     if "cuda" in devices and config.compile and config.cold:
         warm = best["cuda, KV cache, bfloat16, compiled decode (CUDA graphs)"]
         cold = best["cuda, KV cache, bfloat16, compiled decode, first sample in a fresh process"]
-        print(f"goals (GPU): warm >= 3,000 tokens/s: {warm:,.0f} ({'met' if warm >= 3000 else 'NOT met'}); first "
-              f"sample >= 0.5x warm: {cold / warm:.2f}x ({'met' if cold >= 0.5 * warm else 'NOT met'})")
-
+        print(f"goals (GPU): warm >= 5,000 tokens/s: {warm:,.0f} "
+              f"({'met' if warm >= 5000 else 'NOT met'}); first sample >= 0.5x warm: "
+              f"{cold / warm:.2f}x ({'met' if cold >= 0.5 * warm else 'NOT met'})")
+    if config.ops:
+        print_ops_table(variants, prompt)
 
     if not config.model:
         print("\nperplexity: skipped (no --model: give a trained checkpoint to measure what int8 costs)")
