@@ -1,10 +1,13 @@
 """
-The token files that prepare.py writes and train.py and evaluate.py read: a folder holding meta.json and one flat
-array of token ids per split (train.bin, val.bin, test.bin; uint16, or uint32 as meta.json's dtype says), every document preceded by the end-of-text
-token, so that decoding a split and dropping those tokens gives its text back byte for byte.
+The token files that prepare.py writes and train.py and evaluate.py read: a folder holding
+meta.json, the tokenizer, and one flat array of token ids per split (train.bin, val.bin, test.bin;
+uint16, or uint32 as meta.json's dtype says), every document preceded by the end-of-text token, so
+that decoding a split and dropping those tokens gives its text back byte for byte.
 
-    meta = load_meta("data/wikitext-2")          # vocab size, special tokens; per split: documents, tokens, words
+    meta = load_meta("data/wikitext-2")          # vocab size, special tokens; per split: documents,
+                                                 # tokens, words
     ids = load_split("data/wikitext-2", "val")   # a read-only np.memmap: nothing is read until used
+    tokenizer = load_tokenizer("data/wikitext-2")
 """
 
 import json
@@ -15,13 +18,15 @@ from pathlib import Path
 import numpy as np
 
 from cli import UserError
+from tokenizer import BPETokenizer
 
 SPLITS = ("train", "val", "test")
 DTYPES = ("uint16", "uint32")  # uint16 holds 65,536 ids; uint32 the vocabularies beyond
 
 
 def dtype_for(vocab_size):
-    """The smallest dtype of the token files that holds every id: 8192 -> 'uint16'; 100_277 -> 'uint32'."""
+    """The smallest dtype of the token files that holds every id: 8192 -> 'uint16';
+    100_277 -> 'uint32'."""
     return "uint16" if vocab_size <= 1 << 16 else "uint32"
 
 
@@ -32,18 +37,20 @@ WIDE_SPACE = re.compile("[\x85\xa0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3
 
 
 def count_words(text, convention="whitespace"):
-    """Words for word-level perplexity: whitespace-separated words, or 'classic' (the WikiText and PTB papers' count):
-    those plus one end-of-line per line, the last one too if it lacks a newline.
+    """Words for word-level perplexity: whitespace-separated words, or 'classic' (the WikiText and
+    PTB papers' count): those plus one end-of-line per line, the last one too if it lacks a
+    newline.
 
         count_words("a b\\nc\\n") -> 3;  count_words("a b\\nc\\n", "classic") -> 5
 
-    len(text.split()), counted without making the words: where a space byte is followed by another byte (a UTF-8
-    character's bytes are never ASCII), unless the text holds a wider space."""
+    len(text.split()), counted without making the words: where a space byte is followed by another
+    byte (a UTF-8 character's bytes are never ASCII), unless the text holds a wider space."""
     if WIDE_SPACE.search(text):
         words = len(text.split())
     else:
         space = ASCII_SPACE[np.frombuffer(text.encode("utf-8"), dtype=np.uint8)]
-        words = int(np.count_nonzero(space[:-1] & ~space[1:])) + int(space.size > 0 and not space[0])
+        starts = np.count_nonzero(space[:-1] & ~space[1:])
+        words = int(starts) + int(space.size > 0 and not space[0])
     if convention == "whitespace":
         return words
     if convention == "classic":
@@ -53,7 +60,8 @@ def count_words(text, convention="whitespace"):
 
 def _run_prepare_first(data_dir):
     name = Path(data_dir).name
-    args = f"--dataset={name}" if name in ("wikitext-2", "wikitext-2-raw") else f"--input=FILE --out_dir={data_dir}"
+    wikitext = name in ("wikitext-2", "wikitext-2-raw")
+    args = f"--dataset={name}" if wikitext else f"--input=FILE --out_dir={data_dir}"
     return f"run prepare.py first (python prepare.py {args})"
 
 
@@ -63,34 +71,62 @@ def load_meta(data_dir):
     if not path.is_file():
         raise UserError(f"no meta.json in {data_dir}: {_run_prepare_first(data_dir)}")
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        meta = json.loads(path.read_text(encoding="utf-8"))
     except (ValueError, OSError) as e:
         raise UserError(f"cannot read {path} ({e}): {_run_prepare_first(data_dir)} again")
+    if not (isinstance(meta, dict) and type(meta.get("vocab_size")) is int):
+        raise UserError(f"{path} is damaged (no whole-number vocab_size): "
+                        f"{_run_prepare_first(data_dir)} again")
+    return meta
+
+
+def load_tokenizer(folder):
+    """The tokenizer saved in a data folder (or a model's: the same files), or a UserError that
+    says what is wrong with its files."""
+    try:
+        return BPETokenizer.load(folder)
+    except ValueError as e:
+        raise UserError(str(e)) from None
 
 
 def load_split(data_dir, split):
-    """A split's token ids as a read-only memmap of meta.json's dtype (nothing is read into memory until used)."""
+    """A split's token ids as a read-only memmap of meta.json's dtype (nothing is read into memory
+    until used)."""
     path = Path(data_dir) / f"{split}.bin"
     if not path.is_file():
-        raise UserError(f"no {split}.bin in {data_dir}: {_run_prepare_first(data_dir)}")
-    dtype = load_meta(data_dir).get("dtype", "uint16")
+        raise UserError(_no_split(data_dir, split))
+    meta = load_meta(data_dir)
+    dtype = meta.get("dtype", "uint16")
     if dtype not in DTYPES:
-        raise UserError(f"{data_dir}/meta.json names the dtype {dtype!r}, not one of {', '.join(DTYPES)}: "
-                        f"{_run_prepare_first(data_dir)} again")
+        raise UserError(f"{data_dir}/meta.json names the dtype {dtype!r}, not one of "
+                        f"{', '.join(DTYPES)}: {_run_prepare_first(data_dir)} again")
     size, item = path.stat().st_size, np.dtype(dtype).itemsize
     if size % item or not size:
-        raise UserError(f"{path} holds {size:,} bytes, not whole {dtype} ids: {_run_prepare_first(data_dir)} again")
+        raise UserError(f"{path} holds {size:,} bytes, not whole {dtype} ids: "
+                        f"{_run_prepare_first(data_dir)} again")
     largest = largest_id(path, dtype)
-    vocab_size = load_meta(data_dir).get("vocab_size")
-    if isinstance(vocab_size, int) and largest >= vocab_size:
-        raise UserError(f"{path} holds the id {largest:,}, beyond its vocabulary of {vocab_size:,} (meta.json): "
-                        f"the file is damaged; {_run_prepare_first(data_dir)} again")
+    if largest >= meta["vocab_size"]:
+        raise UserError(f"{path} holds the id {largest:,}, beyond its vocabulary of "
+                        f"{meta['vocab_size']:,} (meta.json): the file is damaged; "
+                        f"{_run_prepare_first(data_dir)} again")
     return np.memmap(path, dtype=dtype, mode="r")
 
 
+def _no_split(data_dir, split):
+    """Why data_dir has no such split, and what to do: a data folder prepared without a test split
+    -> "... has no test split (it has train, val): prepare it with --test_fraction=0.1 ..."."""
+    splits = load_meta(data_dir).get("splits") if (Path(data_dir) / "meta.json").is_file() else None
+    if not isinstance(splits, dict) or split in splits:
+        return f"no {split}.bin in {data_dir}: {_run_prepare_first(data_dir)}"
+    flag = {"val": "--val_fraction=0.1", "test": "--test_fraction=0.1"}.get(split)
+    again = f": prepare it again with {flag} (or --{split}_documents=N)" if flag else ""
+    return f"{data_dir} has no {split} split (it has {', '.join(splits)}){again}"
+
+
 def largest_id(path, dtype, chunk=1 << 24):
-    """The largest id in a token file, read a chunk at a time into one buffer; the file's pages are then let go
-    from the page cache, so that a scan of a big file leaves nothing behind for the training's memmap to map."""
+    """The largest id in a token file, read a chunk at a time into one buffer; the file's pages are
+    then let go from the page cache, so that a scan of a big file leaves nothing behind for the
+    training's memmap to map."""
     buffer, largest = np.empty(chunk, dtype=dtype), 0
     with open(path, "rb") as f:
         while n := f.readinto(memoryview(buffer).cast("B")) // buffer.itemsize:

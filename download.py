@@ -1,8 +1,9 @@
 """
-Downloads that are checked against a sha256, resume where they stopped, try mirrors in order and show their
-progress; a file that fails its check never lands under its name.
+Downloads that are checked against a sha256, resume where they stopped, try mirrors in order and
+show their progress; a file that fails its check never lands under its name.
 
-    download(["https://mirror-a/f.zip", "https://mirror-b/f.zip"], "data/cache/f.zip", sha256="ef7e...")
+    download(["https://mirror-a/f.zip", "https://mirror-b/f.zip"], "data/cache/f.zip",
+             sha256="ef7e...")
 """
 
 import hashlib
@@ -12,7 +13,8 @@ from pathlib import Path
 
 import requests
 
-from cli import Progress, UserError
+from cli import UserError
+from files import Progress
 
 
 def sha256_of(path):
@@ -25,15 +27,19 @@ def sha256_of(path):
 
 
 def _fetch(url, part, desc):
-    """Stream url into `part`, continuing an existing partial file with an HTTP Range request if the server can."""
+    """Stream url into `part`, continuing an existing partial file with an HTTP Range request if
+    the server can."""
     have = part.stat().st_size if part.exists() else 0
-    headers = {"Accept-Encoding": "identity"}  # byte ranges and lengths must refer to the file itself
+    # byte ranges and lengths must refer to the file itself
+    headers = {"Accept-Encoding": "identity"}
     if have:
         headers["Range"] = f"bytes={have}-"
     with requests.get(url, headers=headers, stream=True, timeout=30) as r:
-        if have and r.status_code == 416:  # nothing left to send: the .part is complete (the checksum decides)
+        # nothing left to send: the .part is complete (the checksum decides)
+        if have and r.status_code == 416:
             return
-        resumed = have > 0 and r.status_code == 206 and r.headers.get("Content-Range", "").startswith(f"bytes {have}-")
+        content_range = r.headers.get("Content-Range", "")
+        resumed = have > 0 and r.status_code == 206 and content_range.startswith(f"bytes {have}-")
         if not resumed and r.status_code != 200:
             raise requests.HTTPError(f"HTTP {r.status_code} {r.reason}")
         have = have if resumed else 0
@@ -51,17 +57,19 @@ def _fetch(url, part, desc):
 
 
 def short_error(e):
-    """The message of a network error, or its class name where the message runs to hundreds of characters
-    (urllib3's do)."""
+    """The message of a network error, or its class name where the message runs to hundreds of
+    characters (urllib3's do)."""
     text = str(e)
     return text if len(text) < 100 else type(e).__name__
 
 
 def download(url_or_urls, dest, sha256=None, desc=None, offline_hint=""):
-    """Fetch a file to `dest`, trying mirror URLs in order; check its sha256, then rename it into place. Returns dest.
+    """Fetch a file to `dest`, trying mirror URLs in order; check its sha256, then rename it into
+    place. Returns dest.
 
-    A file already at dest with the right checksum is reused, one with the wrong checksum is fetched again. Bytes go to
-    dest + ".part" first, so an interrupted download resumes next time and dest never holds a partial file.
+    A file already at dest with the right checksum is reused, one with the wrong checksum is fetched
+    again. Bytes go to dest + ".part" first, so an interrupted download resumes next time and dest
+    never holds a partial file.
     `offline_hint` tells the user how to do without the network (e.g. "pass --source=DIR ...").
     """
     urls = [url_or_urls] if isinstance(url_or_urls, str) else list(url_or_urls)
@@ -75,7 +83,8 @@ def download(url_or_urls, dest, sha256=None, desc=None, offline_hint=""):
     part = dest.with_name(dest.name + ".part")
     problems = []
     for url in urls:
-        for _ in range(2):  # the second try resumes an interrupted transfer, or restarts after a stale .part
+        # the second try resumes an interrupted transfer, or restarts after a stale .part
+        for _ in range(2):
             had = part.stat().st_size if part.exists() else 0
             try:
                 _fetch(url, part, desc)

@@ -1,24 +1,33 @@
 """
-Batched generation for a server: one thread owns the model and decodes every active sequence in a single forward
-pass per step. A request joins between two steps (its prompt runs alone, into a free row of the KV cache) and leaves
-as soon as it is done, so nobody waits for a whole batch to finish: continuous batching. Each sequence keeps its own
-row, position, sampling settings, seed and stopping rule: its tokens do not depend on what else is in the batch.
-The engine owns the rows: it points the model's caches at one row to run a prompt, at rows 0..n-1 to decode.
+Batched generation for a server: one thread owns the model and decodes every active sequence in a
+single forward pass per step. A request joins between two steps (its prompt runs alone, into a free
+row of the KV cache) and leaves as soon as it is done, so nobody waits for a whole batch to finish:
+continuous batching. Each sequence keeps its own row, position, sampling settings, seed and stopping
+rule: its tokens do not depend on what else is in the batch. The engine owns the rows: it points the
+model's caches at one row to run a prompt, at rows 0..n-1 to decode.
 
     engine = BatchEngine(model, max_batch_size=32)
-    sequence = engine.submit(prompt_ids, max_new_tokens=64, temperature=0.8, seed=1, stop_id=tokenizer.eot_id)
-    for token in sequence:              # new token ids as they are made; sequence.close() gives the row back
+    sequence = engine.submit(prompt_ids, max_new_tokens=64, temperature=0.8, seed=1, stop_id=eot_id)
+    for token in sequence:      # new token ids as they come; sequence.close() gives the row back
         ...
-    sequence.finish_reason              # "stop" (stop_id) or "length" (max_new_tokens)
+    sequence.finish_reason      # "stop" (stop_id) or "length" (max_new_tokens)
 
-With logprobs=k, each new token's log-probability under the model (its raw distribution, whatever the sampling
-settings) and the k likeliest tokens' come in sequence.scores; with score_prompt, the prompt's tokens' in
-sequence.prompt_scores (None for the first, which has no context). max_new_tokens=0 then just scores the prompt.
+With logprobs=k, each new token's log-probability under the model (its raw distribution, whatever
+the sampling settings) and the k likeliest tokens' come in sequence.scores; with score_prompt, the
+prompt's tokens' in sequence.scored_prompt() (None for the first, which has no context).
+max_new_tokens=0 then just scores the prompt.
 
-Decoding one token for 32 sequences reads the weights once, as for one sequence: on a small model the step costs
-little more than a single sequence's step, so the server's throughput grows with the batch.
+Waiting sequences run first come, first served, by rank: a request of many choices gives its i-th
+rank i, so that its later choices wait behind other requests' first ones. Between two steps, at most
+PROMPTS_PER_STEP prompts run: a burst of new requests delays the running ones by a few prompts only.
+
+Decoding one token for 32 sequences reads the weights once, as for one sequence: on a small model
+the step costs little more than a single sequence's step, so the server's throughput grows with the
+batch.
 """
 
+import itertools
+import math
 import queue
 import threading
 
@@ -26,32 +35,40 @@ import torch
 
 from model import sample_next_token
 
+PROMPTS_PER_STEP = 4
+
 
 def scores(logits, tokens, k):
-    """For each row of logits (T, vocab) and the token that followed it: (its log-probability, [(id, logprob)] of the
-    k likeliest tokens), as Python numbers."""
+    """For each row of logits (T, vocab) and the token that followed it: (its log-probability,
+    [(id, logprob)] of the k likeliest tokens), as Python numbers."""
     logprobs = logits.float().log_softmax(dim=-1)
     chosen = logprobs.gather(1, torch.tensor(tokens, device=logits.device)[:, None])[:, 0].tolist()
-    top = logprobs.topk(k, dim=-1) if k else None
-    alternatives = [list(zip(i, v)) for i, v in zip(top.indices.tolist(), top.values.tolist())] if k else \
-        [[] for _ in tokens]
+    if not k:
+        return [(logprob, []) for logprob in chosen]
+    top = logprobs.topk(k, dim=-1)
+    alternatives = [list(zip(i, v)) for i, v in zip(top.indices.tolist(), top.values.tolist())]
     return list(zip(chosen, alternatives))
 
 
 class Sequence:
-    """One request: its tokens so far, sampling settings, and the queue its new token ids arrive on. Iterate over
-    it for the new ids; close() (or leaving the loop early) frees its row at the engine's next step."""
+    """One request: its tokens so far, sampling settings, and the queue its new token ids arrive on.
+    Iterate over it for the new ids; close() (or leaving the loop early) frees its row at the
+    engine's next step."""
 
-    def __init__(self, ids, max_new_tokens, temperature, top_k, top_p, seed, stop_id, device, logprobs=None,
-                 score_prompt=False):
+    def __init__(self, ids, max_new_tokens, temperature, top_k, top_p, seed, stop_id, device,
+                 logprobs=None, score_prompt=False):
         self.ids, self.max_new_tokens, self.stop_id = list(ids), max_new_tokens, stop_id
         self.logprobs, self.score_prompt = logprobs, score_prompt
-        self.scores, self.prompt_scores = [], None  # [(logprob, [(id, logprob) of the likeliest]) per token]
+        # [(logprob, [(id, logprob) of the likeliest]) per token]
+        self.scores, self.prompt_scores = [], None
         self.temperature, self.top_k, self.top_p = temperature, top_k or None, top_p
         self.generator = None if seed is None else torch.Generator(device=device).manual_seed(seed)
-        self.generated, self.length, self.logits = 0, 0, None  # length: positions of this sequence in the KV cache
-        self.finish_reason, self.cancelled = None, False
-        self.tokens = queue.Queue()  # new ids, then None when done (or an exception if the engine failed)
+        # length: the positions of this sequence in the KV cache
+        self.generated, self.length, self.logits = 0, 0, None
+        self.finish_reason, self.cancelled, self.error = None, False, None
+        # new ids, then None when done (or an exception if the engine failed)
+        self.tokens = queue.Queue()
+        self.prompt_ran = threading.Event()  # set once the engine has run the prompt (or failed to)
 
     def __iter__(self):
         try:
@@ -65,40 +82,51 @@ class Sequence:
     def close(self):
         self.cancelled = True
 
+    def scored_prompt(self):
+        """prompt_scores (with score_prompt), once the engine has run the prompt (this waits)."""
+        self.prompt_ran.wait()
+        if self.error is not None:
+            raise self.error
+        return self.prompt_scores
+
 
 class BatchEngine:
-    """A thread that decodes the active sequences together, up to max_batch_size at a time (rows of the KV cache);
-    the others wait in line, first come first served."""
+    """A thread that decodes the active sequences together, up to max_batch_size at a time (rows of
+    the KV cache); the others wait in line (see the module's docstring)."""
 
     def __init__(self, model, max_batch_size=32):
         self.model, self.max_batch_size = model, max_batch_size
         self.device = model.token_emb.weight.device
-        self.waiting = queue.Queue()
+        self.waiting = queue.PriorityQueue()  # (rank, arrival, sequence)
+        self.arrivals = itertools.count()
         self.active = []  # self.active[i] owns row i of the KV cache
         self.peak_batch = 0  # the most sequences decoded together so far
         model.setup_kv_cache(max_batch_size)
-        self.caches = [block.attn.kv_cache for block in model.blocks]  # every row; the model sees some of them
+        # every row; the model sees some of them
+        self.caches = [block.attn.kv_cache for block in model.blocks]
         self.views = {}  # (start, stop) -> each layer's cache of those rows
         self.thread = threading.Thread(target=self._run, name="batch-engine", daemon=True)
         self.thread.start()
 
-    def submit(self, ids, max_new_tokens, temperature=0.8, top_k=None, top_p=None, seed=None, stop_id=None,
-               logprobs=None, score_prompt=False):
-        """Queue a prompt (token ids); returns its Sequence. Greedy when temperature is 0; top_k 0/None and top_p
-        None/1.0 switch those filters off; a seed makes the sample reproducible, whatever else is in the batch.
-        logprobs (the number of alternatives) and score_prompt: see the module's docstring."""
-        sequence = Sequence(ids, max_new_tokens, temperature, top_k, top_p, seed, stop_id, self.device, logprobs,
-                            score_prompt)
+    def submit(self, ids, max_new_tokens, temperature=0.8, top_k=None, top_p=None, seed=None,
+               stop_id=None, logprobs=None, score_prompt=False, rank=0):
+        """Queue a prompt (token ids); returns its Sequence. Greedy when temperature is 0; top_k
+        0/None and top_p None/1.0 switch those filters off; a seed makes the sample reproducible,
+        whatever else is in the batch. logprobs (the number of alternatives), score_prompt and rank:
+        see the module's docstring."""
+        sequence = Sequence(ids, max_new_tokens, temperature, top_k, top_p, seed, stop_id,
+                            self.device, logprobs, score_prompt)
         if max_new_tokens < 1 and not score_prompt:
             sequence.finish_reason = "length"
             sequence.tokens.put(None)
         else:
-            self.waiting.put(sequence)
+            self.waiting.put((rank, next(self.arrivals), sequence))
         return sequence
 
     def close(self):
-        """Stop the thread once the active sequences are done (a None in the queue is the signal)."""
-        self.waiting.put(None)
+        """Stop the thread once the waiting and active sequences are done (None, last in line, is
+        the signal)."""
+        self.waiting.put((math.inf, next(self.arrivals), None))
         self.thread.join()
 
     # ------------------------------------------------------------------------- the thread
@@ -116,28 +144,35 @@ class BatchEngine:
                 self.active = []
 
     def _admit(self):
-        """Move waiting sequences into free rows, running each one's prompt; waits while nothing is active. Returns
-        False when told to stop."""
-        while len(self.active) < self.max_batch_size:
+        """Move waiting sequences into free rows, running each one's prompt (PROMPTS_PER_STEP at
+        most); waits while nothing is active. Returns False when told to stop."""
+        prompts = 0
+        while len(self.active) < self.max_batch_size and prompts < PROMPTS_PER_STEP:
             try:
-                sequence = self.waiting.get(block=not self.active)
+                _, _, sequence = self.waiting.get(block=not self.active)
             except queue.Empty:
                 break
             if sequence is None:
                 return False
             if sequence.cancelled:
                 continue
+            prompts += 1
             context = sequence.ids[-self.model.config.block_size:]  # a long prompt keeps its end
             try:
                 self._use_rows(len(self.active), len(self.active) + 1)
-                logits = self.model.prefill(self._tensor([context]), every_position=sequence.score_prompt)[0]
+                logits = self.model.prefill(self._tensor([context]),
+                                            every_position=sequence.score_prompt)[0]
                 if sequence.score_prompt:
-                    sequence.prompt_scores = [None] + scores(logits[:-1], context[1:], sequence.logprobs or 0)
+                    k = sequence.logprobs or 0
+                    sequence.prompt_scores = [None] + scores(logits[:-1], context[1:], k)
                     logits = logits[-1]
                 sequence.logits = logits
             except Exception as e:  # this request fails alone
+                sequence.error = e
                 sequence.tokens.put(e)
                 continue
+            finally:
+                sequence.prompt_ran.set()
             if sequence.max_new_tokens < 1:  # only the prompt's scores were asked for
                 sequence.finish_reason = "length"
                 sequence.tokens.put(None)
@@ -148,13 +183,15 @@ class BatchEngine:
         return True
 
     def _step(self):
-        """Sample every active sequence's next token, drop the finished ones, then decode the rest in one pass."""
+        """Sample every active sequence's next token, drop the finished ones, then decode the rest
+        in one pass."""
         for sequence in self.active:
             if sequence.cancelled:
                 continue
-            token = int(sample_next_token(sequence.logits[None], sequence.temperature, sequence.top_k,
-                                          sequence.top_p, sequence.generator)[0])
-            if sequence.logprobs is not None:  # (the stop token's too: it ends the text, and has its probability)
+            token = int(sample_next_token(sequence.logits[None], sequence.temperature,
+                                          sequence.top_k, sequence.top_p, sequence.generator)[0])
+            # (the stop token's too: it ends the text, and has its probability)
+            if sequence.logprobs is not None:
                 sequence.scores += scores(sequence.logits[None], [token], sequence.logprobs)
             if token == sequence.stop_id:
                 sequence.finish_reason = "stop"
@@ -168,8 +205,9 @@ class BatchEngine:
         if not self.active:
             return
         for row, sequence in enumerate(self.active):
-            if sequence.length == self.model.config.block_size:  # full: rebuild the row (GPT.tokens_kept_when_full)
-                prefix = sequence.ids[-self.model.tokens_kept_when_full():-1]  # the newest is decoded below
+            # full: rebuild the row (GPT.tokens_kept_when_full); the newest token is decoded below
+            if sequence.length == self.model.config.block_size:
+                prefix = sequence.ids[-self.model.tokens_kept_when_full():-1]
                 if prefix:
                     self._use_rows(row, row + 1)
                     self.model.prefill(self._tensor([prefix]))
@@ -183,8 +221,8 @@ class BatchEngine:
             sequence.length += 1
 
     def _remove_finished(self):
-        """Let finished and cancelled sequences go; the last row moves into each freed one, so rows 0..n-1 stay
-        the active ones (a batch is then a view of the cache, never a copy of it)."""
+        """Let finished and cancelled sequences go; the last row moves into each freed one, so rows
+        0..n-1 stay the active ones (a batch is then a view of the cache, never a copy of it)."""
         row = 0
         while row < len(self.active):
             sequence = self.active[row]

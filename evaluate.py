@@ -32,10 +32,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from cli import Progress, UserError, parse_config, read_utf8, run_main, setting
-from data import count_words, load_meta, load_split
+from cli import UserError, parse_config, run_main, setting
+from data import count_words, load_meta, load_split, load_tokenizer
+from files import Progress, read_utf8
 from runtime import autocast, load_for_inference, pick_dtype
-from tokenizer import load_tokenizer
 
 CONVENTIONS = {"whitespace": "whitespace-separated words",
                "classic": "whitespace-separated words + one end-of-line per line, as the WikiText tables count"}
@@ -189,8 +189,6 @@ def evaluate_split(model, tokenizer, data_dir, split, convention="auto", stride=
                    progress=True, dynamic=None):
     """Score a split of data_dir; bytes and words from meta.json (from the decoded tokens with max_tokens)."""
     meta = load_meta(data_dir)
-    if split not in meta["splits"]:
-        raise UserError(f"{data_dir} has no {split} split (it has {', '.join(meta['splits'])}): pick another --split")
     convention = meta.get("word_convention", "whitespace") if convention == "auto" else convention
     check_convention(convention)
     ids = load_split(data_dir, split)

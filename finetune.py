@@ -17,12 +17,12 @@ from dataclasses import dataclass, replace
 import torch
 import torch.nn as nn
 
-from checkpoint import check_out_dir, folder_lock, load_folder_tokenizer, load_model, load_weights, read_checkpoint
-from cli import Progress, UserError, setting
+from checkpoint import check_out_dir, load_folder_tokenizer, load_model, load_weights, read_checkpoint
+from cli import UserError, setting
+from files import Progress, folder_lock
 from lora import add_lora
 from model import GPT, GPTConfig
 from runtime import autocast, pick_dtype
-from tokenizer import load_tokenizer
 
 
 @dataclass
@@ -88,6 +88,7 @@ def load_base_model(config, device):
     """(GPT, tokenizer) to fine-tune, from config.model: a train.py checkpoint, GPT-2, or random weights."""
     init = config.model
     if init == "scratch":
+        from data import load_tokenizer  # a data folder's tokenizer, for a model from scratch
         tokenizer = load_tokenizer(config.tokenizer_dir)
         gpt = GPT(GPTConfig(vocab_size=tokenizer.vocab_size, block_size=config.block_size,
                             hidden_size=config.hidden_size, num_hidden_layers=config.num_hidden_layers,
@@ -123,7 +124,7 @@ def run_epoch(model, batches, loss_fn, optimizer=None, grad_clip=1.0, dtype="aut
     """One pass over batches: trains with an optimizer (dropout on), else evaluates. loss_fn(model, batch) returns
     (mean loss, correct predictions, predictions); the figures are weighted by predictions. The maths runs under
     autocast in `dtype` (runtime.pick_dtype's rule); float16 scales the loss (a GradScaler, made here if not given).
-    progress: a cli.Progress of the batches, updated as they go."""
+    progress: a files.Progress of the batches, updated as they go."""
     model.train(optimizer is not None)
     device = next(model.parameters()).device.type
     ptdtype = pick_dtype(dtype, device)

@@ -44,8 +44,9 @@ import torch
 import torch.nn.functional as F
 
 from checkpoint import save_checkpoint
-from cli import UserError, atomic_write, parse_config, read_utf8, run_main, setting, write_json
+from cli import UserError, parse_config, run_main, setting
 from download import download, sha256_of
+from files import atomic_write, read_utf8, write_json
 from finetune import (FinetuneConfig, GPTClassifier, classify, count_parameters, encode_texts, fine_tuning_run, fit,
                       load_base_model, load_classifier, pad_batch, run_epoch, set_trainable, with_model)
 from lora import merged_state_dict

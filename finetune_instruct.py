@@ -25,8 +25,9 @@ from pathlib import Path
 import torch
 
 from checkpoint import load_model, save_checkpoint
-from cli import UserError, parse_config, read_utf8, run_main, setting, write_json
+from cli import UserError, parse_config, run_main, setting
 from download import download
+from files import read_utf8, write_json
 from finetune import (FinetuneConfig, count_parameters, fine_tuning_run, fit, load_base_model, run_epoch, set_trainable,
                       with_model)
 from generate import format_prompt, generate_ids

@@ -20,7 +20,7 @@ from safetensors.torch import load_file
 
 from cli import UserError
 from model import GPT, GPTConfig
-from tokenizer import GPT2_MERGES_SHA256, GPT2_VOCAB_SHA256, load_tokenizer
+from tokenizer import GPT2_MERGES_SHA256, GPT2_VOCAB_SHA256
 
 GPT2_MODELS = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")  # 124M, 355M, 774M, 1558M parameters
 HF_URL = "https://huggingface.co/{name}/resolve/main/{file}"
@@ -260,4 +260,5 @@ def load_gpt2(name_or_dir, cache_dir="data/cache", tokenizer_dir="", dropout=0.0
     has_tokenizer = any((folder / f).is_file() for f in ("vocab.json", "encoder.json"))
     if not tokenizer_dir:
         tokenizer_dir = folder if has_tokenizer else download_gpt2("gpt2", cache_dir, ("vocab.json", "merges.txt"))
+    from data import load_tokenizer  # its files' errors as one line
     return model.to(device).eval(), load_tokenizer(tokenizer_dir)

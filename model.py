@@ -1,13 +1,14 @@
 """
-A GPT language model, written out from scratch. Imports nothing but torch: copy this file alone into a project.
+A GPT language model, written out from scratch. Imports nothing but torch: copy this file alone.
 
-    token ids -> token embedding (+ a learned position embedding, or rotary positions inside attention)
+    token ids -> token embedding (+ learned positions, or rotary ones inside attention)
               -> num_hidden_layers x TransformerBlock (pre-norm: x + attn(ln(x)), x + mlp(ln(x)))
-              -> final LayerNorm -> output layer (the token embedding, or a matrix of its own) -> next-token logits
+              -> final LayerNorm -> output layer (the token embedding, or its own) -> logits
 
 Read top to bottom: the config, attention (with its KV cache), the block, the model, generation.
 
-    model = GPT(GPTConfig(vocab_size=8192, block_size=256, hidden_size=384, num_hidden_layers=6, num_attention_heads=6))
+    model = GPT(GPTConfig(vocab_size=8192, block_size=256, hidden_size=384, num_hidden_layers=6,
+                          num_attention_heads=6))
     logits, loss = model(idx, targets)           # idx, targets: (B, T) token ids
     new = model.generate(idx, max_new_tokens=50, temperature=0.8, top_k=200)
 """
@@ -24,19 +25,19 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 @dataclass
 class GPTConfig:
     vocab_size: int = 50304
-    block_size: int = 1024          # longest context the model sees (learned positions exist only up to here)
+    block_size: int = 1024          # the longest context (learned positions exist up to here)
     hidden_size: int = 768
     num_hidden_layers: int = 12
     num_attention_heads: int = 12
     dropout: float = 0.0
     bias: bool = True               # biases in Linear layers and LayerNorms, as GPT-2 has them
-    # choices beyond GPT-2 (the README's recipe study measures them); the defaults are GPT-2's, so its weights load
-    position: str = "learned"       # learned: a table of block_size positions; rope: rotary, applied to q and k
+    # choices beyond GPT-2 (the README's recipe study); the defaults are GPT-2's: its weights load
+    position: str = "learned"       # learned: a table of block_size positions; rope: rotary (q, k)
     activation: str = "gelu"        # gelu: GPT-2's tanh GELU; relu2: ReLU squared
     qk_norm: bool = False           # RMS-normalise each head's queries and keys before attention
-    tie_embeddings: bool = True     # the output layer is the token embedding; False: a matrix of its own
-    logit_softcap: float = 0.0      # > 0: logits = softcap * tanh(logits / softcap), smooth and bounded
-    embedding_dropout: float = 0.0  # training: drop whole words, the same embedding rows in the whole batch
+    tie_embeddings: bool = True     # the output layer is the token embedding; False: its own matrix
+    logit_softcap: float = 0.0      # > 0: logits = softcap * tanh(logits / softcap), bounded
+    embedding_dropout: float = 0.0  # training: drop whole words, the same rows in the whole batch
     zero_init_residual: bool = False  # the projections into the residual stream start at zero
 
     def __post_init__(self):
@@ -47,14 +48,14 @@ class GPTConfig:
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
         if self.position not in ("learned", "rope") or self.activation not in ("gelu", "relu2"):
-            raise ValueError(f"position must be learned or rope, activation gelu or relu2; got {self.position}, "
-                             f"{self.activation}")
+            raise ValueError(f"position must be learned or rope, activation gelu or relu2; got "
+                             f"{self.position}, {self.activation}")
         if self.position == "rope" and (self.hidden_size // self.num_attention_heads) % 2:
             raise ValueError("rope rotates pairs of dimensions: hidden_size / num_attention_heads must be even")
 
     def num_params(self):
-        """The parameters of a GPT of this shape, counted without building it: GPT(c).num_params(False) equals it.
-        Per block 12 h^2 (attention 4 h^2, MLP 8 h^2) and the norms' gains (+ every bias, with bias)."""
+        """The parameters of a GPT of this shape, without building it (= GPT(c).num_params(False)):
+        per block 12 h^2 (attention 4 h^2, MLP 8 h^2) and the norms' gains (+ biases, with bias)."""
         h, bias = self.hidden_size, self.bias
         block = 12 * h * h + 2 * h + (11 * h if bias else 0)
         tables = self.vocab_size * h * (1 if self.tie_embeddings else 2)
@@ -65,12 +66,11 @@ class GPTConfig:
 # ----------------------------------------------------------------------------- attention
 
 class KVCache:
-    """The keys and values of every position so far, for one attention layer: buffers (batch, heads, block_size,
-    head_dim) allocated once and written in place. A cache of some of another's rows (`rows`) shares its buffers.
-
-    On a CPU, attention reads the positions written so far (less to read: faster there). On a GPU, and inside
-    torch.compile, it reads the whole buffer with a mask over the positions not written yet, so every one-token step
-    has the same shapes: a compiled step (CUDA graphs) and the kernels' plans are made once, not once per length."""
+    """The keys and values of every position so far, for one attention layer: buffers (batch, heads,
+    block_size, head_dim) allocated once, written in place. `rows` gives a cache sharing them.
+    On a CPU, attention reads the positions written so far (less to read: faster). On a GPU, and in
+    torch.compile, it reads the whole buffer, the positions not written yet masked: every one-token
+    step has the same shapes, so a compiled step (CUDA graphs) is made once."""
 
     def __init__(self, k, v):
         self.k, self.v = k, v
@@ -82,23 +82,23 @@ class KVCache:
         return KVCache(self.k[start:stop], self.v[start:stop])
 
     def update(self, input_pos, k, v):
-        """Write k, v (B, heads, T, head_dim) at input_pos: (T,), the same positions in every row, or (B, T), a row's
-        own (sequences of different lengths decoding together). Returns the keys and values to attend to and the mask,
-        True where query i may see key j: j <= its position."""
+        """Write k, v (B, heads, T, head_dim) at input_pos: (T,), the same in every row, or (B, T),
+        a row's own (sequences of different lengths decoding together). Returns the keys and values
+        to attend to, and the mask: True where query i may see key j (j <= its position)."""
         rows = self.row_index
         self.k[rows, :, input_pos], self.v[rows, :, input_pos] = k.transpose(1, 2), v.transpose(1, 2)
         whole = k.is_cuda or torch.compiler.is_compiling()
         end = self.positions.numel() if whole else int(input_pos.max()) + 1
-        if not whole and input_pos.dim() == 1 and k.size(2) == 1:  # one new token in every row sees every key:
-            return self.k[:, :, :end], self.v[:, :, :end], None    # no mask, and SDPA's fastest kernel
-        mask = self.positions[:end] <= input_pos[..., None]  # (T, end), or (B, T, end): a row's own positions
+        if not whole and input_pos.dim() == 1 and k.size(2) == 1:  # one new token in every row:
+            return self.k[:, :, :end], self.v[:, :, :end], None    # no mask, SDPA's fastest kernel
+        mask = self.positions[:end] <= input_pos[..., None]  # (T, end), or (B, T, end): a row's own
         return self.k[:, :, :end], self.v[:, :, :end], mask.unsqueeze(-3)
 
 
 def cached_attention(q, k, v, mask):
-    """Attention of the new queries over the KV cache's keys, where the mask allows each its own. On a GPU, not with
-    cuDNN's kernel, which PyTorch may pick for a masked call: it builds a plan per new shape, hundreds of ms each (the
-    first sample stalled at 16 tok/s on an H100). A CPU has no cuDNN, and choosing kernels per call costs it ~10%."""
+    """Attention of the new queries over the KV cache's keys, as the mask allows. On a GPU, not with
+    cuDNN's kernel, which PyTorch may pick for a masked call: it plans each new shape for hundreds
+    of ms (a first sample ran at 16 tok/s on an H100). A CPU has no cuDNN; picking costs it ~10%."""
     if not q.is_cuda:
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
     with sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]):
@@ -112,18 +112,17 @@ class MultiHeadAttention(nn.Module):
         super().__init__()
         self.num_heads = config.num_attention_heads
         self.head_dim = config.hidden_size // config.num_attention_heads
-        self.qkv_proj = nn.Linear(config.hidden_size, 3 * config.hidden_size, bias=config.bias)  # q, k, v in one matmul
+        self.qkv_proj = nn.Linear(config.hidden_size, 3 * config.hidden_size, bias=config.bias)  # q, k, v
         self.out_proj = nn.Linear(config.hidden_size, config.hidden_size, bias=config.bias)
         self.dropout = config.dropout
         self.resid_dropout = nn.Dropout(config.dropout)
         self.qk_norm = config.qk_norm
-        self.use_flash = True  # torch's fused scaled_dot_product_attention; False runs the maths written out below
+        self.use_flash = True  # torch's fused attention; False: the maths written out below
         self.kv_cache = None   # a KVCache while generating (GPT.setup_kv_cache)
 
     def forward(self, x, input_pos=None, angles=None):
-        """x (B, T, C) -> (B, T, C). With input_pos, the positions of these T tokens ((T,) or (B, T)), the keys and
-        values go into the KV cache and the queries attend to every position written so far.
-        angles: rotary_angles of the positions, for a rope model."""
+        """x (B, T, C) -> (B, T, C). With input_pos ((T,) or (B, T): these tokens' positions), keys
+        and values go into the KV cache. angles: rotary_angles of the positions (a rope model)."""
         B, T, C = x.shape
         q, k, v = self.qkv_proj(x).split(C, dim=2)
         # (B, T, C) -> (B, heads, T, head_dim): each head attends in its own subspace
@@ -133,11 +132,11 @@ class MultiHeadAttention(nn.Module):
         if angles is not None:
             q, k = rotate(q, angles), rotate(k, angles)
         dropout = self.dropout if self.training else 0.0
-        if input_pos is None:  # training and scoring: each of the T tokens sees itself and the ones before it
+        if input_pos is None:  # training and scoring: each token sees itself and the ones before it
             if self.use_flash:
                 y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=True)
             else:
-                causal = torch.ones(T, T, dtype=torch.bool, device=x.device).tril()  # query i sees keys 0..i
+                causal = torch.ones(T, T, dtype=torch.bool, device=x.device).tril()  # i sees 0..i
                 y = self.attention_written_out(q, k, v, causal, dropout)
         else:  # generating: the new tokens see the cache up to their own positions
             k, v, mask = self.kv_cache.update(input_pos, k, v)
@@ -156,23 +155,23 @@ class MultiHeadAttention(nn.Module):
 
 
 def rotary_angles(positions, head_dim, base=10000.0):
-    """(cos, sin) of the rotation that rotary position embeddings (Su et al. 2021) give each pair of a head's
-    dimensions at each position: pair i turns by position * base^(-2i / head_dim). positions (T,) or (B, T) ->
-    (1, T, head_dim / 2) or (B, 1, T, head_dim / 2), to broadcast over (B, heads, T, head_dim / 2)."""
+    """(cos, sin) of the rotation that rotary position embeddings (Su et al. 2021) give each pair of
+    a head's dimensions: pair i turns by position * base^(-2i / head_dim). positions (T,) or (B, T)
+    -> (1, T, head_dim/2) or (B, 1, T, head_dim/2), to broadcast over (B, heads, T, head_dim/2)."""
     freqs = base ** (-torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.float32) / head_dim)
     angles = (positions.float()[..., None] * freqs).unsqueeze(-3)
     return angles.cos(), angles.sin()
 
 
 def rotate(x, angles):
-    """x (B, heads, T, head_dim) with each pair (x1, x2) of its dimensions rotated: (x1 cos - x2 sin, x1 sin + x2 cos).
-    A query and a key rotated by their positions have a dot product that depends on their distance only."""
+    """x (B, heads, T, head_dim), each pair (x1, x2) of its dimensions turned: (x1 cos - x2 sin,
+    x1 sin + x2 cos). Queries and keys so rotated have dot products that depend on distance only."""
     cos, sin = angles
     x1, x2 = x.float().chunk(2, dim=-1)
     return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1).type_as(x)
 
 
-# ----------------------------------------------------------------------------- the block and the model
+# ----------------------------------------------------------------------------- block and model
 
 class MLP(nn.Module):
     def __init__(self, config):
@@ -184,7 +183,7 @@ class MLP(nn.Module):
 
     def forward(self, x):
         x = self.up_proj(x)
-        x = F.relu(x).square() if self.relu2 else F.gelu(x, approximate="tanh")  # GPT-2's GELU by default
+        x = F.relu(x).square() if self.relu2 else F.gelu(x, approximate="tanh")  # GPT-2's: tanh
         return self.dropout(self.down_proj(x))
 
 
@@ -197,7 +196,7 @@ class TransformerBlock(nn.Module):
         self.mlp = MLP(config)
 
     def forward(self, x, input_pos=None, angles=None):
-        x = x + self.attn(self.ln_1(x), input_pos, angles)  # pre-norm: the residual stream stays as it is
+        x = x + self.attn(self.ln_1(x), input_pos, angles)  # pre-norm: the residual stream stays
         return x + self.mlp(self.ln_2(x))
 
 
@@ -213,12 +212,12 @@ class GPT(nn.Module):
         self.ln_f = nn.LayerNorm(config.hidden_size, bias=config.bias)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         if config.tie_embeddings:
-            self.lm_head.weight = self.token_emb.weight  # weight tying: one matrix reads and writes tokens
+            self.lm_head.weight = self.token_emb.weight  # weight tying: one matrix in and out
         self.apply(self._init_weights)
         for name, p in self.named_parameters():
             if name.endswith("out_proj.weight") or name.endswith("down_proj.weight"):
-                # GPT-2: each block adds two residual branches; shrink them so the stream's variance stays ~1
-                # (or start them at zero: each block then begins as the identity)
+                # GPT-2: each block adds two residual branches; shrink them so the stream's
+                # variance stays ~1 (or start them at zero: each block begins as the identity)
                 std = 0.0 if config.zero_init_residual else 0.02 / math.sqrt(2 * config.num_hidden_layers)
                 nn.init.normal_(p, mean=0.0, std=std)
 
@@ -229,7 +228,7 @@ class GPT(nn.Module):
             nn.init.zeros_(module.bias)
 
     def num_params(self, non_embedding=True):
-        """Parameter count; non_embedding leaves the position table out (the token table is counted)."""
+        """Parameter count; non_embedding leaves the position table out (not the token table)."""
         n = sum(p.numel() for p in self.parameters())
         return n - self.pos_emb.weight.numel() if non_embedding and hasattr(self, "pos_emb") else n
 
@@ -238,9 +237,8 @@ class GPT(nn.Module):
             block.attn.use_flash = enabled
 
     def hidden_states(self, idx, input_pos=None):
-        """The final-layer representation of every position of idx (B, T): (B, T, hidden_size). Without input_pos
-        the T tokens are positions 0..T-1 of their own; with it ((T,), or (B, T): a position per row), they extend
-        the KV cache."""
+        """The final-layer states of idx (B, T): (B, T, hidden_size). The T tokens are positions
+        0..T-1, or with input_pos ((T,), or (B, T): per row), they extend the KV cache."""
         if input_pos is None and idx.size(1) > self.config.block_size:
             raise ValueError(f"sequence of {idx.size(1)} tokens is longer than block_size={self.config.block_size}")
         positions = torch.arange(idx.size(1), device=idx.device) if input_pos is None else input_pos
@@ -255,9 +253,8 @@ class GPT(nn.Module):
         return self.ln_f(x)
 
     def embed(self, idx):
-        """The token embeddings of idx. With embedding_dropout, while training, whole words are dropped (Gal &
-        Ghahramani 2016, as AWD-LSTM does): each vocabulary row is zeroed with that probability for the whole batch,
-        so a dropped word is missing everywhere in it, and the rest are scaled up to keep the expectation."""
+        """The token embeddings of idx. embedding_dropout drops whole words in training (Gal &
+        Ghahramani 2016): rows of the vocabulary zeroed for the whole batch, the rest scaled up."""
         p = self.config.embedding_dropout
         if not (self.training and p > 0):
             return self.token_emb(idx)
@@ -266,13 +263,13 @@ class GPT(nn.Module):
         return F.embedding(idx, weight * keep)
 
     def logits(self, hidden):
-        """Next-token logits of final-layer states; with logit_softcap, squashed smoothly into (-cap, cap)."""
+        """Next-token logits of final-layer states; logit_softcap squashes them into (-cap, cap)."""
         logits = self.lm_head(hidden)
         cap = self.config.logit_softcap
         return cap * torch.tanh(logits / cap) if cap > 0 else logits
 
     def forward(self, idx, targets=None):
-        """Logits for every position and, given targets, the mean cross-entropy (targets of -100 ignored)."""
+        """Logits for every position and, given targets, the mean cross-entropy (-100: ignored)."""
         logits = self.logits(self.hidden_states(idx))
         if targets is None:
             return logits, None
@@ -281,14 +278,14 @@ class GPT(nn.Module):
     # ------------------------------------------------------------------------- training helpers
 
     def configure_optimizer(self, weight_decay, learning_rate, betas, device_type):
-        """AdamW with weight decay on matrices only (biases and norms' gains are left alone); fused kernels on CUDA."""
+        """AdamW with weight decay on matrices only (not biases or norms' gains); fused on CUDA."""
         params = [p for p in self.parameters() if p.requires_grad]
         groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
                   {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
         return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, fused=device_type == "cuda")
 
     def flops_per_token(self, seq_len):
-        """Training FLOPs per token (forward + backward): 6 per parameter, plus attention's score matmuls."""
+        """Training FLOPs per token (forward + backward): 6 per parameter, plus attention's."""
         return 6 * self.num_params() + 12 * self.config.num_hidden_layers * self.config.hidden_size * seq_len
 
     def estimate_mfu(self, tokens_per_second, peak_flops):
@@ -298,8 +295,8 @@ class GPT(nn.Module):
     # ------------------------------------------------------------------------- generation
 
     def setup_kv_cache(self, batch_size):
-        """Give every attention layer a KVCache for batch_size sequences, in the weights' dtype and device. A cache
-        that already fits is kept (a compiled decode step keeps its graph)."""
+        """A KVCache for batch_size sequences in every attention layer, in the weights' dtype and
+        device; one that fits already is kept (a compiled decode step keeps its graph)."""
         w = self.token_emb.weight
         for attn in (block.attn for block in self.blocks):
             cache = attn.kv_cache
@@ -308,35 +305,33 @@ class GPT(nn.Module):
                 attn.kv_cache = KVCache(w.new_zeros(shape), w.new_zeros(shape))
 
     def prefill(self, idx, every_position=False):
-        """Run the prompt idx (B, T) as positions 0..T-1, writing the KV cache; the next-token logits (B, vocab), or
-        with every_position those after each of its tokens (B, T, vocab): what scoring a prompt needs."""
+        """Run the prompt idx (B, T) as positions 0..T-1 into the KV cache; the next-token logits
+        (B, vocab), or with every_position those after each token (B, T, vocab), to score it."""
         positions = torch.arange(idx.size(1), device=idx.device)
         hidden = self.hidden_states(idx, positions)
         return self.logits(hidden if every_position else hidden[:, -1])
 
     def decode_one_token(self, idx, input_pos):
-        """One token per sequence, idx (B, 1), at input_pos: (1,), the same position for every row, or (B, 1), a
-        position per row; it reads and extends the KV cache and returns the next-token logits (B, vocab). Its shapes
-        are the same at every step: compile it once."""
+        """The next-token logits (B, vocab) after one token per sequence, idx (B, 1), at input_pos
+        ((1,), or (B, 1): per row), through the KV cache. Shapes alike at every step: compile once."""
         return self.logits(self.hidden_states(idx, input_pos)[:, -1])
 
     def tokens_kept_when_full(self):
-        """When a sequence has filled the KV cache, generation goes on from its last block_size // 2 tokens: the
-        cache is rebuilt from them (learned positions cannot simply slide; rotary ones are rebuilt the same way).
-        Half a block keeps rebuilds rare (once per block_size // 2 steps) while the model still sees a long context."""
+        """A sequence that fills the KV cache goes on from its last block_size // 2 tokens, the
+        cache rebuilt from them (learned positions cannot slide): rare rebuilds, a long context."""
         return max(1, self.config.block_size // 2)
 
     @torch.no_grad()
-    def generate_tokens(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, use_cache=True,
-                        generator=None, suppress_ids=None):
-        """Yield the next token ids, shape (B,), one step at a time; suppress_ids are never sampled. With the cache,
-        the prompt runs once (prefill), then each step runs one token (decode_one_token), and a full cache is rebuilt
-        (tokens_kept_when_full). Without it, every step runs the whole context (its last block_size tokens) again:
-        the reference that the cached path is tested against."""
+    def generate_tokens(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None,
+                        use_cache=True, generator=None, suppress_ids=None):
+        """Yield the next token ids, shape (B,), one step at a time; suppress_ids are never sampled.
+        With the cache, the prompt runs once (prefill), then each step one token (decode_one_token),
+        and a full cache is rebuilt (tokens_kept_when_full). Without it (the reference the cache is
+        tested against), every step runs the whole context (its last block_size tokens) again."""
         block = self.config.block_size
         if use_cache:
             self.setup_kv_cache(idx.size(0))
-            logits, length = self.prefill(idx[:, -block:]), min(idx.size(1), block)  # length: positions cached
+            logits, length = self.prefill(idx[:, -block:]), min(idx.size(1), block)  # cached
             input_pos = torch.tensor([length], device=idx.device)  # where the next token goes
         else:
             logits = self.logits(self.hidden_states(idx[:, -block:])[:, -1])
@@ -366,8 +361,7 @@ class GPT(nn.Module):
 
 
 def sample_next_token(logits, temperature=1.0, top_k=None, top_p=None, generator=None):
-    """Pick one token per row from (B, vocab) logits. temperature 0 is greedy (so is one below 1e-5, where dividing
-    the logits by it would overflow)."""
+    """One token per row of (B, vocab) logits; greedy at temperature 0 (or below 1e-5: overflow)."""
     if temperature < 1e-5:
         return logits.argmax(dim=-1)
     logits = logits.float() / temperature
@@ -375,7 +369,7 @@ def sample_next_token(logits, temperature=1.0, top_k=None, top_p=None, generator
         kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
     if top_p is not None and top_p < 1.0:
-        # nucleus: keep the most likely tokens until their probability reaches top_p (the first is always kept)
+        # nucleus: the most likely tokens until their probability reaches top_p (the first always)
         sorted_logits, order = torch.sort(logits, descending=True, dim=-1)
         cumulative = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
         remove_sorted = cumulative - sorted_logits.softmax(dim=-1) >= top_p

@@ -1,20 +1,23 @@
 """
 Sample text from a trained model, streamed to stdout as it is generated.
 
-    python sample.py --model=out-wikitext-tiny --start="The history of" --num_samples=3 --max_new_tokens=200
-    python sample.py --model=out-wikitext-tiny --start=FILE:prompt.txt --temperature=0.8 --top_k=50 --top_p=0.95
+    python sample.py --model=out-wikitext-tiny --start="The history of" --num_samples=3
+    python sample.py --model=out-wikitext-tiny --start=FILE:prompt.txt --top_k=50 --top_p=0.95
     python sample.py --model=out-wikitext-tiny --quantize=int8     # int8 weights: faster on CPU
-    python sample.py --model=gpt2 --start="Hello"                   # OpenAI's GPT-2 (downloaded once)
+    python sample.py --model=gpt2 --start="Hello"                   # GPT-2 (downloaded once)
 
-stdout gets the text and nothing else: each sample as the prompt followed by its continuation, samples separated
-by a line of dashes. Timings and warnings go to stderr, so `python sample.py ... > out.txt` and pipes work.
+stdout gets the text and nothing else: each sample as the prompt followed by its continuation,
+samples separated by a line of dashes. Timings and warnings go to stderr, so `python sample.py ... >
+out.txt` and pipes work.
 
-The prompt is preceded by the end-of-text token, which starts every document in training: the model reads the
-prompt as the opening of a document, and an empty prompt starts a fresh one. Generation stops at end-of-text.
-A prompt longer than the model's context keeps its last block_size tokens (a warning on stderr says so).
+The prompt is preceded by the end-of-text token, which starts every document in training: the model
+reads the prompt as the opening of a document, and an empty prompt starts a fresh one. Generation
+stops at end-of-text. A prompt longer than the model's context keeps its last block_size tokens (a
+warning on stderr says so).
 
-A model trained on the tokenized WikiText-2 has learned its marker for rare words, <unk> (2.7% of its words); its
-folder's meta.json names it, and sample.py never lets the model start one (--allow_unk=True does).
+A model trained on the tokenized WikiText-2 has learned its marker for rare words, <unk> (2.7% of
+its words); its folder's meta.json names it, and sample.py never lets the model start one
+(--allow_unk=True does).
 """
 
 import json
@@ -23,7 +26,8 @@ import sys
 import time
 from dataclasses import dataclass
 
-from cli import UserError, parse_config, read_utf8, run_main, setting
+from cli import UserError, parse_config, run_main, setting
+from files import read_utf8
 from generate import decode_stream, generate_ids, word_starts
 from runtime import load_for_inference
 
@@ -32,35 +36,47 @@ SEPARATOR = "\n---------------\n"
 
 @dataclass
 class SampleConfig:
-    model: str = "out-wikitext-tiny"          # a train.py checkpoint folder, or a GPT-2 name or folder
+    model: str = "out-wikitext-tiny"          # a train.py checkpoint folder, or a GPT-2 name or
+                                              # folder
     start: str = ""                           # the prompt, or FILE:path to read it from a file
     num_samples: int = setting(1, low=1)      # samples to write, one after another
-    max_new_tokens: int = setting(200, low=0)  # tokens per sample (fewer if the model writes end-of-text)
+    max_new_tokens: int = setting(200, low=0)  # tokens per sample (fewer if the model writes
+                                               # end-of-text)
     temperature: float = setting(0.8, low=0)  # 0: greedy, always the most likely token
-    top_k: int = setting(200, low=0)          # sample among the k most likely tokens; 0: all of them
-    top_p: float = setting(1.0, above=0, high=1)  # sample among the likeliest tokens up to this probability; 1: all
-    seed: int = setting(1337, low=0, high=2**62)  # sample i uses seed + i, so each sample can be reproduced alone
+    top_k: int = setting(200, low=0)          # sample among the k most likely tokens; 0: all
+    top_p: float = setting(1.0, above=0, high=1)  # sample among the likeliest tokens up to this
+                                                  # probability; 1: all
+    seed: int = setting(1337, low=0, high=2**62)  # sample i uses seed + i, so each sample can be
+                                                  # reproduced alone
     device: str = "auto"                      # auto: cuda, then mps, then cpu
-    dtype: str = "auto"                       # float32 | bfloat16 | float16; auto: bf16 where the hardware has it
-    quantize: str = setting("none", choices=("none", "int8"))  # int8 weights for every linear layer, on the CPU
-    compile: bool = False                     # torch.compile the decode step (CUDA graphs on a GPU): for GPUs
-    allow_unk: bool = False                   # let the model write its data's unknown-word marker (<unk>)
+    dtype: str = "auto"                       # float32 | bfloat16 | float16; auto: bf16 where the
+                                              # hardware has it
+    quantize: str = setting("none", choices=("none", "int8"))  # int8 weights for every linear
+                                                               # layer, on the CPU
+    compile: bool = False                     # torch.compile the decode step (CUDA graphs on a
+                                              # GPU): for GPUs
+    allow_unk: bool = False                   # let the model write its data's unknown-word marker
+                                              # (<unk>)
 
 
 # ----------------------------------------------------------------------------- command line
 
 def read_prompt(start):
     """--start: the prompt itself, or FILE:path for the text of a file."""
-    return read_utf8(start[len("FILE:"):], "the prompt file") if start.startswith("FILE:") else start
+    if start.startswith("FILE:"):
+        return read_utf8(start[len("FILE:"):], "the prompt file")
+    return start
 
 
 def unknown_word_ids(tokenizer, model_dir, allow):
-    """The ids that would start the unknown-word marker that the model's data names in meta.json (<unk> in the
-    tokenized WikiText-2), unless allowed: never sampling them keeps it out of the samples."""
+    """The ids that would start the unknown-word marker that the model's data names in meta.json
+    (<unk> in the tokenized WikiText-2), unless allowed: never sampling them keeps it out of the
+    samples."""
     try:
         with open(os.path.join(model_dir, "meta.json"), encoding="utf-8") as f:
             word = json.load(f).get("unknown_word")
-    except (OSError, ValueError, AttributeError):  # no data folder's meta.json here (GPT-2, say): nothing to keep out
+    # no data folder's meta.json here (GPT-2, say): nothing to keep out
+    except (OSError, ValueError, AttributeError):
         return None
     return word_starts(tokenizer, word) if word and not allow else None
 
@@ -75,31 +91,37 @@ def tee_into(items, seen):
 def main():
     config = parse_config(SampleConfig, renamed={"out_dir": "model"})
     prompt = read_prompt(config.start)
-    model, tokenizer, _ = load_for_inference(config.model, config.device, config.dtype, config.quantize,
-                                             config.compile)
+    model, tokenizer, _ = load_for_inference(config.model, config.device, config.dtype,
+                                             config.quantize, config.compile)
     suppress = unknown_word_ids(tokenizer, config.model, config.allow_unk)
     ids = tokenizer.encode_document(prompt)
     if not ids:
-        raise UserError("this tokenizer has no end-of-text token to start from: give a prompt with --start")
+        raise UserError("this tokenizer has no end-of-text token to start from: give a prompt with "
+                        "--start")
     block = model.config.block_size
     if len(ids) > block:
-        print(f"warning: the prompt is {len(ids)} tokens (with the leading end-of-text), longer than the model's "
-              f"context of {block}: only its last {block} tokens are used", file=sys.stderr)
+        print(f"warning: the prompt is {len(ids)} tokens (with the leading end-of-text), longer "
+              f"than the model's context of {block}: only its last {block} tokens are used",
+              file=sys.stderr)
 
     if hasattr(sys.stdout, "reconfigure"):
-        sys.stdout.reconfigure(encoding="utf-8")  # the model writes UTF-8, whatever the terminal's locale
+        # the model writes UTF-8, whatever the terminal's locale
+        sys.stdout.reconfigure(encoding="utf-8")
     for i in range(config.num_samples):
         print(SEPARATOR if i else "", prompt, sep="", end="", flush=True)
         t0, new_ids, last = time.time(), [], prompt
-        tokens = generate_ids(model, ids, config.max_new_tokens, config.temperature, config.top_k, config.top_p,
-                              config.seed + i, tokenizer.eot_id, suppress_ids=suppress)
+        tokens = generate_ids(model, ids, config.max_new_tokens, config.temperature, config.top_k,
+                              config.top_p, config.seed + i, tokenizer.eot_id,
+                              suppress_ids=suppress)
         for piece in decode_stream(tokenizer, tee_into(tokens, new_ids)):
             print(piece, end="", flush=True)
             last = piece
         if not last.endswith("\n"):
-            print(flush=True)  # end on a line break, so the shell prompt starts on a line of its own
+            # end on a line break, so the shell prompt starts on a line of its own
+            print(flush=True)
         seconds = time.time() - t0
-        print(f"[sample {i + 1}: {len(new_ids)} tokens in {seconds:.2f} s, {len(new_ids) / seconds:.1f} tokens/s]",
+        rate = len(new_ids) / seconds
+        print(f"[sample {i + 1}: {len(new_ids)} tokens in {seconds:.2f} s, {rate:.1f} tokens/s]",
               file=sys.stderr)
 
 

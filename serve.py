@@ -1,182 +1,136 @@
 """
-Serve a trained GPT over HTTP with OpenAI's API, so that the `openai` client, LangChain or a chat UI can use it:
-text completions (whole, or streamed as server-sent events), chat completions for an instruction-tuned model, the
-model list; plus classification with a fine-tuned classifier and a small page to try it in the browser.
+Serve a trained GPT with OpenAI's API, so that the `openai` client, LangChain or a chat UI can use
+it: completions (whole, or streamed as server-sent events), chat completions for a model that
+finetune_instruct.py trained, the model list; classification with a fine-tuned classifier; /health;
+and a page to try the model in a browser (serve.html, beside this file).
 
     python serve.py --model=out-wikitext-tiny [--classifier=out-spam] [--host=127.0.0.1 --port=8000]
-
-    from openai import OpenAI
-    client = OpenAI(base_url="http://127.0.0.1:8000/v1", api_key="unused")      # or the GPT_API_TOKEN value
-    client.completions.create(model="out-wikitext-tiny", prompt="The history of", max_tokens=50, seed=1)
-    client.chat.completions.create(model="out-instruct", messages=[{"role": "user", "content": "Name a color."}])
-
     curl -s localhost:8000/v1/completions -d '{"prompt": "The history of", "max_tokens": 50}'
     curl -N localhost:8000/v1/completions -d '{"prompt": "The history of", "stream": true}'
-    curl -s localhost:8000/v1/classify -d '{"text": "Free entry, win cash now"}'
-    curl -s localhost:8000/health
 
-Endpoints: GET /v1/models (and /v1/models/<id>); POST /v1/completions {prompt (a string, a list of strings, a list of
-token ids or a list of such lists: a choice group each), max_tokens (0 with echo scores a text), temperature, top_p,
-n (up to 16), logprobs (0-5: each token's log-probability under the model and the likeliest alternatives), echo,
-stop, seed, stream, stream_options, and our extra top_k}, as lm-evaluation-harness's local-completions model uses it;
-POST /v1/chat/completions {messages, ...the same but n 1, no logprobs}, for a
-model that finetune_instruct.py trained: the messages become its prompt template (the last user message is the
-instruction; earlier messages, the system message first, become its input as a "role: text" transcript); another
-model answers 400. POST /v1/classify {text} -> {"label", "probability"}. GET /health -> the model, the device and
-dtype, the limits. Errors come in OpenAI's shape, {"error": {"message", "type", "param", "code"}}, with a 4xx for
-anything the client can fix. The `model` field is optional and any name is accepted: one model is served.
-
-Requests are decoded together: one engine thread runs every active request's next token in one forward pass
-(engine.py, continuous batching), so a request waits for one step, not for the others to finish, and its tokens do
-not depend on what else is decoded with it. Set GPT_API_TOKEN to require `Authorization: Bearer <token>` on every
-request (but the page's, which holds no data and asks for the token). Flask's own server is for local use; under a
-production WSGI server run one process (one copy of the model and its engine) with threads:
+Each POST takes its request class's fields, checked as settings are; errors come in OpenAI's shape,
+a 4xx for anything the client can fix. One engine thread decodes every active request's next token
+in one forward pass (engine.py); however an answer ends (sent, failed, its client gone), its choices
+leave the engine. GPT_API_TOKEN=secret asks for `Authorization: Bearer secret`. One process only:
 
     gunicorn -w 1 --threads 32 -b 127.0.0.1:8000 'serve:create_app(model="out-wikitext-tiny")'
 """
 
-import contextlib
+import dataclasses
 import difflib
 import hmac
 import ipaddress
 import itertools
 import json
-import math
 import os
+import re
 import select
 import socket
+import sys
 import threading
 import time
+import typing
 import uuid
 from dataclasses import dataclass
+from pathlib import Path
 from urllib.parse import urlsplit
 
 from flask import Flask, Response, jsonify, request
 from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 from werkzeug.serving import WSGIRequestHandler
 
-from cli import UserError, check_settings, parse_config, run_main, setting
+from cli import UserError, allowed, check_allowed, check_settings, parse_config, run_main, setting
 from engine import BatchEngine
-from generate import decode_stream, format_prompt, has_prompt_format
+from generate import Completion, chat_to_prompt, has_prompt_format
 from runtime import load_for_inference, pick_device
 
 
 @dataclass
 class ServeConfig:
-    model: str = "out-wikitext-tiny"          # a train.py checkpoint folder (or gpt2, ... as sample.py takes them)
-    classifier: str = ""                      # a finetune_classifier.py folder; empty: /v1/classify answers 404
-    host: str = "127.0.0.1"                   # 0.0.0.0 would answer the whole network: set GPT_API_TOKEN first
+    model: str = "out-wikitext-tiny"          # a train.py folder (or gpt2, ... as sample.py takes)
+    classifier: str = ""                      # a finetune_classifier.py folder; empty: none
+    host: str = "127.0.0.1"                   # 0.0.0.0 answers the network: set GPT_API_TOKEN first
     port: int = setting(8000, low=1, high=65535)  # TCP port to listen on
     device: str = "auto"                      # auto: cuda, then mps, then cpu
-    dtype: str = "auto"                       # float32 | bfloat16 | float16; auto: bf16 where the hardware has it
-    max_batch_size: int = setting(32, low=1)  # requests decoded together (rows of the KV cache); 1: one at a time
+    dtype: str = "auto"                       # float32 | bfloat16 | float16; auto: bf16 if fast
+    max_batch_size: int = setting(32, low=1)  # requests decoded together (rows of the KV cache)
     max_tokens_limit: int = setting(500, low=1)  # the most tokens one request may ask for
-    max_prompt_chars: int = setting(10_000, low=1)  # longest prompt (all messages, or a text to classify)
+    max_prompt_chars: int = setting(10_000, low=1)  # longest prompt, messages or text to classify
     max_body_bytes: int = setting(64 * 1024, low=1)  # larger request bodies are refused unread
-    request_timeout: float = setting(60.0, above=0)  # seconds a client may stall mid-request before it is cut off
-    allowed_origins: str = ""                 # web pages on other origins that may call the API, comma-separated
-                                              # (https://app.example); * for any. curl, SDKs and / need none
-    allowed_hosts: str = ""                   # Host names to answer besides localhost and IP addresses, comma-
-                                              # separated: a guard against DNS rebinding
+    request_timeout: float = setting(60.0, above=0)  # seconds a client may stall mid-request
+    allowed_origins: str = ""                 # web pages elsewhere that may call the API, comma-
+                                              # separated (https://app.example); * for any
+    allowed_hosts: str = ""                   # Host names to answer besides localhost and IPs
+                                              # (NAME or NAME:PORT, ...): against DNS rebinding
 
 
 RENAMED = {"out_dir": "model", "classifier_dir": "classifier"}  # settings' old names, still taken
-TOKEN_ENV = "GPT_API_TOKEN"
-REQUIRED = object()
+TOKEN_ENV, PAGE = "GPT_API_TOKEN", Path(__file__).with_name("serve.html")
 
-# ----------------------------------------------------------------------------- what a request may hold
-
-
-def is_json_type(value, kind):
-    """Whether a JSON value is of the Python type a field wants: 1 is a float, True is not an int; NaN, Infinity and
-    numbers beyond float's range are no floats."""
-    if kind is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            return False
-        try:
-            return math.isfinite(float(value))
-        except OverflowError:  # a 400-digit integer
-            return False
-    return isinstance(value, kind) and (kind is bool or not isinstance(value, bool))  # in Python, True is an int
-
-
-def number(kind, low, high):
-    """A test of a number field: of JSON type `kind` (int or float), within [low, high]."""
-    return lambda value: is_json_type(value, kind) and low <= value <= high
-
+# ----------------------------------------------------------------------------- what a request holds
+# Each endpoint's fields, declared as settings are (read_field checks them): a bound on a string or
+# a list bounds its length, one naming a ServeConfig field is that setting; null means the default.
 
 MAX_STOP_CHARS = 200  # a stop string's length: the text held back for it is checked at every piece
-
-
-def stop_strings(value):
-    """OpenAI's stop: a string or a list of up to 4 non-empty strings (here of at most MAX_STOP_CHARS)."""
-    items = [value] if isinstance(value, str) else value
-    return isinstance(items, list) and 0 < len(items) <= 4 and all(
-        isinstance(s, str) and 0 < len(s) <= MAX_STOP_CHARS for s in items)
-
-
-def sampling_fields(config, default_max_tokens):
-    """The fields both completion endpoints take: name -> (default, test, what the test asks). null means the
-    default. Fields of OpenAI's API that this server does not implement are accepted at their neutral value."""
-    limit = config.max_tokens_limit
-    return {
-        "model": (None, lambda v: isinstance(v, str), "must be a string (any name: one model is served)"),
-        "max_tokens": (default_max_tokens, number(int, 1, limit), f"must be an integer from 1 to {limit}"),
-        "temperature": (1.0, number(float, 0, 2), "must be a number from 0 to 2 (0: the likeliest token)"),
-        "top_p": (1.0, lambda v: number(float, 0, 1)(v) and v > 0, "must be a number above 0, at most 1"),
-        "top_k": (None, number(int, 1, 2**31), "must be an integer >= 1 (keep the k likeliest tokens)"),
-        "n": (1, lambda v: v == 1 and is_json_type(v, int), "must be 1 (one choice per request)"),
-        "stop": (None, stop_strings, f"must be a string or a list of up to 4 strings of 1 to {MAX_STOP_CHARS} "
-                                     f"characters"),
-        "seed": (None, number(int, 0, 2**63 - 1), "must be an integer from 0 to 2**63 - 1"),
-        "stream": (False, lambda v: isinstance(v, bool), "must be true or false"),
-        "stream_options": (None, lambda v: isinstance(v, dict) and set(v) <= {"include_usage"}
-                           and isinstance(v.get("include_usage", False), bool), 'must be {"include_usage": bool}'),
-        "user": (None, lambda v: isinstance(v, str), "must be a string"),
-        "presence_penalty": (0, number(float, 0, 0), "is not supported: leave it out or 0"),
-        "frequency_penalty": (0, number(float, 0, 0), "is not supported: leave it out or 0"),
-        "logit_bias": (None, lambda v: v == {}, "is not supported: leave it out"),
-        "logprobs": (None, lambda v: v is False or v == 0, "is not supported: leave it out"),
-    }
-
-
 MAX_N, MAX_CHOICES = 16, 64  # choices per prompt; choices per request (prompts x n)
+REQUIRED = dataclasses.MISSING
 
 
-def completion_fields(config):
-    limit = config.max_tokens_limit
-    fields = sampling_fields(config, default_max_tokens=min(16, limit))  # OpenAI's default
-    fields["prompt"] = (REQUIRED, lambda v: isinstance(v, (str, list)),  # read_prompts checks what is inside
-                        "must be a string, a list of strings, a list of token ids or a list of such lists")
-    fields["max_tokens"] = (fields["max_tokens"][0], number(int, 0, limit),
-                            f"must be an integer from 0 to {limit} (0: score the prompt, with echo)")
-    fields["n"] = (1, number(int, 1, MAX_N), f"must be an integer from 1 to {MAX_N} (choices per prompt)")
-    fields["logprobs"] = (None, number(int, 0, 5), "must be an integer from 0 to 5 (the likeliest tokens shown)")
-    fields["echo"] = (False, lambda v: isinstance(v, bool), "must be true or false")
-    fields["best_of"] = (1, lambda v: v == 1, "is not supported: leave it out or 1")
-    fields["suffix"] = (None, lambda v: False, "is not supported: leave it out")
-    return fields
+@dataclass(kw_only=True)
+class SamplingRequest:
+    """The fields both completion endpoints take (OpenAI's that we lack: their neutral value)."""
+    model: str = None  # any name: one model is served
+    max_tokens: int = setting(None, low=1, high="max_tokens_limit")
+    temperature: float = setting(1.0, low=0, high=2)  # 0: the likeliest token
+    top_p: float = setting(1.0, above=0, high=1)
+    top_k: int = setting(None, low=1, below=2**31)  # ours: sample among the k likeliest tokens
+    n: int = setting(1, choices=(1,))
+    stop: str | list = None  # a string, or up to 4: see __post_init__
+    seed: int = setting(None, low=0, below=2**63)
+    stream: bool = False
+    stream_options: dict = setting(None, choices=({}, {"include_usage": False}, {"include_usage": True}))
+    user: str = None
+    presence_penalty: float = setting(0.0, choices=(0,))
+    frequency_penalty: float = setting(0.0, choices=(0,))
+    logit_bias: dict = setting(None, choices=({},))
+    logprobs: bool | int = setting(None, choices=(0,))
+
+    def __post_init__(self):
+        stops = [self.stop] if isinstance(self.stop, str) else self.stop or []
+        if self.stop == [] or len(stops) > 4 or not all(
+                isinstance(s, str) and 0 < len(s) <= MAX_STOP_CHARS for s in stops):
+            raise ApiError(f"stop must be a string or a list of up to 4, of 1 to {MAX_STOP_CHARS} "
+                           f"characters each, got {excerpt(self.stop)}", "stop")
+        self.stop = stops
 
 
-def chat_fields(config):
-    fields = sampling_fields(config, default_max_tokens=config.max_tokens_limit)  # chat: up to the limit
-    fields["messages"] = (REQUIRED, lambda v: isinstance(v, list) and 0 < len(v) <= 100,
-                          "must be a list of 1 to 100 messages")
-    fields["max_completion_tokens"] = (None, *fields["max_tokens"][1:])  # the newer name of max_tokens
-    fields["response_format"] = (None, lambda v: v == {"type": "text"}, 'is not supported beyond {"type": "text"}')
-    return fields
+@dataclass(kw_only=True)
+class CompletionRequest(SamplingRequest):
+    prompt: str | list  # a string, strings, token ids or lists of them: see read_prompts
+    max_tokens: int = setting(None, low=0, high="max_tokens_limit")  # 0 with echo: score the prompt
+    n: int = setting(1, low=1, high=MAX_N)  # choices per prompt
+    logprobs: int = setting(None, low=0, high=5)  # the likeliest tokens shown beside each token
+    echo: bool = False
+    best_of: int = setting(1, choices=(1,))
+    suffix: str = setting(None, choices=(None,))
 
 
-def classify_fields(config):
-    chars = config.max_prompt_chars
-    return {"text": (REQUIRED, lambda v: isinstance(v, str) and 0 < len(v) <= chars,
-                     f"must be a string of 1 to {chars} characters")}
+@dataclass(kw_only=True)
+class ChatRequest(SamplingRequest):
+    messages: list = setting(REQUIRED, low=1, high=100)
+    max_completion_tokens: int = setting(None, low=1, high="max_tokens_limit")  # max_tokens, newer
+    response_format: dict = setting(None, choices=({"type": "text"},))
 
-# ----------------------------------------------------------------------------- errors, in OpenAI's shape
+
+@dataclass
+class ClassifyRequest:
+    text: str = setting(REQUIRED, low=1, high="max_prompt_chars")
+
+# ----------------------------------------------------------------------------- reading a request
 
 
 class ApiError(Exception):
-    """A request the client can fix: answered with `status` and {"error": {"message", "type", "param", "code"}}."""
+    """A request the client can fix: answered with `status` and OpenAI's error object."""
 
     def __init__(self, message, param=None, status=400, code=None):
         super().__init__(message)
@@ -187,222 +141,121 @@ def error_response(status, message, param=None, code=None):
     kind = "server_error" if status >= 500 else "invalid_request_error"
     return jsonify(error={"message": message, "type": kind, "param": param, "code": code}), status
 
-# ----------------------------------------------------------------------------- reading a request
-
 
 def excerpt(value):
     """A value as the client wrote it, cut short: error messages echo input, never much of it."""
     text = json.dumps(value)
-    if len(text) <= 40:
-        return text
-    return f"a string of {len(value)} characters" if isinstance(value, str) else text[:37] + "..."
+    return text if len(text) <= 40 else text[:37] + "..."
 
 
-def read_body(fields, max_bytes):
-    """The JSON object of the request, defaults filled in (null: the default). Each field must be known and pass its
-    test; the first that does not is an ApiError naming it."""
+def read_request(kind, max_bytes, config):
+    """The request's JSON body as a request class (`kind`): every field known, of its JSON type and
+    within its rules; the first that is not is an ApiError that names it.
+
+        {"prompt": "Hi", "temperature": 3} -> 400 "temperature must be a number from 0 to 2, got 3"
+    """
     try:
-        if request.content_length is None:  # a chunked body: its size is known only by reading it
-            data = request.environ["wsgi.input"].read(max_bytes + 1)
-            if len(data) > max_bytes:
-                raise RequestEntityTooLarge()
-        else:
-            data = request.get_data(cache=False)
-        body = json.loads(data)  # any content type: curl -d sends a form type
+        chunked = request.content_length is None  # a chunked body: its size is known only by reading it
+        data = request.environ["wsgi.input"].read(max_bytes + 1) if chunked else request.get_data(cache=False)
+        if len(data) > max_bytes:
+            raise RequestEntityTooLarge()
+        body = json.loads(data)  # whatever the content type: curl -d sends a form's
     except RequestEntityTooLarge:
-        raise ApiError(f"the body is larger than the server's limit of {max_bytes} bytes", status=413)
-    except (ValueError, RecursionError) as e:  # bad JSON, bad UTF-8, or nesting too deep to parse
+        raise ApiError(f"the body is beyond the server's limit of {max_bytes} bytes", None, 413)
+    except (ValueError, RecursionError) as e:  # bad JSON, bad UTF-8, or nested too deep to parse
         raise ApiError(f"the body is not valid JSON: {e}")
+    fields = {field.name: field for field in dataclasses.fields(kind)}
     if not isinstance(body, dict):
-        raise ApiError(f"the body must be a JSON object, like {{\"{next(iter(fields))}\": ...}}")
+        first = next(name for name, field in fields.items() if field.default is REQUIRED)
+        raise ApiError(f'the body must be a JSON object, like {{"{first}": ...}}')
     for name in body:
         if name not in fields:
             close = difflib.get_close_matches(name, fields, n=1)
             hint = f"did you mean '{close[0]}'?" if close else f"known fields: {', '.join(fields)}"
             raise ApiError(f"unknown field '{name[:40]}'; {hint}", name[:40])
-    values = {}
-    for name, (default, test, rule) in fields.items():
-        value = body.get(name)
-        if value is None:
-            if default is REQUIRED:
-                raise ApiError(f"{name} is required", name)
-            values[name] = default
-        elif not test(value):
-            raise ApiError(f"{name} {rule}, got {excerpt(value)}", name)
-        else:
-            values[name] = float(value) if isinstance(default, float) else value
-    return values
+    hints, values = typing.get_type_hints(kind), {}
+    for name, field in fields.items():
+        if body.get(name) is not None:
+            values[name] = read_field(name, body[name], hints[name], field.metadata, config)
+        elif field.default is REQUIRED:
+            raise ApiError(f"{name} is required", name)
+    return kind(**values)
 
 
-def token_matches(header, token):
-    scheme, _, given = header.partition(" ")
-    # compare_digest takes as long for a near miss as for a wild guess: the token cannot be found byte by byte
-    return scheme.lower() == "bearer" and hmac.compare_digest(given.strip().encode(), token.encode())
+JSON_TYPES = {bool: "true or false", int: "an integer", float: "a number", str: "a string",
+              list: "a list", dict: "an object"}
 
 
-def read_prompts(value, tokenizer, max_chars, max_prompts):
-    """OpenAI's prompt forms as [(text or None, token ids)]: a string (its ids after <|endoftext|>, where a document
-    starts; "" is just that token), a list of strings, a list of token ids (taken as they are), or a list of such
-    lists. One prompt per choice group, in order.
+def read_field(name, value, hint, rules, config):
+    """A JSON value as the field takes it (a number as a float), or an ApiError saying what it
+    takes: true is no integer; NaN, Infinity and integers beyond float's range are no numbers."""
+    kinds = typing.get_args(hint) or (hint,)
+    rules = {k: getattr(config, v) if isinstance(v, str) else v for k, v in rules.items()}
+    for kind in kinds:
+        taken = value if isinstance(value, bool) == (kind is bool) else None  # True is an int too
+        if kind is float and isinstance(taken, (int, float)):
+            taken = float(taken) if abs(taken) <= sys.float_info.max else None  # NaN, inf, 1e400
+        if isinstance(taken, kind):
+            try:  # the settings' test; a string's or a list's length is what is bounded
+                check_allowed(name, len(taken) if kind in (str, list) else taken, rules)
+                return taken
+            except UserError:
+                break
+    raise ApiError(f"{name} must be {rule_words(kinds, rules)}, got {excerpt(value)}", name)
+
+
+def rule_words(kinds, rules):
+    """What a field takes, in words: 'an integer from 0 to 64', 'a number > 0 and <= 1', 'a string
+    of 1 to 200 characters', 'true or false', '{}'."""
+    if "choices" in rules:
+        return " or ".join(json.dumps(choice) for choice in rules["choices"])
+    words = " or ".join(JSON_TYPES[kind] for kind in kinds)
+    if rules.keys() == {"low", "high"}:  # a string's or a list's length, or a number
+        unit = {str: " characters", list: " items"}.get(kinds[0], "")
+        return f"{words} {'of' if unit else 'from'} {rules['low']} to {rules['high']}{unit}"
+    return f"{words} {allowed(rules)}".strip()
+
+
+def read_prompts(value, tokenizer, max_chars):
+    """OpenAI's prompt forms as [(text or None, token ids)], one per choice group in order: a
+    string (its ids after <|endoftext|>, where a document starts; "" is just that token), a list of
+    strings, a list of token ids (taken as they are), or a list of such lists.
 
         read_prompts("Hi", ...) -> [("Hi", [eot, ...])]
         read_prompts([[5, 6], [7]], ...) -> [(None, [5, 6]), (None, [7])]
     """
     vocab = tokenizer.vocab_size
-    is_id = lambda t: is_json_type(t, int) and 0 <= t < vocab  # noqa: E731
+    is_int = lambda t: isinstance(t, int) and not isinstance(t, bool)  # noqa: E731
+    is_id = lambda t: is_int(t) and 0 <= t < vocab  # noqa: E731
 
     def one(item, where):
-        if isinstance(item, str):
-            if len(item) > max_chars:
-                raise ApiError(f"prompt{where} has {len(item)} characters, beyond the server's limit of {max_chars}",
-                               "prompt")
-            return item, tokenizer.encode_document(item)
-        if isinstance(item, list) and item and all(is_id(t) for t in item):
-            if len(item) > max_chars:
-                raise ApiError(f"prompt{where} has {len(item)} token ids, beyond the server's limit of {max_chars}",
-                               "prompt")
-            return None, list(item)
-        bad = next((t for t in item if not is_id(t)), None) if isinstance(item, list) and item else None
-        if bad is not None and is_json_type(bad, int):
-            raise ApiError(f"prompt{where} holds the token id {bad}, outside the vocabulary (0 to {vocab - 1})",
+        if not (isinstance(item, str) or isinstance(item, list) and item and all(map(is_id, item))):
+            bad = next((t for t in item if not is_id(t)), item) if isinstance(item, list) else item
+            raise ApiError(f"prompt{where} must be a string or a non-empty list of token ids from "
+                           f"0 to {vocab - 1}, got {excerpt(bad)}", "prompt")
+        if len(item) > max_chars:
+            unit = "characters" if isinstance(item, str) else "token ids"
+            raise ApiError(f"prompt{where} has {len(item)} {unit}, beyond the server's limit of {max_chars}",
                            "prompt")
-        raise ApiError(f"prompt{where} must be a string or a non-empty list of token ids (0 to {vocab - 1}), got "
-                       f"{excerpt(item)}", "prompt")
-    if isinstance(value, str) or (value and all(is_json_type(t, int) for t in value)):
+        return (item, tokenizer.encode_document(item)) if isinstance(item, str) else (None, item)
+
+    if isinstance(value, str) or (value and all(map(is_int, value))):
         return [one(value, "")]
-    if not 0 < len(value) <= max_prompts:
-        raise ApiError(f"prompt must hold 1 to {max_prompts} prompts, got {len(value)}", "prompt")
+    if not 0 < len(value) <= MAX_CHOICES:
+        raise ApiError(f"prompt must hold 1 to {MAX_CHOICES} prompts, got {len(value)}", "prompt")
     return [one(item, f"[{i}]") for i, item in enumerate(value)]
-
-
-def chat_to_prompt(messages):
-    """The instruction-template prompt for OpenAI chat messages: the last user message is the instruction, the
-    earlier ones the input, as a transcript. A message's content is a string or a list of text parts."""
-    turns = []
-    for i, message in enumerate(messages):
-        if not (isinstance(message, dict) and message.get("role") in ("system", "user", "assistant")):
-            raise ApiError(f"messages[{i}] must be an object with a role of system, user or assistant", "messages")
-        content = message.get("content")
-        if isinstance(content, list) and all(isinstance(p, dict) and p.get("type") == "text"
-                                             and isinstance(p.get("text"), str) for p in content):
-            content = "".join(part["text"] for part in content)
-        if not isinstance(content, str):
-            raise ApiError(f"messages[{i}].content must be a string (or a list of text parts)", "messages")
-        turns.append((message["role"], content))
-    if turns[-1][0] != "user":
-        raise ApiError("messages must end with the user's: it is the instruction the model answers", "messages")
-    context = "\n".join(f"{role}: {content}" for role, content in turns[:-1])
-    return format_prompt({"instruction": turns[-1][1], "input": context})
 
 # ----------------------------------------------------------------------------- generating
 
 
-def text_until_stop(pieces, stops):
-    """Yield the text of `pieces` up to the first stop string (left out). Text that could be the start of a stop
-    string waits until the next piece settles it. Returns True (StopIteration's value) if a stop string ended it.
-
-        list(text_until_stop(["Hel", "lo. Bye", "!"], [". B"])) -> ["Hel", "lo"]
-    """
-    held = ""
-    for piece in pieces:
-        held += piece
-        found = [i for i in (held.find(stop) for stop in stops) if i >= 0]
-        if found:
-            if min(found):
-                yield held[:min(found)]
-            return True
-        keep = max((len(held) - i for stop in stops for i in range(max(len(held) - len(stop) + 1, 0), len(held))
-                    if stop.startswith(held[i:])), default=0)  # the longest end of held that starts a stop string
-        if len(held) > keep:
-            yield held[:len(held) - keep]
-            held = held[len(held) - keep:]
-    if held:
-        yield held
-    return False
-
-
-class Completion:
-    """One choice: the engine's generation of a prompt, as text. Iterate for the pieces (with echo, the prompt's
-    text first); then finish_reason ("stop": end-of-text or a stop string; "length": max_tokens) is set, and with
-    logprobs, logprobs() gives OpenAI's object. A text prompt starts after <|endoftext|> (as documents do in
-    training): that token is not echoed, and the text's first token is scored; a token-id prompt is taken as it is,
-    its first token unscored (null)."""
-
-    def __init__(self, engine, tokenizer, text, ids, req, seed, logprobs=None, echo=False):
-        self.tokenizer, self.ids, self.logprobs_wanted, self.echo = tokenizer, ids, logprobs, echo
-        self.prompt = text if text is not None else tokenizer.decode(ids)
-        self.hidden = 0 if text is None else 1  # the <|endoftext|> a text prompt starts after
-        self.sequence = engine.submit(ids, req["max_tokens"], req["temperature"], req["top_k"], req["top_p"], seed,
-                                      tokenizer.eot_id, logprobs=logprobs, score_prompt=echo and logprobs is not None)
-        self.stops = [req["stop"]] if isinstance(req["stop"], str) else req["stop"] or []
-        self.finish_reason, self.taken, self.completion_text = None, [], ""  # taken: new ids the text has read
-        self.stopped_by_string = False
-
-    def __iter__(self):
-        try:
-            if self.echo and self.prompt:
-                yield self.prompt
-            stopped = False
-            pieces = text_until_stop(decode_stream(self.tokenizer, self._taking()), self.stops)
-            while True:
-                try:
-                    piece = next(pieces)
-                except StopIteration as end:
-                    stopped = end.value
-                    break
-                self.completion_text += piece
-                yield piece
-            self.stopped_by_string = stopped
-            self.finish_reason = "stop" if stopped else self.sequence.finish_reason
-        finally:
-            self.sequence.close()  # a stop string, or a client gone: the engine frees the row at its next step
-
-    def _taking(self):
-        for token in self.sequence:
-            self.taken.append(token)
-            yield token
-
-    def close(self):
-        self.sequence.close()
-
-    def logprobs(self, prompt=True, start=0, stop=None):
-        """OpenAI's logprobs object (tokens, token_logprobs, top_logprobs, text_offset) of the prompt (with echo)
-        and of the new tokens start..stop; the whole answer's (stop None) ends where its text does (a stop string),
-        or with the end-of-text token that ended it, as vLLM and OpenAI count it.
-        An offset counts the characters of the tokens before it (a character split over tokens counts as U+FFFD)."""
-        if self.logprobs_wanted is None:
-            return None
-        out = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
-        decode = lambda token: self.tokenizer.decode([token])  # noqa: E731
-
-        def add(tokens, scores, offset, end=None):
-            for token, score in zip(tokens, scores):
-                if end is not None and offset >= end:
-                    break
-                out["tokens"].append(decode(token))
-                out["text_offset"].append(offset)
-                out["token_logprobs"].append(None if score is None else score[0])
-                out["top_logprobs"].append(None if score is None else {decode(i): lp for i, lp in score[1]})
-                offset += len(out["tokens"][-1])
-            return offset
-        if prompt and self.echo:
-            add(self.ids[self.hidden:], self.sequence.prompt_scores[self.hidden:], 0)
-        new, before = self.taken[start:stop], len(self.prompt)
-        end = before + len(self.completion_text) if stop is None else None
-        offset = add(new, self.sequence.scores[start:start + len(new)],
-                     before + sum(len(decode(t)) for t in self.taken[:start]), end)
-        if stop is None and self.sequence.finish_reason == "stop" and not self.stopped_by_string:
-            add([self.tokenizer.eot_id], self.sequence.scores[len(self.taken):], offset)  # the end-of-text token
-        return out
-
-
-def sse(data):
-    """One server-sent event; JSON keeps newlines in the text from ending the event early."""
-    return f"data: {json.dumps(data) if not isinstance(data, str) else data}\n\n"
+def logprobs_object(rows):
+    """OpenAI's logprobs object for a Completion's rows (None: no logprobs were asked for)."""
+    keys = ("tokens", "token_logprobs", "top_logprobs", "text_offset")
+    return None if rows is None else {key: [row[i] for row in rows] for i, key in enumerate(keys)}
 
 
 def client_gone(environ):
-    """Whether the client of this request has closed its connection (a peek: its next request stays unread)."""
+    """Whether this request's client has hung up (a peek: its next request stays unread)."""
     sock = environ.get("werkzeug.socket") or environ.get("gunicorn.socket")
     if sock is None:
         return False
@@ -413,123 +266,73 @@ def client_gone(environ):
         return True
 
 
-def completion_response(completions, prompt_tokens, model_name, chat, stream, include_usage, logger, environ):
-    """The OpenAI answer to a completion (one choice per Completion, in order): one JSON object, or a
-    text/event-stream of chunks ending in [DONE]. A client that hangs up stops its generations, streamed or not."""
-    header = {"id": f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}", "created": int(time.time()),
-              "model": model_name}
-    kind = "chat.completion" if chat else "text_completion"
+def whole_choices(completions, chat, environ):
+    """The choices of an answer sent whole, or None if its client hung up meanwhile."""
+    choices = []
+    for index, completion in enumerate(completions):
+        if any(client_gone(environ) for _ in completion):
+            return None
+        text = (completion.prompt if completion.echo else "") + completion.text
+        answer = {"message": {"role": "assistant", "content": text}} if chat else {
+            "text": text, "logprobs": logprobs_object(completion.rows())}
+        choices.append({"index": index, **answer, "finish_reason": completion.finish_reason})
+    return choices
 
-    def usage():
-        completion = sum(c.sequence.generated for c in completions)
-        return {"prompt_tokens": prompt_tokens, "completion_tokens": completion,
-                "total_tokens": prompt_tokens + completion}
 
-    if not stream:
-        choices = []
-        for index, completion in enumerate(completions):
-            text = ""
-            for piece in completion:
-                text += piece
-                if client_gone(environ):
-                    for c in completions:
-                        c.close()
-                    return Response(status=499)  # nobody reads it: the status is for the log ("client closed")
-            choice = {"message": {"role": "assistant", "content": text}} if chat else {
-                "text": text, "logprobs": completion.logprobs()}
-            choices.append({"index": index, **choice, "finish_reason": completion.finish_reason})
-        return jsonify(**header, object=kind, choices=choices, usage=usage())
+def stream_events(completions, header, chat, logger, environ, usage):
+    """A streamed answer's events: each choice's pieces in turn, then its finish_reason; the usage
+    (a function, if asked for) and [DONE] at the end. The first piece is read before the status line
+    is sent: a request that fails at its start gets a 500, not a 200 and a cut stream."""
+    kind = "chat.completion.chunk" if chat else "text_completion"
+    sse = lambda data: f"data: {json.dumps(data)}\n\n"  # noqa: E731  (JSON: one line)
 
-    def chunk(index, text=None, finish_reason=None, first=False, logprobs=None):
-        if chat:
-            delta = {"role": "assistant", "content": ""} if first else {} if text is None else {"content": text}
-            choice = {"delta": delta}
-        else:
-            choice = {"text": text or "", "logprobs": logprobs}
-        return sse({**header, "object": f"{kind}.chunk" if chat else kind,
-                    "choices": [{"index": index, **choice, "finish_reason": finish_reason}]})
+    def chunk(index, text="", rows=None, finish_reason=None, delta=None):
+        choice = {"delta": delta or ({"content": text} if text else {})} if chat else {
+            "text": text, "logprobs": logprobs_object(rows)}
+        choice |= {"index": index, "finish_reason": finish_reason}
+        return sse({**header, "object": kind, "choices": [choice]})
 
-    def pieces_with_logprobs(completion):
-        """(text, logprobs of the tokens read since the last piece) for each piece of a choice."""
-        done, prompt = 0, completion.echo and bool(completion.prompt)
-        for piece in completion:
-            if prompt:  # the echoed prompt comes first, whole
-                yield piece, completion.logprobs(prompt=True, start=0, stop=0)
-                prompt = False
-                continue
-            yield piece, completion.logprobs(prompt=False, start=done, stop=len(completion.taken))
-            done = len(completion.taken)
-
-    # the first piece before the status line: a request that fails at its start gets a 500, not a 200 and a cut stream
-    streams = [pieces_with_logprobs(c) for c in completions]
-    first = next(streams[0], None)
+    pieces = [iter(completion) for completion in completions]
+    pieces[0] = itertools.chain(list(itertools.islice(pieces[0], 1)), pieces[0])
 
     def events():
         try:
-            for index, (completion, pieces) in enumerate(zip(completions, streams)):
-                with contextlib.closing(completion):
-                    if chat:
-                        yield chunk(index, first=True)
-                    head = [first] if index == 0 and first is not None else []
-                    for piece, logprobs in itertools.chain(head, pieces):
-                        yield chunk(index, piece, logprobs=logprobs)
-                    yield chunk(index, finish_reason=completion.finish_reason)
-            if include_usage:
-                yield sse({**header, "object": f"{kind}.chunk" if chat else kind, "choices": [], "usage": usage()})
-        except Exception:  # the status line is already sent: the stream itself has to say it failed
+            for index, completion in enumerate(completions):
+                if chat:
+                    yield chunk(index, delta={"role": "assistant", "content": ""})
+                for text, rows in pieces[index]:
+                    if client_gone(environ):  # (sooner than a write that fails)
+                        return
+                    yield chunk(index, text, rows)
+                yield chunk(index, finish_reason=completion.finish_reason)
+            if usage:
+                yield sse({**header, "object": kind, "choices": [], "usage": usage()})
+        except Exception:  # the status line is sent: the stream itself has to say it failed
             logger.exception("generation failed mid-stream")
-            yield sse({"error": {"message": "generation failed", "type": "server_error", "param": None,
-                                 "code": None}})
-        finally:
-            for completion in completions:
-                completion.close()
-        yield sse("[DONE]")
+            yield sse({"error": {"message": "generation failed", "type": "server_error", "param": None, "code": None}})
+        yield "data: [DONE]\n\n"
 
-    # no-cache and X-Accel-Buffering: proxies pass each event on as it comes
-    return Response(events(), mimetype="text/event-stream", headers={"Cache-Control": "no-cache",
-                                                                      "X-Accel-Buffering": "no"})
+    return events()
 
-# ----------------------------------------------------------------------------- the app
+# ----------------------------------------------------------------------------- the guards
 
 
-def serve_config(config, settings):
-    """A ServeConfig from one (returned as it is), a model's name, or ServeConfig fields by name, checked as the
-    command line checks them."""
-    if isinstance(config, str):
-        config, settings = None, {"model": config, **settings}
-    if config is None:  # the command line's checks and messages, for settings given in Python
-        return parse_config(ServeConfig, [f"--{name}={value}" for name, value in settings.items()], RENAMED)
-    return check_settings(config)
-
-
-def require_token(app, token):
-    """Every request but the page's must carry `Authorization: Bearer <token>` (none needed if token is empty)."""
-
-    @app.before_request
-    def check_token():
-        if token and request.path != "/" and request.method != "OPTIONS" and not token_matches(
-                request.headers.get("Authorization", ""), token):
-            response, status = error_response(401, "this server needs 'Authorization: Bearer <token>' (see "
-                                                   f"{TOKEN_ENV}); the token was missing or wrong",
-                                              code="invalid_api_key")
-            response.headers["WWW-Authenticate"] = "Bearer"
-            return response, status
-
-
-def refuse_other_origins(app, allowed_origins, allowed_hosts):
-    """No web page on another site may drive the server (as Jupyter, Ollama and llama.cpp's server guard): a
-    request that a browser sends from another origin (its Origin header) is refused with 403 unless allowed, and so
-    is a Host that is not localhost, an IP address or an allowed name (a page that rebinds its own name to
-    127.0.0.1 is same-origin to the browser, but its requests carry that name). curl, the SDKs and the page at /
-    send no foreign Origin. An allowed origin gets CORS headers, preflight included."""
+def guard(app, token, allowed_origins, allowed_hosts):
+    """Who may call. No web page on another site (as Jupyter, Ollama and llama.cpp guard): a
+    browser's request from another origin (its Origin header; curl, the SDKs and / send none) gets a
+    403 unless allowed, and so does a Host that is not localhost, an IP or an allowed name (a page
+    that rebinds its own name to 127.0.0.1 is same-origin to the browser, but its requests carry
+    that name); an allowed origin gets CORS headers. With a token, only requests that carry it."""
     origins = {o.strip().rstrip("/") for o in allowed_origins.split(",") if o.strip()}
-    hosts = {"localhost"} | {h.strip().lower() for h in allowed_hosts.split(",") if h.strip()}
+    hosts = {"localhost"}
+    for entry in filter(None, (h.strip().lower() for h in allowed_hosts.split(","))):
+        if not (name := re.fullmatch(r"([a-z0-9_.-]+)(:\d+)?", entry)):
+            raise UserError(f"--allowed_hosts takes host names, NAME or NAME:PORT, got '{entry}'")
+        hosts.add(name[1])  # a Host header is checked by its name
 
-    def known_host(host):
-        name = (urlsplit("//" + host).hostname or "") if host else ""
+    def known_host(name):
         try:
-            ipaddress.ip_address(name)
-            return True
+            return ipaddress.ip_address(name) is not None
         except ValueError:
             return name in hosts
 
@@ -538,22 +341,30 @@ def refuse_other_origins(app, allowed_origins, allowed_hosts):
         return origin if origin and ("*" in origins or origin.rstrip("/") in origins) else None
 
     @app.before_request
-    def check_origin():
-        if not known_host(request.host):
-            return error_response(403, f"this server does not answer for the host {request.host[:100]!r}: start it "
-                                       f"with --allowed_hosts=NAME to allow it", code="host_not_allowed")
-        origin = request.headers.get("Origin")
+    def check():
+        host, origin = request.host, request.headers.get("Origin")
+        if not known_host(urlsplit("//" + host).hostname or ""):
+            return error_response(403, f"this server does not answer for the host {host[:100]!r}: "
+                                  f"start it with --allowed_hosts=NAME to allow it", code="host_not_allowed")
         if origin and origin != request.host_url.rstrip("/") and not allowed_origin():
-            return error_response(403, f"requests from web pages on {origin[:100]} are refused: start the server "
-                                       f"with --allowed_origins={origin[:100]} to allow that origin",
+            return error_response(403, f"requests from web pages on {origin[:100]} are refused: start "
+                                  f"the server with --allowed_origins={origin[:100]} to allow them",
                                   code="origin_not_allowed")
+        scheme, _, given = request.headers.get("Authorization", "").partition(" ")
+        given = given.strip().encode() if scheme.lower() == "bearer" else b""
+        # compare_digest takes as long for a near miss as for a wild guess: no guessing byte by byte
+        if token and request.path != "/" and request.method != "OPTIONS" and not hmac.compare_digest(
+                given, token.encode()):
+            response, status = error_response(401, f"this server needs 'Authorization: Bearer "
+                                              f"<token>' (see {TOKEN_ENV}): missing or wrong",
+                                              code="invalid_api_key")
+            response.headers["WWW-Authenticate"] = "Bearer"
+            return response, status
 
     @app.after_request
     def cors_headers(response):
-        origin = allowed_origin()
-        if origin:
-            response.headers["Access-Control-Allow-Origin"] = origin
-            response.headers["Vary"] = "Origin"
+        if origin := allowed_origin():
+            response.headers.update({"Access-Control-Allow-Origin": origin, "Vary": "Origin"})
             if request.method == "OPTIONS":
                 response.headers["Access-Control-Allow-Methods"] = "GET, POST, OPTIONS"
                 response.headers["Access-Control-Allow-Headers"] = "Authorization, Content-Type"
@@ -561,7 +372,7 @@ def refuse_other_origins(app, allowed_origins, allowed_hosts):
 
 
 def answer_errors_in_json(app):
-    """ApiError -> its 4xx; Flask's own 404, 405, 413 -> the same JSON shape; anything else -> a bare 500."""
+    """ApiError -> its 4xx; Flask's own 404, 405, 413 -> the same JSON shape; anything else, 500."""
 
     @app.errorhandler(ApiError)
     def api_error(e):
@@ -570,9 +381,8 @@ def answer_errors_in_json(app):
     @app.errorhandler(HTTPException)
     def http_error(e):  # 404, 405 (its Allow header kept), ...: JSON like every other answer
         response = e.get_response()
-        body = {"error": {"message": f"{e.name}: {e.description}", "type": "invalid_request_error", "param": None,
-                          "code": None}}
-        response.data, response.content_type = json.dumps(body), "application/json"
+        response.data = error_response(e.code, f"{e.name}: {e.description}")[0].data
+        response.content_type = "application/json"
         return response
 
     @app.errorhandler(Exception)
@@ -580,173 +390,147 @@ def answer_errors_in_json(app):
         app.logger.exception("internal error")
         return error_response(500, "internal error")
 
+# ----------------------------------------------------------------------------- the app
+
 
 def create_app(config=None, **settings):
-    """The Flask app, with the model(s) loaded and the batching engine started. config: a ServeConfig, or a model's
-    name; settings: ServeConfig fields by name. For a WSGI server:
-    gunicorn 'serve:create_app(model="out-wikitext-tiny", classifier="out-spam")'."""
-    config = serve_config(config, settings)
-    token = os.environ.get(TOKEN_ENV, "")
+    """The Flask app, with the model(s) loaded and the batching engine started. config: a
+    ServeConfig or a model's name; settings: ServeConfig fields by name, checked as flags are.
+    Under gunicorn: 'serve:create_app(model="out-wikitext-tiny", classifier="out-spam")'."""
+    if not isinstance(config, ServeConfig):
+        settings = {"model": config, **settings} if config else settings
+        config = parse_config(ServeConfig, [f"--{k}={v}" for k, v in settings.items()], RENAMED)
+    config, token = check_settings(config), os.environ.get(TOKEN_ENV, "")
     if not (token.isascii() and token.isprintable() and token.strip() == token):
         raise UserError(f"{TOKEN_ENV} must be printable ASCII without spaces at its ends: an HTTP header carries it")
+    if not PAGE.is_file():  # a copy of serve.py without its page
+        raise UserError(f"{PAGE.name}, the page at /, is missing: copy it beside serve.py")
+    app, page = Flask(__name__), PAGE.read_text(encoding="utf-8")
+    app.config["MAX_CONTENT_LENGTH"] = config.max_body_bytes
+    guard(app, token, config.allowed_origins, config.allowed_hosts)
+    answer_errors_in_json(app)
+
     device = pick_device(config.device)
     model, tokenizer, checkpoint = load_for_inference(config.model, device, config.dtype)
-    engine = BatchEngine(model, config.max_batch_size)
-    classifier, classify = None, None
-    if config.classifier:
-        from finetune import classify, load_classifier  # the classifier's model: only when one is served
+    engine, classifier = BatchEngine(model, config.max_batch_size), None
+    app.engine = engine  # for whoever embeds the app: app.engine.close() stops its thread
+    if config.classifier:  # (its module only then)
+        from finetune import classify, load_classifier
         classifier = load_classifier(config.classifier, device)
     classifier_lock = threading.Lock()  # one classification at a time
     name = os.path.basename(os.path.abspath(config.model))
-    fields = {"completions": completion_fields(config), "chat": chat_fields(config),
-              "classify": classify_fields(config)}
+    created = int(os.path.getmtime(config.model)) if os.path.exists(config.model) else 0
+    card = {"id": name, "object": "model", "created": created, "owned_by": "local"}
 
-    app = Flask(__name__)
-    app.config["MAX_CONTENT_LENGTH"] = config.max_body_bytes
-    app.engine = engine  # for whoever embeds the app: app.engine.close() stops its thread
-    refuse_other_origins(app, config.allowed_origins, config.allowed_hosts)
-    require_token(app, token)
-    answer_errors_in_json(app)
+    def answer(prompts, req, chat):
+        """Submit a choice per prompt and n, then answer, whole or streamed. However the answer ends
+        (sent, failed, its client gone), every choice is closed: the engine lets them go."""
+        completions, prompt_tokens = [], sum(len(ids) for _, ids in prompts)
+        close_all = lambda: [choice.sequence.close() for choice in completions]  # noqa: E731
+        logprobs, echo = (None, False) if chat else (req.logprobs, req.echo)
+        header = {"id": f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}", "created": int(time.time()),
+                  "model": name}
 
-    def respond(completions, prompt_tokens, req, chat):
-        include_usage = bool((req["stream_options"] or {}).get("include_usage"))
-        return completion_response(completions, prompt_tokens, name, chat, req["stream"], include_usage,
-                                   app.logger, request.environ)
+        def usage():
+            new = sum(completion.sequence.generated for completion in completions)
+            return {"prompt_tokens": prompt_tokens, "completion_tokens": new, "total_tokens": prompt_tokens + new}
+
+        if client_gone(request.environ):  # the client has gone already: no work
+            return Response(status=499)
+        try:
+            # with a seed, choice i of every prompt draws from seed + i; rank: see engine.py
+            for rank, ((text, ids), i) in enumerate(itertools.product(prompts, range(req.n))):
+                seed = None if req.seed is None else (req.seed + i) % 2**63
+                completions.append(Completion(engine, tokenizer, text, ids, req.stop, logprobs, echo, seed=seed,
+                                              rank=rank, max_new_tokens=req.max_tokens, top_k=req.top_k,
+                                              temperature=req.temperature, top_p=req.top_p))
+            if req.stream:
+                events = stream_events(completions, header, chat, app.logger, request.environ,
+                                       usage if (req.stream_options or {}).get("include_usage") else None)
+                response = Response(events, mimetype="text/event-stream", headers={
+                    "Cache-Control": "no-cache", "X-Accel-Buffering": "no"})  # proxies: no holding back
+            elif (choices := whole_choices(completions, chat, request.environ)) is None:
+                response = Response(status=499)  # nobody reads it: the status is for the log
+            else:
+                kind = "chat.completion" if chat else "text_completion"
+                response = jsonify(**header, object=kind, choices=choices, usage=usage())
+        except BaseException:
+            close_all()
+            raise
+        response.call_on_close(close_all)
+        return response
 
     @app.get("/")
-    def page():
-        return Response(PAGE, mimetype="text/html")
+    def page_to_try_the_model():
+        # no other site may frame it, and so have a visitor click in it unknowingly
+        return Response(page, mimetype="text/html", headers={
+            "X-Frame-Options": "DENY", "Content-Security-Policy": "frame-ancestors 'none'"})
 
     @app.get("/health")
     def health():
-        return jsonify(status="ok", model=name, parameters=model.num_params(non_embedding=False), device=device,
-                       dtype=str(model.token_emb.weight.dtype).removeprefix("torch."),
-                       block_size=model.config.block_size, vocab_size=model.config.vocab_size,
-                       chat=has_prompt_format(checkpoint),
+        dtype = str(model.token_emb.weight.dtype).removeprefix("torch.")
+        return jsonify(status="ok", model=name, parameters=model.num_params(non_embedding=False),
+                       device=device, dtype=dtype, block_size=model.config.block_size,
+                       vocab_size=model.config.vocab_size, chat=has_prompt_format(checkpoint),
                        classifier={"labels": classifier[0].labels} if classifier else None,
                        batch={"active": len(engine.active), "waiting": engine.waiting.qsize(),
                               "peak": engine.peak_batch},
-                       limits={"max_tokens": config.max_tokens_limit, "prompt_chars": config.max_prompt_chars,
-                               "body_bytes": config.max_body_bytes, "batch_size": config.max_batch_size})
+                       limits={"max_tokens": config.max_tokens_limit, "batch_size": config.max_batch_size,
+                               "prompt_chars": config.max_prompt_chars, "body_bytes": config.max_body_bytes})
 
     @app.get("/v1/models")
     def models():
-        return jsonify(object="list", data=[model_card()])
+        return jsonify(object="list", data=[card])
 
     @app.get("/v1/models/<path:model_id>")
     def one_model(model_id):
         if model_id != name:
-            raise ApiError(f"no model '{model_id[:60]}' here; this server has '{name}'", "model", 404,
+            raise ApiError(f"no model '{model_id[:60]}' here; it serves '{name}'", "model", 404,
                            "model_not_found")
-        return jsonify(model_card())
-
-    def model_card():
-        created = int(os.path.getmtime(config.model)) if os.path.exists(config.model) else 0
-        return {"id": name, "object": "model", "created": created, "owned_by": "local"}
+        return jsonify(card)
 
     @app.post("/v1/completions")
     def completions():
-        req = read_body(fields["completions"], config.max_body_bytes)
-        prompts = read_prompts(req["prompt"], tokenizer, config.max_prompt_chars, MAX_CHOICES)
-        if len(prompts) * req["n"] > MAX_CHOICES:
-            raise ApiError(f"n={req['n']} choices for each of {len(prompts)} prompts make {len(prompts) * req['n']}, "
-                           f"beyond the server's limit of {MAX_CHOICES} per request", "n")
-        if req["echo"] and req["logprobs"] is not None and any(len(ids) > model.config.block_size
-                                                               for _, ids in prompts):
-            raise ApiError(f"prompt is longer than the model's context of {model.config.block_size} tokens: it "
-                           f"cannot be scored whole", "prompt")
-        seed = req["seed"]  # each choice its own sample; with a seed, choice i of every prompt draws from seed + i
-        completions = [Completion(engine, tokenizer, text, ids, req, None if seed is None else (seed + i) % 2**63,
-                                  req["logprobs"], req["echo"]) for text, ids in prompts for i in range(req["n"])]
-        return respond(completions, sum(len(ids) for _, ids in prompts), req, chat=False)
+        req = read_request(CompletionRequest, config.max_body_bytes, config)
+        prompts = read_prompts(req.prompt, tokenizer, config.max_prompt_chars)
+        if len(prompts) * req.n > MAX_CHOICES:
+            raise ApiError(f"n={req.n} choices for each of {len(prompts)} prompts make "
+                           f"{len(prompts) * req.n}, beyond the limit of {MAX_CHOICES}", "n")
+        block = model.config.block_size
+        if req.echo and req.logprobs is not None and any(len(ids) > block for _, ids in prompts):
+            raise ApiError(f"prompt is longer than the model's context of {block} tokens: it cannot be scored "
+                           f"whole", "prompt")
+        if req.max_tokens is None:
+            req.max_tokens = min(16, config.max_tokens_limit)  # OpenAI's default
+        return answer(prompts, req, chat=False)
 
     @app.post("/v1/chat/completions")
     def chat_completions():
-        req = read_body(fields["chat"], config.max_body_bytes)
+        req = read_request(ChatRequest, config.max_body_bytes, config)
         if not has_prompt_format(checkpoint):
-            raise ApiError(f"{name} was not instruction-tuned, so it has no chat template: use /v1/completions, or "
-                           f"serve a model that finetune_instruct.py trained", "messages")
-        prompt = chat_to_prompt(req["messages"])
+            raise ApiError(f"{name} was not instruction-tuned, so it has no chat template: use "
+                           f"/v1/completions, or a model finetune_instruct.py trained", "messages")
+        try:
+            prompt = chat_to_prompt(req.messages)
+        except ValueError as e:
+            raise ApiError(str(e), "messages")
         if len(prompt) > config.max_prompt_chars:
-            raise ApiError(f"messages make a prompt of {len(prompt)} characters with the template, beyond the "
-                           f"server's limit of {config.max_prompt_chars}", "messages")
-        req["max_tokens"] = req["max_completion_tokens"] or req["max_tokens"]  # the newer name wins
-        ids = tokenizer.encode_document(prompt)
-        return respond([Completion(engine, tokenizer, prompt, ids, req, req["seed"])], len(ids), req, chat=True)
+            raise ApiError(f"messages make a prompt of {len(prompt)} characters with the template, "
+                           f"beyond the server's limit of {config.max_prompt_chars}", "messages")
+        # the newer name wins; chat's default is the server's limit
+        req.max_tokens = req.max_completion_tokens or req.max_tokens or config.max_tokens_limit
+        return answer([(prompt, tokenizer.encode_document(prompt))], req, chat=True)
 
     @app.post("/v1/classify")
     def classify_text():
         if classifier is None:
-            raise ApiError("no classifier is loaded: start the server with --classifier=DIR", status=404)
-        req = read_body(fields["classify"], config.max_body_bytes)
+            raise ApiError("no classifier here: start the server with --classifier=DIR", None, 404)
+        req = read_request(ClassifyRequest, config.max_body_bytes, config)
         with classifier_lock:
-            label, probability = classify(*classifier, [req["text"]])[0]
+            label, probability = classify(*classifier, [req.text])[0]
         return jsonify(label=label, probability=probability)
 
     return app
-
-# ----------------------------------------------------------------------------- the page
-
-
-PAGE = """<!doctype html>
-<html lang="en"><head><meta charset="utf-8"><title>GPT</title>
-<meta name="viewport" content="width=device-width, initial-scale=1">
-<style>
-body { font: 16px system-ui, sans-serif; max-width: 46rem; margin: 2rem auto; padding: 0 1rem; color: #222 }
-textarea, pre { width: 100%; box-sizing: border-box; font: 15px ui-monospace, monospace }
-pre { white-space: pre-wrap; background: #f3f3f3; padding: 1rem; min-height: 8rem }
-input { width: 5rem } label { margin-right: .8rem } #status { color: #666 }
-</style></head><body>
-<h1>GPT</h1>
-<textarea id="prompt" rows="3">The history of</textarea>
-<p><label>tokens <input id="max_tokens" type="number" value="100" min="1"></label>
-<label>temperature <input id="temperature" type="number" value="0.8" step="0.1" min="0"></label>
-<label>token <input id="token" type="password" placeholder="if set"></label>
-<button id="go">Generate</button> <button id="stop">Stop</button></p>
-<pre><b id="prompt_text"></b><span id="out"></span></pre><p id="status"></p>
-<script>
-const $ = id => document.getElementById(id);
-let controller = null;
-async function generate() {
-  controller?.abort();
-  controller = new AbortController();
-  const body = {prompt: $("prompt").value, stream: true, max_tokens: Number($("max_tokens").value),
-                temperature: Number($("temperature").value)};
-  const headers = {"content-type": "application/json"};
-  if ($("token").value) headers.authorization = "Bearer " + $("token").value;
-  $("prompt_text").textContent = body.prompt; $("out").textContent = ""; $("status").textContent = "generating...";
-  const t0 = performance.now();
-  try {
-    const response = await fetch("v1/completions", {method: "POST", headers, body: JSON.stringify(body),
-                                                    signal: controller.signal});
-    if (!response.ok) throw new Error((await response.json()).error.message);
-    const reader = response.body.pipeThrough(new TextDecoderStream()).getReader();
-    let buffer = "", finished = false;
-    for (let r = await reader.read(); !r.done; r = await reader.read()) {
-      const events = (buffer + r.value).split("\\n\\n");
-      buffer = events.pop();  // the last part may be an event cut in two
-      for (const event of events) {
-        const data = event.slice(event.indexOf("data: ") + 6);
-        if (data === "[DONE]") { finished = true; continue; }
-        const chunk = JSON.parse(data);
-        if (chunk.error) throw new Error(chunk.error.message);
-        $("out").textContent += chunk.choices[0].text;
-      }
-    }
-    const seconds = ((performance.now() - t0) / 1000).toFixed(2);
-    $("status").textContent = finished ? `done in ${seconds} s` : "the stream was cut off";
-  } catch (err) {
-    $("status").textContent = err.name === "AbortError" ? "stopped" : "error: " + err.message;
-  }
-}
-$("go").onclick = generate;
-$("stop").onclick = () => controller?.abort();
-const query = new URLSearchParams(location.search);
-if (query.has("prompt")) { $("prompt").value = query.get("prompt"); generate(); }
-</script></body></html>
-"""
-
-# ----------------------------------------------------------------------------- command line
 
 
 def main():
@@ -757,7 +541,7 @@ def main():
     print(f"serving {config.model} on http://{config.host}:{config.port}/v1 (OpenAI API; a page at /)", flush=True)
 
     class RequestHandler(WSGIRequestHandler):
-        timeout = config.request_timeout  # a client that stalls sending its request (or reading) is cut off
+        timeout = config.request_timeout  # a client stalling mid-request (or not reading): cut off
 
     app.run(config.host, config.port, debug=False, use_reloader=False, threaded=True, request_handler=RequestHandler)
 

@@ -104,7 +104,8 @@ def main():
     (root / "items.jsonl").write_text("".join(json.dumps(item) + "\n" for item in items), encoding="utf-8")
     (root / "twochoice_local.yaml").write_text(TASK.format(items=root / "items.jsonl"))
     hf = root / "hf"
-    export.export(config.model, hf)
+    # the --work_dir of an earlier run holds its export: replace it
+    export.export(config.model, hf, overwrite=True)
 
     port = free_port()
     server = subprocess.Popen([sys.executable, str(REPO / "serve.py"), f"--model={config.model}", f"--port={port}",

@@ -27,7 +27,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from cli import UserError, cpu_count, parse_config, run_main  # noqa: E402
+from cli import UserError, parse_config, run_main  # noqa: E402
+from workers import cpu_count  # noqa: E402
 
 DATA = REPO.parent / "shared" / "data"
 
@@ -112,7 +113,8 @@ def tiktoken_baseline(corpus_path, data_dir, mb):
     """MB/s of tiktoken's encode_ordinary_batch with our merges on the first `mb` MB of the corpus, in the same
     pieces prepare.py encodes, on every core; and of prepare.py's own encoding of the same text (one worker
     per core), from its summary line."""
-    from tokenizer import cut_stream, load_tokenizer
+    from data import load_tokenizer
+    from tokenizer import cut_stream
     tok = load_tokenizer(data_dir)
     with open(corpus_path, encoding="utf-8") as f:
         text = f.read(mb * 1_000_000)

@@ -26,6 +26,7 @@ sys.path.insert(0, str(REPO))  # run as a script from anywhere: import the repo'
 
 import cli  # noqa: E402
 from tokenizer import BPETokenizer  # noqa: E402
+from workers import cpu_count, end_pool, worker_pool  # noqa: E402
 
 DATA = REPO.parent / "shared" / "data"
 
@@ -55,7 +56,13 @@ def train_once(config, out_dir):
     os.makedirs(out_dir, exist_ok=True)
     t0 = time.perf_counter()
     if config.child == "ours":
-        tok = BPETokenizer.train(Path(config.corpus), config.vocab_size, config.min_frequency)
+        # counted on a pool of workers, as tokenizer.py --train does
+        pool = worker_pool(min(8, cpu_count()))
+        try:
+            tok = BPETokenizer.train(Path(config.corpus), config.vocab_size, config.min_frequency,
+                                     pool=pool)
+        finally:
+            end_pool(pool)
         seconds, vocab_size = time.perf_counter() - t0, tok.vocab_size
         tok.save(out_dir)
     else:

@@ -1,11 +1,10 @@
 """The shared config parser: config files are read, never executed; values are type-checked."""
-import time
 from dataclasses import dataclass
 from typing import Optional
 
 import pytest
 
-from cli import Progress, UserError, duration, parse_config, read_config_file
+from cli import UserError, parse_config, read_config_file
 
 
 @dataclass
@@ -77,14 +76,3 @@ def test_a_renamed_setting_still_works_with_a_notice(capsys):
     assert capsys.readouterr().err == "notice: --out_dir is now --model; taking it as --model=mine\n"
     with pytest.raises(UserError, match="unknown setting 'out_dir'"):
         parse_config(Reader, ["--out_dir=mine"])
-
-
-def test_progress_lines_give_the_rate_and_an_eta(capsys, monkeypatch):
-    clock = iter([0.0, 20.0, 40.0])
-    monkeypatch.setattr(time, "time", lambda: next(clock))
-    progress = Progress("encoding", 100e6)
-    progress.update(25e6)  # 20 s in: 25 MB at 1.25 MB/s, 75 MB to go
-    progress.close(50e6)
-    assert capsys.readouterr().err.splitlines() == ["encoding:  25% (25.0/100.0 MB, 1.2 MB/s, eta 1m00s)",
-                                                    "encoding:  50% (50.0/100.0 MB, 1.2 MB/s, eta 0m40s)"]
-    assert duration(75) == "1m15s" and duration(4000) == "1h06m"

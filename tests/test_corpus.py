@@ -17,7 +17,8 @@ import corpus
 import data
 import prepare
 from cli import UserError
-from tokenizer import BPETokenizer, Tokenizer, load_tokenizer
+from data import load_tokenizer
+from tokenizer import BPETokenizer, Tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
 WORDS = "the river valley was named after a café owner in 1887 ; it grew to 4 000 people and its church 中文".split()
@@ -59,16 +60,16 @@ def prepare_into(out_dir, **settings):
 
 def test_held_out_documents_are_spread_evenly_and_whole():
     config = prepare.PrepareConfig(val_fraction=0.1, test_fraction=0.05)
-    splits = [prepare.split_of(i, config) for i in range(1000)]
+    splits = [corpus.split_of(i, config) for i in range(1000)]
     assert splits.count("val") == 100 and splits.count("test") == 50
     assert [(i, s) for i, s in enumerate(splits[:45]) if s != "train"] == [
         (3, "val"), (9, "test"), (16, "val"), (23, "val"), (29, "test"), (36, "val"), (43, "val")]
     gaps = np.diff([i for i, s in enumerate(splits) if s != "train"])
     assert set(gaps) <= {6, 7}  # every 6.67th document
-    config = prepare.PrepareConfig(val_fraction=0.1)
-    assert [i for i in range(40) if prepare.split_of(i, config) == "val"] == [4, 14, 24, 34]
+    config = prepare.PrepareConfig(val_fraction=0.1, test_fraction=0)
+    assert [i for i in range(40) if corpus.split_of(i, config) == "val"] == [4, 14, 24, 34]
     config = prepare.PrepareConfig(val_documents=3, test_documents=2)
-    assert [prepare.split_of(i, config) for i in range(7)] == ["val"] * 3 + ["test"] * 2 + ["train"] * 2
+    assert [corpus.split_of(i, config) for i in range(7)] == ["val"] * 3 + ["test"] * 2 + ["train"] * 2
 
 
 def test_a_folder_of_text_jsonl_parquet_and_gzip(tmp_path):
@@ -85,7 +86,7 @@ def test_a_folder_of_text_jsonl_parquet_and_gzip(tmp_path):
     meta = prepare_into(tmp_path / "out", input=str(folder), val_fraction=0.1, test_fraction=0.1)
 
     config = prepare.PrepareConfig(val_fraction=0.1, test_fraction=0.1)
-    expected = {split: [d for i, d in enumerate(docs) if prepare.split_of(i, config) == split] for split in data.SPLITS}
+    expected = {split: [d for i, d in enumerate(docs) if corpus.split_of(i, config) == split] for split in data.SPLITS}
     for split in data.SPLITS:
         assert documents_of(tmp_path / "out", split) == expected[split]
         assert meta["splits"][split]["documents"] == len(expected[split])
@@ -148,7 +149,7 @@ def test_tokenizer_learns_from_the_first_tokenizer_chars(tmp_path):
     write_jsonl(tmp_path / "c.jsonl", docs)
     prepare_into(tmp_path / "out", input=str(tmp_path / "c.jsonl"), tokenizer_chars=2000)
     config = prepare.PrepareConfig(val_fraction=0.1)
-    train = [d for i, d in enumerate(docs) if prepare.split_of(i, config) == "train"]
+    train = [d for i, d in enumerate(docs) if corpus.split_of(i, config) == "train"]
     seen, sample = 0, []
     for doc in train:
         sample.append(doc[:2000 - seen])
@@ -170,7 +171,8 @@ def test_vocabularies_beyond_65536_ids_take_uint32(tmp_path, run_train):
     big_tokenizer().save(tmp_path / "tok")
     docs = make_documents(30)
     write_jsonl(tmp_path / "c.jsonl", docs)
-    meta = prepare_into(tmp_path / "data", input=str(tmp_path / "c.jsonl"), tokenizer=str(tmp_path / "tok"))
+    meta = prepare_into(tmp_path / "data", input=str(tmp_path / "c.jsonl"), tokenizer=str(tmp_path / "tok"),
+                        test_fraction=0)
     assert meta["dtype"] == "uint32" and meta["vocab_size"] == 65_793 and meta["tokenizer"]["kind"] == "folder"
     ids = data.load_split(tmp_path / "data", "train")
     assert ids.dtype == np.uint32 and ids.max() > 65_535
@@ -222,7 +224,7 @@ def slow_corpus(tmp_path, mb=12):
                 written += f.write(json.dumps({"text": doc * 20}) + "\n")
     BPETokenizer.train(docs, vocab_size=300).save(tmp_path / "tok")
     return [sys.executable, str(ROOT / "prepare.py"), f"--input={tmp_path / 'big.jsonl'}",
-            f"--out_dir={tmp_path / 'out'}", f"--tokenizer={tmp_path / 'tok'}", "--workers=2"]
+            f"--out_dir={tmp_path / 'out'}", f"--tokenizer={tmp_path / 'tok'}", "--workers=2", "--test_fraction=0"]
 
 
 def start_and_wait_for_ids(args, tmp_path):
@@ -243,7 +245,8 @@ def test_kill_9_leaves_no_half_file_and_the_same_command_starts_over(tmp_path):
     os.killpg(proc.pid, signal.SIGKILL)  # the whole group: prepare.py and its workers
     proc.wait()
     out = tmp_path / "out"
-    assert not [p.name for p in out.iterdir() if p.name != ".partial"]  # nothing under a final name
+    # nothing under a final name (the work files, and the lock file that a kill leaves: no one holds it)
+    assert not [p.name for p in out.iterdir() if p.name not in (".partial", ".lock")]
     r = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=240)
     assert r.returncode == 0, r.stderr
     assert "holds a run that did not finish: starting over, with the tokenizer it trained" in r.stderr

@@ -1,12 +1,14 @@
-"""cli.py's atomic writes and UTF-8 reading; download.py against a local HTTP server: checksums, resumed transfers,
-mirrors, and errors that leave nothing behind."""
+"""files.py's atomic writes, UTF-8 reading and progress lines; download.py against a local HTTP
+server: checksums, resumed transfers, mirrors, and errors that leave nothing behind."""
 
 import hashlib
+import time
 
 import pytest
 
-from cli import UserError, atomic_write, read_utf8, write_json
+from cli import UserError
 from download import download
+from files import Progress, atomic_write, duration, read_utf8, write_json
 
 # ----------------------------------------------------------------------------- files
 
@@ -33,6 +35,17 @@ def test_read_utf8_says_what_is_wrong(tmp_path):
         read_utf8(tmp_path / "latin1.txt", "the prompt file")
     with pytest.raises(UserError, match="cannot read file .*missing.txt: No such file"):
         read_utf8(tmp_path / "missing.txt")
+
+def test_progress_lines_give_the_rate_and_an_eta(capsys, monkeypatch):
+    clock = iter([0.0, 20.0, 40.0])
+    monkeypatch.setattr(time, "time", lambda: next(clock))
+    progress = Progress("encoding", 100e6)
+    progress.update(25e6)  # 20 s in: 25 MB at 1.25 MB/s, 75 MB to go
+    progress.close(50e6)
+    assert capsys.readouterr().err.splitlines() == ["encoding:  25% (25.0/100.0 MB, 1.2 MB/s, eta 1m00s)",
+                                                    "encoding:  50% (50.0/100.0 MB, 1.2 MB/s, eta 0m40s)"]
+    assert duration(75) == "1m15s" and duration(4000) == "1h06m"
+
 
 # ----------------------------------------------------------------------------- downloads
 

@@ -1,5 +1,6 @@
 """engine.py: continuous batching. Sequences decoded together give the tokens each gives alone (and model.generate
-gives), past block_size too; seeds fix samples whatever the batch; rows are freed by finishing or leaving."""
+gives), past block_size too; seeds fix samples whatever the batch; rows are freed by finishing or leaving. Each test
+runs in float32 and in bfloat16 (emulated where the CPU lacks it)."""
 
 import threading
 
@@ -9,9 +10,13 @@ import torch
 from engine import BatchEngine
 
 
-@pytest.fixture
-def model(random_model):
-    return random_model(dtype=torch.float32)
+# a dtype the engine decodes in, and how close a row's logits are to those of its sequence alone
+DTYPES = {torch.float32: 1e-5, torch.bfloat16: 1e-2}
+
+
+@pytest.fixture(params=list(DTYPES), ids=str)
+def model(request, random_model):
+    return random_model(dtype=request.param)
 
 
 def prompts(n=8):
@@ -34,11 +39,12 @@ def together(engine, prompts, **kw):
     return results
 
 
+@pytest.mark.parametrize("dtype", list(DTYPES), ids=str)
 @pytest.mark.parametrize("position", ["learned", "rope"])
-def test_a_position_per_row_gives_each_sequence_its_own_logits(position, random_model):
+def test_a_position_per_row_gives_each_sequence_its_own_logits(position, dtype, random_model):
     """Sequences of different lengths in one decode step: each row's logits are those of its sequence alone, with
     learned and with rotary positions (config/wikitext_tiny.py trains rotary ones)."""
-    model = random_model(dtype=torch.float32, position=position)
+    model = random_model(dtype=dtype, position=position)
     seqs = [torch.randint(97, (n,)) for n in (4, 9, 1)]
     with torch.no_grad():
         model.setup_kv_cache(3)
@@ -53,7 +59,7 @@ def test_a_position_per_row_gives_each_sequence_its_own_logits(position, random_
         logits = model.decode_one_token(torch.stack([s[-1:] for s in seqs]),
                                         torch.tensor([[len(s) - 1] for s in seqs]))
         alone = [model(s[None])[0][0, -1] for s in seqs]
-    assert torch.allclose(logits, torch.stack(alone), atol=1e-5)
+    assert torch.allclose(logits, torch.stack(alone), atol=DTYPES[dtype])
 
 
 @pytest.mark.parametrize("max_batch_size", [1, 3, 8])
@@ -102,6 +108,21 @@ def test_a_sequence_that_leaves_frees_its_row(model):
     endless.close()  # a client gone
     assert len(list(waiting)) == 4
     engine.close()
+
+
+def test_a_request_s_later_choices_wait_behind_another_s_first(model, monkeypatch):
+    engine, real, admitted = BatchEngine(model, 1), model.prefill, []  # one row: one sequence at a time
+    busy = engine.submit(prompts()[0], 10**9, temperature=0)
+    next(iter(busy))  # the row is taken: what follows waits
+    monkeypatch.setattr(model, "prefill", lambda idx, **kw: admitted.append(idx[0].tolist()) or real(idx, **kw)
+                        if "every_position" in kw else real(idx, **kw))  # a prompt let in, not a row rebuilt
+    many = [engine.submit(prompts()[1], 2, temperature=0, rank=i) for i in range(3)]  # one request's 3 choices
+    single = engine.submit(prompts()[2], 2, temperature=0)  # then another's only one
+    busy.close()
+    for sequence in [*many, single]:
+        assert len(list(sequence)) == 2
+    engine.close()
+    assert admitted == [prompts()[1], prompts()[2], prompts()[1], prompts()[1]]
 
 
 def test_an_error_reaches_the_client_and_the_engine_goes_on(model, monkeypatch):

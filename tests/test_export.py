@@ -1,16 +1,20 @@
 """export.py and tokenizer.json: a trained model exported as a Hugging Face GPT-2 folder loads in `transformers`
-(same logits) and `AutoTokenizer` (same ids), offline; HF `tokenizers` reads the tokenizer.json prepare.py writes."""
+(same logits) and `AutoTokenizer` (same ids), offline; HF `tokenizers` reads the tokenizer.json prepare.py writes;
+the folder's model card parses with huggingface_hub and says what was measured on these weights, and what not."""
 
 import json
+import math
+import shutil
+from pathlib import Path
 
 import pytest
 import torch
 
 import export
 from checkpoint import load_model, save_checkpoint
+from data import load_tokenizer
 from gpt2 import load_gpt2
 from model import GPT, GPTConfig
-from tokenizer import load_tokenizer
 
 # ASCII, accents, CJK, emoji, whitespace, the special token, nothing
 TEXTS = ["The river valley was named after a café owner in 1887 .", "naïve crème brûlée , 日本 の 東京 🙂 🇫🇷",
@@ -160,3 +164,115 @@ def test_gguf_holds_the_weights_and_the_tokenizer(recipe, gguf_type, tiny_ckpt, 
         data = gguf.quants.dequantize(t.data, t.tensor_type).reshape(state[ours_name].shape)
         tolerance = {"f32": 0, "f16": 1e-3, "q8_0": 2e-2}[gguf_type] if data.ndim == 2 else 0
         assert abs(data - state[ours_name].numpy()).max() <= tolerance, (theirs, gguf_type)
+
+
+# ----------------------------------------------------------------------------- the model card
+
+CROWS_CSV = """"",sent_more,sent_less,stereo_antistereo,bias_type
+0,The old man walked to the river.,The young man walked to the river.,stereo,age
+1,"She sold the farm, they said.","He sold the farm, they said.",stereo,gender
+2,The café owner was rich.,The café owner was poor.,antistereo,socioeconomic
+"""
+
+
+def model_card(folder):
+    huggingface_hub = pytest.importorskip("huggingface_hub")
+    return huggingface_hub.ModelCard.load(folder / "README.md")
+
+
+@pytest.fixture
+def model_copy(tiny_ckpt, tmp_path):
+    return Path(shutil.copytree(tiny_ckpt, tmp_path / "model"))
+
+
+def test_the_model_card_says_what_was_measured_and_what_was_not(model_copy, tmp_path,
+                                                                 run_in_process):
+    status, out, err = run_in_process(export, f"--model={model_copy}", f"--to={tmp_path / 'hf'}")
+    assert status == 0 and "README.md" in out, err
+    card = model_card(tmp_path / "hf")
+    step = torch.load(model_copy / "ckpt.pt", weights_only=True)["iter_num"]
+    log = [json.loads(line) for line in (model_copy / "log.jsonl").read_text().splitlines()]
+    val_loss = next(row["val_loss"] for row in log if row["iter"] == step and "val_loss" in row)
+    # the perplexity that training measured on the val split, for these weights
+    [result] = card.data.eval_results
+    assert result.metric_type == "perplexity" and result.dataset_split == "validation"
+    assert result.metric_value == pytest.approx(math.exp(val_loss), abs=1e-3)
+    assert card.data.license is None and card.data.library_name == "transformers"
+    text = card.text
+    for heading in ("Model details", "Training data", "Evaluation", "Bias", "Risks and limitations",
+                    "Intended use"):
+        assert f"\n## {heading}\n" in text
+    assert text.count("Not measured: run `python audit.py") == 2  # bias and memorisation
+    assert "Test perplexity, bits per byte and word perplexity: not measured" in text
+    model, _, _ = load_model(model_copy)
+    assert f"Parameters: {model.num_params(non_embedding=False):,}" in text
+    for split, s in json.loads((model_copy / "meta.json").read_text())["splits"].items():
+        assert f"| {split} | {s['documents']:,} | {s['tokens']:,} | {s['bytes']:,} |" in text
+    assert "Personal data and secrets: not scrubbed" in text and "Duplicates: not removed" in text
+
+
+def test_the_model_card_carries_the_audit_of_these_weights_only(model_copy, tmp_path,
+                                                                run_in_process):
+    import audit
+    (tmp_path / "pairs.csv").write_text(CROWS_CSV, encoding="utf-8")
+    status, out, err = run_in_process(audit, f"--model={model_copy}", "--task=crows_pairs",
+                                      f"--source={tmp_path / 'pairs.csv'}", "--check_sha256=False",
+                                      "--device=cpu", "--json")
+    assert status == 0, err
+    crows = json.loads(out)
+    status, out, err = run_in_process(audit, f"--model={model_copy}", "--samples=20",
+                                      "--prefix_tokens=8", "--suffix_tokens=8", "--device=cpu",
+                                      "--json")
+    assert status == 0, err
+    train, val = json.loads(out)["splits"].values()
+    hf = tmp_path / "hf"
+    status, _, err = run_in_process(export, f"--model={model_copy}", f"--to={hf}",
+                                    "--license=apache-2.0", "--language=en,fr",
+                                    "--datasets=someone/corpus")
+    assert status == 0, err
+    card = model_card(hf)
+    assert card.data.license == "apache-2.0" and card.data.language == ["en", "fr"]
+    assert card.data.datasets == ["someone/corpus"]
+    bias = next(r for r in card.data.eval_results if r.metric_type == "pct_stereotype")
+    assert bias.metric_value == pytest.approx(crows["pct_stereotype"], abs=1e-4)
+    assert bias.dataset_type == "nyu-mll/crows_pairs"
+    text = card.text
+    assert "Not measured" not in text
+    for name, row in crows["by_bias_type"].items():
+        assert f"| {name} | {row['pairs']} | {100 * row['pct_stereotype']:.1f}% |" in text
+    assert (f"for {100 * train['extractable']:.2f}% of {train['windows']} training windows, and "
+            f"for {100 * val['extractable']:.2f}% of {val['windows']} validation") in text
+
+    # new weights in the folder: what was measured on the old ones is left out, and says so
+    saved = torch.load(model_copy / "ckpt.pt", weights_only=True)
+    saved["model"]["ln_f.weight"] += 1
+    torch.save(saved, model_copy / "ckpt.pt")
+    status, _, err = run_in_process(export, f"--model={model_copy}", f"--to={hf}",
+                                    "--overwrite=True")
+    assert status == 0, err
+    text = model_card(hf).text
+    assert "measured on other weights than these" in text and text.count("Not measured: run") == 2
+
+
+@pytest.mark.parametrize("arg", ["--license=Apache 2.0", "--language=English", "--datasets=a b"])
+def test_card_settings_the_hub_would_not_read_are_one_line(arg, tiny_ckpt, tmp_path,
+                                                          run_in_process):
+    status, _, err = run_in_process(export, f"--model={tiny_ckpt}", f"--to={tmp_path / 'hf'}", arg)
+    assert status == 2 and arg.split("=")[0] in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "hf").exists()
+
+
+def test_the_card_shows_what_prepare_did_to_the_text():
+    """Whatever meta.json records under a key that names scrubbing or deduplication is shown, in
+    words; without such keys the card says the text was neither scrubbed nor deduplicated."""
+    meta = {"dataset": "corpus", "vocab_size": 8192, "tokenizer": {"kind": "bpe"},
+            "splits": {"train": {"documents": 1001, "tokens": 20000, "bytes": 90000}},
+            "scrub_pii": {"EMAIL": 3, "PHONE": 1},
+            "dedup": {"mode": "exact", "documents": 1100, "kept": 1001, "removed_exact": 99}}
+    text = export.data_section(meta)
+    assert "- Personal data and secrets: scrub_pii: EMAIL 3, PHONE 1." in text
+    assert "- Duplicates: dedup: mode exact, documents 1,100, kept 1,001, removed_exact 99." in text
+    assert "| train | 1,001 | 20,000 | 90,000 |" in text and "8,192 ids (bpe)" in text
+    plain = export.data_section({key: meta[key] for key in ("dataset", "vocab_size", "splits")})
+    assert "not scrubbed" in plain and "not removed" in plain
+    assert "Not recorded" in export.data_section(None)

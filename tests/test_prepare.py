@@ -1,7 +1,9 @@
 """Tests for prepare.py: splitting, encoding round trips, meta.json, downloads (against a local HTTP server), errors."""
 
 import hashlib
+import json
 import socket
+from collections import Counter
 from dataclasses import replace
 from pathlib import Path
 
@@ -11,8 +13,10 @@ import pytest
 import corpus
 import data
 import prepare
+import scrub
 from cli import UserError
-from tokenizer import BPETokenizer, load_tokenizer
+from data import load_tokenizer
+from tokenizer import BPETokenizer
 
 WORDS = ("the river valley was named after a café owner in 1887 ; it grew to 4 @,@ 000 people , "
          "and its <unk> church ( built of stone ) still stands near the old bridge").split()
@@ -49,11 +53,11 @@ def small_config(tmp_path, **kw):
 
 def test_wikitext_articles_split_at_titles_and_keep_every_byte():
     text = article("One", 4, 1) + article("Two", 4, 2) + article("Three", 1, 3)
-    docs = prepare.wikitext_articles(text)
+    docs = corpus.wikitext_articles(text)
     assert "".join(docs) == text
     assert [d.split("\n")[1] for d in docs] == [" = One = ", " = Two = ", " = Three = "]
     assert all(d.startswith(" \n = ") for d in docs)
-    assert prepare.wikitext_articles("no heading here\n") == ["no heading here\n"]
+    assert corpus.wikitext_articles("no heading here\n") == ["no heading here\n"]
 
 
 def test_count_words_conventions():
@@ -90,7 +94,7 @@ def test_the_tail_of_text_files_is_cut_at_a_line_start(tmp_path, monkeypatch, ch
     b.write_text("cccc\ndddd\n")
 
     def documents(files, **kw):
-        stream = prepare.by_tail(corpus.Corpus(files), prepare.PrepareConfig(**kw))
+        stream = corpus.by_tail(corpus.Corpus(files), prepare.PrepareConfig(**{"test_fraction": 0} | kw))
         docs = []
         for split, starts, text in stream:
             docs += [[split, ""]] if starts else []
@@ -117,7 +121,7 @@ def test_memmaps_decode_back_to_each_split(tmp_path):
         assert isinstance(ids, np.memmap) and ids.dtype == np.uint16 and not ids.flags.writeable
         assert len(ids) == meta["splits"][split]["tokens"] == (Path(config.out_dir) / f"{split}.bin").stat().st_size // 2
         eot = ids == meta["eot_id"]
-        assert eot[0] and eot.sum() == meta["splits"][split]["documents"] == len(prepare.wikitext_articles(text))
+        assert eot[0] and eot.sum() == meta["splits"][split]["documents"] == len(corpus.wikitext_articles(text))
         assert tok.decode(ids[~eot].tolist()) == text
     assert not list(Path(config.out_dir).glob("*.tmp"))
 
@@ -145,7 +149,9 @@ def test_input_files_hold_out_the_tail_for_val(tmp_path, capsys):
     out = tmp_path / "out"
     (out).mkdir()
     (out / "test.bin").write_bytes(b"stale")
-    meta = prepare.prepare_data(prepare.PrepareConfig(input=f"{a},{b}", out_dir=str(out), vocab_size=300, val_fraction=0.2))
+    config = prepare.PrepareConfig(input=f"{a},{b}", out_dir=str(out), vocab_size=300, val_fraction=0.2,
+                                   test_fraction=0)
+    meta = prepare.prepare_data(config)
     assert set(meta["splits"]) == {"train", "val"} and not (out / "test.bin").exists()
     assert meta["dataset"] == "a+b" and meta["word_convention"] == "whitespace"
     tok = load_tokenizer(out)
@@ -165,7 +171,7 @@ def test_long_documents_encode_in_chunks_like_whole(tmp_path):
     doc = "First line.\nSecond line\n" + texts["val"] + "A\nB\nC\n" * 50 + "中文\n字 " * 40
     chunks = [doc[i:i + 37] for i in range(0, len(doc), 37)]  # cut anywhere, as a file is read
     stream = [("test", n == 0, chunk) for n, chunk in enumerate(chunks)] + [("test", True, "x")]
-    pieces = list(prepare.in_pieces(stream, size=64))
+    pieces = list(corpus.in_pieces(stream, size=64))
     assert len(pieces) > 10 and "".join(p for _, _, p in pieces) == doc + "x"
     assert [starts for _, starts, _ in pieces].count(True) == 2
     stats = prepare.encode_batch(str(tmp_path / "tok"), "uint16", pieces)
@@ -182,7 +188,7 @@ def test_gpt2_tokenizer_from_local_folder(tmp_path, shared_data):
     ref = BPETokenizer.load(shared_data / "gpt2" / "encoder.json", shared_data / "gpt2" / "vocab.bpe")
     ids = data.load_split(config.out_dir, "val")
     expected = []
-    for doc in prepare.wikitext_articles(texts["val"]):
+    for doc in corpus.wikitext_articles(texts["val"]):
         expected += [50256] + ref.encode(doc)
     assert ids.tolist() == expected
     assert load_tokenizer(config.out_dir).encode(texts["test"]) == ref.encode(texts["test"])
@@ -201,7 +207,8 @@ def test_oversized_vocab_refused_before_any_work(tmp_path, monkeypatch):
     def no_work(*a, **k):
         raise AssertionError("work started")
     monkeypatch.setattr(prepare, "download", no_work)
-    monkeypatch.setattr(prepare, "wikitext_splits", no_work)
+    monkeypatch.setattr(corpus, "download", no_work)
+    monkeypatch.setattr(corpus, "wikitext_splits", no_work)
     monkeypatch.setattr(BPETokenizer, "train", no_work)
     config = prepare.PrepareConfig(vocab_size=(1 << 20) + 1, out_dir=str(tmp_path / "out"),
                                    cache_dir=str(tmp_path / "cache"))
@@ -231,7 +238,7 @@ def test_source_zip_is_read_like_a_folder(tmp_path):
     with zipfile.ZipFile(zip_path, "w") as z:
         for f in Path(config.source).iterdir():
             z.write(f, f"wikitext-2-raw/{f.name}")
-    assert prepare.wikitext_splits(replace(config, source=str(zip_path))) == texts
+    assert corpus.wikitext_splits(replace(config, source=str(zip_path))) == texts
 
 
 def test_cli_source_missing_file_is_one_line(tmp_path, run_script):
@@ -260,10 +267,10 @@ def test_unreachable_server_says_use_source(tmp_path, monkeypatch):
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     monkeypatch.setenv("NO_PROXY", "127.0.0.1,localhost")
-    monkeypatch.setattr(prepare, "WIKITEXT_MIRRORS", (f"http://127.0.0.1:{port}/",))
+    monkeypatch.setattr(corpus, "WIKITEXT_MIRRORS", (f"http://127.0.0.1:{port}/",))
     config = prepare.PrepareConfig(cache_dir=str(tmp_path / "cache"))
     with pytest.raises(UserError, match="--source") as e:
-        prepare.wikitext_splits(config)
+        corpus.wikitext_splits(config)
     assert "\n" not in str(e.value)
     assert not list((tmp_path / "cache").glob("*.zip"))
 
@@ -277,11 +284,11 @@ def test_wikitext_download_end_to_end(http_server, tmp_path, monkeypatch):
         for f in tmp_path.glob("wiki.*"):
             z.write(f, f"wikitext-2-raw/{f.name}")
     http_server.files["/wikitext-2-raw-v1.zip"] = buf.getvalue()
-    monkeypatch.setattr(prepare, "WIKITEXT_MIRRORS", (http_server.url + "/",))
-    spec = prepare.WIKITEXT["wikitext-2-raw"] | {"sha256": hashlib.sha256(buf.getvalue()).hexdigest()}
-    monkeypatch.setitem(prepare.WIKITEXT, "wikitext-2-raw", spec)
+    monkeypatch.setattr(corpus, "WIKITEXT_MIRRORS", (http_server.url + "/",))
+    spec = corpus.WIKITEXT["wikitext-2-raw"] | {"sha256": hashlib.sha256(buf.getvalue()).hexdigest()}
+    monkeypatch.setitem(corpus.WIKITEXT, "wikitext-2-raw", spec)
     config = prepare.PrepareConfig(cache_dir=str(tmp_path / "cache"), check_sha256=False)
-    assert prepare.wikitext_splits(config) == texts
+    assert corpus.wikitext_splits(config) == texts
     assert (tmp_path / "cache" / "wikitext-2-raw-v1.zip").is_file()
 
 
@@ -310,3 +317,244 @@ def test_the_tokenized_release_names_its_unknown_word(tmp_path):
     config = small_config(tmp_path, dataset="wikitext-2")
     write_corpus(Path(config.source), ext="tokens")
     assert prepare.prepare_data(config)["unknown_word"] == "<unk>"
+
+
+# ----------------------------------------------------------------------------- personal data and duplicates
+
+PII = {"EMAIL": "qqzx.wkwk@example.com", "PHONE": "+44 20 7946 0958", "IP": "203.0.113.7",
+       "CARD": "4111 1111 1111 1111", "IBAN": "DE89 3704 0044 0532 0130 00", "SSN": "123-45-6789",
+       "SECRET": "AKIAIOSFODNN7EXAMPLE"}
+# (no numbers beside a planted one: "1887 4111 1111 1111 1111" is no card)
+PLAIN_WORDS = [word for word in WORDS if not any(c.isdigit() for c in word)]
+KEY_BLOCK = ("-----BEGIN RSA PRIVATE KEY-----\n"
+             + "\n".join(["MIIEvQIBADANBgkqhkiG9w0BAQEFAASCBKcwggSjAgEAAoIBAQC7"] * 4)
+             + "\n-----END RSA PRIVATE KEY-----")
+
+
+def write_jsonl(path, documents):
+    path.write_text("".join(json.dumps({"text": d}) + "\n" for d in documents), encoding="utf-8")
+
+
+def split_documents(out_dir):
+    """{split: [its documents' texts]}, read back from the .bin files."""
+    meta, tok = data.load_meta(out_dir), load_tokenizer(out_dir)
+    documents = {}
+    for split in meta["splits"]:
+        ids = data.load_split(out_dir, split).tolist()
+        starts = [i for i, t in enumerate(ids) if t == meta["eot_id"]] + [len(ids)]
+        documents[split] = [tok.decode(ids[a + 1:b]) for a, b in zip(starts, starts[1:])]
+    return documents
+
+
+def pii_corpus(n=200, seed=0):
+    """n documents of random words, every fifth with a piece of personal data of each kind in turn;
+    and the kinds planted."""
+    rng = np.random.default_rng(seed)
+    documents, planted = [], Counter()
+    for i in range(n):
+        words = list(rng.choice(PLAIN_WORDS, size=int(rng.integers(8, 30))))
+        if i % 5 == 0:
+            kind = list(PII)[i // 5 % len(PII)]
+            words.insert(int(rng.integers(len(words))), PII[kind])
+            planted[kind] += 1
+        documents.append(" ".join(words) + "\n")
+    return documents, planted
+
+
+def test_personal_data_is_replaced_before_the_tokenizer_learns_and_counted(tmp_path, monkeypatch,
+                                                                            capsys):
+    documents, planted = pii_corpus()
+    write_jsonl(tmp_path / "c.jsonl", documents)
+    learned_from = []
+    train = BPETokenizer.train.__func__
+
+    def spy(cls, texts, **kw):
+        learned_from.extend(texts)
+        return train(cls, learned_from, **kw)
+    monkeypatch.setattr(BPETokenizer, "train", classmethod(spy))
+    config = prepare.PrepareConfig(input=str(tmp_path / "c.jsonl"), out_dir=str(tmp_path / "out"),
+                                   vocab_size=300, workers=2, scrub_pii=True)
+    meta = prepare.prepare_data(config)
+    assert meta["scrub_pii"] == {kind: planted[kind] for kind in scrub.KINDS}
+    assert sum(planted.values()) == 40 and min(planted.values()) >= 5
+    assert meta["scrub_pii_backends"] == scrub.backends() and meta == data.load_meta(config.out_dir)
+    learned = "".join(learned_from)
+    texts = {split: "".join(docs) for split, docs in split_documents(config.out_dir).items()}
+    for text in [learned, *texts.values()]:
+        assert not any(value in text for value in PII.values())
+    # every find, in whichever split, is its placeholder now; the rest of the text is as it was
+    assert {kind: sum(t.count(scrub.PLACEHOLDER[kind]) for t in texts.values()) for kind in PII} \
+        == planted
+    assert "<EMAIL>" in learned and sorted(sum(split_documents(config.out_dir).values(), [])) == \
+        sorted(scrub.scrub(d)[0] for d in documents)
+    summary = capsys.readouterr().out
+    assert f"personal data replaced: {planted['SECRET']:,} SECRET, {planted['EMAIL']} EMAIL" in summary
+
+
+def test_a_long_document_is_scrubbed_in_pieces_as_it_is_whole():
+    """Pieces cut at spaces split spaced numbers and key blocks; scrub_pieces cuts them again where
+    no find can run across, and where encoding is unaffected."""
+    rng = np.random.default_rng(1)
+    values = [*PII.values(), KEY_BLOCK]
+    lines = []
+    for i in range(300):
+        words = list(rng.choice(PLAIN_WORDS, size=int(rng.integers(3, 12))))
+        if i % 3 == 0:
+            words.insert(int(rng.integers(len(words))), values[i // 3 % len(values)])
+        lines.append(" ".join(words) + rng.choice([" ", "\n", " \n", ". ", "\nthe "]))
+    document = "".join(lines)
+    chunks = [document[i:i + 37] for i in range(0, len(document), 37)]
+    pieces = list(corpus.in_pieces([("train", n == 0, c) for n, c in enumerate(chunks)], size=80))
+    # scrubbed one by one, the pieces would leave personal data behind
+    assert "".join(scrub.scrub(p)[0] for _, _, p in pieces) != scrub.scrub(document)[0]
+    found = {}
+    out = list(corpus.scrubbed(iter(pieces), scrub.scrub, None, 1, found))
+    whole, counts = scrub.scrub(document)
+    assert "".join(text for _, _, text in out) == whole and found == {"train": counts}
+    assert counts["SECRET"] >= 10 and len(out) > 20
+    assert [starts for _, starts, _ in out] == [True] + [False] * (len(out) - 1)
+    tok = BPETokenizer.train(whole, vocab_size=400)
+    assert sum((tok.encode(text) for _, _, text in out), []) == tok.encode(whole)
+
+
+def test_scrub_pieces_stay_bounded_where_there_is_nowhere_to_cut():
+    stream = [("val", n == 0, "12 34 56 78 90 " * 10) for n in range(40)]
+    out = list(corpus.scrub_pieces(iter(stream), most=1000))
+    assert "".join(t for _, _, t in out) == "12 34 56 78 90 " * 400
+    assert max(len(t) for _, _, t in out) <= 1000 + 150 and len(out) >= 5
+    assert corpus.scrub_cut("call 020\n7946 0958 now") == 9 and corpus.scrub_cut("a 1 b") == 0
+
+
+def planted_documents(distinct=300, exact=30, near=30, seed=0):
+    """[(document, 'distinct' | 'exact' | 'near')]: distinct documents of 100 to 300 words, then
+    copies of some (exact: other whitespace; near: 1% of the words changed) each after its
+    original."""
+    rng = np.random.default_rng(seed)
+    vocabulary = [f"{a}{b}" for a in ("ka", "lo", "mi", "nu", "pe", "ra", "si", "to")
+                  for b in ("de", "fo", "gu", "ha", "ji", "ko", "lu", "ma")]
+    documents = [(" ".join(rng.choice(vocabulary, int(rng.integers(100, 300)))), "distinct")
+                 for _ in range(distinct)]
+    copies = []
+    for i in rng.choice(distinct, exact + near, replace=False):
+        words = documents[i][0].split()
+        if len(copies) < exact:
+            copies.append(("\n".join(" ".join(words[j:j + 7]) for j in range(0, len(words), 7)),
+                           "exact"))
+            continue
+        for j in rng.choice(len(words), max(1, round(0.01 * len(words))), replace=False):
+            words[j] = f"changed{j}"
+        copies.append((" ".join(words), "near"))
+    for copy in copies:
+        documents.insert(int(rng.integers(distinct, len(documents) + 1)), copy)
+    return documents
+
+
+def normalised(text):
+    return " ".join(text.split())
+
+
+def test_planted_copies_are_removed_and_every_pass_keeps_the_same_documents(tmp_path, capsys):
+    planted = planted_documents()
+    write_jsonl(tmp_path / "c.jsonl", [document for document, _ in planted])
+    out = {}
+    for mode in ("exact", "near"):
+        out[mode] = tmp_path / mode
+        meta = prepare.prepare_data(prepare.PrepareConfig(
+            input=str(tmp_path / "c.jsonl"), out_dir=str(out[mode]), vocab_size=300, workers=2,
+            dedup=mode))
+        kept = Counter(normalised(d) for docs in split_documents(out[mode]).values() for d in docs)
+        lost = sum(normalised(doc) not in kept for doc, what in planted if what == "distinct")
+        near_left = sum(normalised(doc) in kept for doc, what in planted if what == "near")
+        # no text twice, and no exact copy among the documents kept: all of them removed; >= 90% of
+        # the near copies (near); <= 1% of the distinct documents lost
+        assert max(kept.values()) == 1 and sum(kept.values()) == 300 - lost + near_left
+        assert lost <= 3 and near_left == 30 if mode == "exact" else near_left <= 3, (lost, near_left)
+        d = meta["dedup"]
+        assert (d["mode"], d["documents"], d["removed_exact"]) == (mode, 360, 30)
+        assert d["kept"] == sum(kept.values()) == sum(s["documents"] for s in meta["splits"].values())
+        assert sum(d["removed_by_split"].values()) == 360 - d["kept"]
+        assert d["false_positive_rate"] < 1e-6 and meta == data.load_meta(out[mode])
+        # the tokenizer learned from the documents that were encoded: the same ones kept
+        train = split_documents(out[mode])["train"]
+        assert load_tokenizer(out[mode]).fingerprint() == BPETokenizer.train(
+            train, vocab_size=300).fingerprint()
+        assert f"duplicates ({mode}, found in " in capsys.readouterr().out
+    assert d["removed_near"] >= 27 and "threshold" in d
+
+
+def test_a_held_out_document_that_repeats_a_train_one_is_removed_from_its_split(tmp_path):
+    """The first of a document is kept in whatever split it is, its later copies removed from every
+    split: no text in two splits, and each kept document in the split it has without --dedup."""
+    config = prepare.PrepareConfig(out_dir=str(tmp_path / "off"), vocab_size=300, workers=1)
+    rng = np.random.default_rng(2)
+    documents = [" ".join(rng.choice(WORDS, 12)) + "\n" for _ in range(60)]
+    split = [corpus.split_of(i, config) for i in range(60)]
+    train, (first_val, later_val) = 0, [i for i in range(60) if split[i] == "val"][:2]
+    later_train = next(i for i in range(60) if split[i] == "train" and i > first_val)
+    assert split[train] == "train" and train < later_val
+    documents[later_val] = documents[train].replace(" ", "  ")      # a train document in val
+    documents[later_train] = documents[first_val]                    # a val document in train
+    write_jsonl(tmp_path / "c.jsonl", documents)
+    prepare.prepare_data(replace(config, input=str(tmp_path / "c.jsonl")))
+    meta = prepare.prepare_data(replace(config, input=str(tmp_path / "c.jsonl"),
+                                        out_dir=str(tmp_path / "exact"), dedup="exact"))
+    assert meta["dedup"]["removed_by_split"] == {"train": 1, "val": 1, "test": 0}
+    without, deduplicated = split_documents(tmp_path / "off"), split_documents(tmp_path / "exact")
+    for name, docs in without.items():
+        removed = {later_val} if name == "val" else {later_train} if name == "train" else set()
+        assert deduplicated[name] == [documents[i] for i in range(60)
+                                      if split[i] == name and i not in removed]
+        assert len(docs) == len(deduplicated[name]) + len(removed)
+    assert documents[train] in deduplicated["train"] and documents[first_val] in deduplicated["val"]
+
+
+def test_find_duplicates_takes_a_document_in_pieces_and_short_ones_in_batches():
+    stream = [("train", True, "a b "), ("train", False, "c d"), ("val", True, "x y"),
+              ("train", True, "a  b c\nd"), ("test", True, "x  y"), ("train", True, "z")]
+    removed = Counter()
+    from dedup import Deduplicator
+    keep = corpus.find_duplicates(iter(stream), Deduplicator("exact"), removed)
+    assert keep == bytearray([0b10011])
+    assert list(corpus.kept_only(iter(stream), keep)) == [stream[i] for i in (0, 1, 2, 5)]
+    assert removed == {"train": 1, "val": 0, "test": 1}
+
+
+def test_a_full_bloom_filter_is_warned_about(capsys):
+    from dedup import Deduplicator
+    stream = [("train", True, f"document {i} of a few words") for i in range(1500)]
+    clean = corpus.CleanStream(lambda: iter(stream), Deduplicator("near", memory_mb=0.01))
+    assert clean.dedup["false_positive_rate"] > 0.01
+    err = capsys.readouterr().err
+    assert err.startswith("warning: the duplicates' Bloom filter is") and "--dedup_memory_mb" in err
+
+
+def test_a_stopped_run_with_these_flags_starts_over_the_same_and_a_changed_flag_anew(
+        tmp_path, monkeypatch, capsys):
+    planted = planted_documents(distinct=60, exact=6, near=6)
+    documents = [f"{d} mail {PII['EMAIL']}" if i % 4 == 0 else d for i, (d, _) in enumerate(planted)]
+    write_jsonl(tmp_path / "c.jsonl", documents)
+    config = prepare.PrepareConfig(input=str(tmp_path / "c.jsonl"), vocab_size=300, workers=1,
+                                   out_dir=str(tmp_path / "whole"), scrub_pii=True, dedup="near")
+    prepare.prepare_data(config)
+    encode_stream = prepare.encode_stream
+
+    def stopped(*args):
+        raise KeyboardInterrupt
+
+    def stop_then_run(first, then):
+        monkeypatch.setattr(prepare, "encode_stream", stopped)
+        with pytest.raises(KeyboardInterrupt):
+            prepare.prepare_data(first)
+        monkeypatch.setattr(prepare, "encode_stream", encode_stream)
+        capsys.readouterr()
+        meta = prepare.prepare_data(then)
+        return meta, capsys.readouterr().err
+    stopping = replace(config, out_dir=str(tmp_path / "stopped"))
+    _, err = stop_then_run(stopping, stopping)
+    assert "holds a run that did not finish: starting over, with the tokenizer it trained" in err
+    files = lambda folder: {p.name: p.read_bytes() for p in Path(folder).iterdir()}  # noqa: E731
+    assert files(tmp_path / "stopped") == files(tmp_path / "whole")
+    # another --dedup: another tokenizer, trained anew
+    meta, err = stop_then_run(stopping, replace(stopping, dedup="exact", overwrite=True))
+    assert "holds a run that did not finish: starting over\n" in err
+    assert meta["dedup"]["mode"] == "exact" and meta["scrub_pii"]["EMAIL"] > 0

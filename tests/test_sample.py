@@ -15,8 +15,19 @@ from runtime import load_for_inference
 
 @pytest.fixture(scope="module")
 def loaded(tiny_ckpt):
-    model, tokenizer, _ = load_for_inference(str(tiny_ckpt), device="cpu")
+    model, tokenizer, _ = load_for_inference(str(tiny_ckpt), device="cpu", dtype="float32")
     return model, tokenizer
+
+
+# the tests that compare two ways of generating run in both dtypes (bfloat16 emulated where the CPU lacks it)
+DTYPES = ["float32", "bfloat16"]
+
+
+@pytest.fixture(scope="module", params=DTYPES)
+def loaded_in(request, tiny_ckpt):
+    """(model, tokenizer, dtype) in each of DTYPES."""
+    model, tokenizer, _ = load_for_inference(str(tiny_ckpt), device="cpu", dtype=request.param)
+    return model, tokenizer, request.param
 
 
 # ----------------------------------------------------------------------------- generation and the KV cache
@@ -127,8 +138,8 @@ def test_top_k_and_top_p_never_pick_outside_the_allowed_set():
     assert picks == set(order[:2])
 
 
-def test_temperature_zero_is_greedy_whatever_the_seed(loaded):
-    model, tokenizer = loaded
+def test_temperature_zero_is_greedy_whatever_the_seed(loaded_in):
+    model, tokenizer, _ = loaded_in
     texts = {generate.generate_text(model, tokenizer, "the café", max_new_tokens=15, temperature=0, seed=s)
              for s in (1, 2, 3)}
     assert len(texts) == 1
@@ -173,7 +184,7 @@ def test_streamed_pieces_equal_the_final_text_with_multibyte_output(loaded):
 
 def test_int8_quantized_model_stays_close_to_float32(loaded, tiny_ckpt):
     model, tokenizer = loaded
-    q, _, _ = load_for_inference(str(tiny_ckpt), device="cpu", quantize="int8")
+    q, _, _ = load_for_inference(str(tiny_ckpt), device="cpu", dtype="float32", quantize="int8")
     assert not any(isinstance(m, torch.nn.Linear) for m in q.modules())
     ids = torch.tensor([tokenizer.encode_document("the river valley was named after a café")])
     with torch.no_grad():
@@ -184,11 +195,11 @@ def test_int8_quantized_model_stays_close_to_float32(loaded, tiny_ckpt):
 
 # ----------------------------------------------------------------------------- the command line
 
-def test_cli_stdout_holds_only_the_text(loaded, tiny_ckpt, run_script):
-    model, tokenizer = loaded
+def test_cli_stdout_holds_only_the_text(loaded_in, tiny_ckpt, run_script):
+    model, tokenizer, dtype = loaded_in
     prompt = "the café 日本"
     r = run_script("sample.py", f"--model={tiny_ckpt}", f"--start={prompt}", "--max_new_tokens=20",
-                   "--temperature=0.9", "--top_k=50", "--top_p=0.95", "--seed=3", "--device=cpu")
+                   "--temperature=0.9", "--top_k=50", "--top_p=0.95", "--seed=3", "--device=cpu", f"--dtype={dtype}")
     assert r.returncode == 0, r.stderr
     text = generate.generate_text(model, tokenizer, prompt, max_new_tokens=20, temperature=0.9, top_k=50, top_p=0.95,
                                   seed=3)

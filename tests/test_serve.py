@@ -1,6 +1,8 @@
 """serve.py: OpenAI's API through Flask's test client (completions, chat, models, streaming, every kind of bad input,
 the bearer token), then a real server on a free port driven by the official `openai` client, batched requests
-against single ones, a client that hangs up mid-stream, and a small load test."""
+against single ones, a client that hangs up mid-stream, and a small load test. The server runs in float32; the tests
+that compare its numbers with the model's run in bfloat16 too (emulated where the CPU lacks it), against the model in
+the same dtype."""
 import json
 import os
 import socket
@@ -17,14 +19,17 @@ import requests
 import torch
 from werkzeug.serving import make_server
 
-from checkpoint import CHECKPOINT_NAME, load_model, save_checkpoint
+from checkpoint import CHECKPOINT_NAME, save_checkpoint
 from cli import UserError, run_main
-from generate import format_prompt
-from serve import TOKEN_ENV, chat_to_prompt, create_app, main, text_until_stop
-from tokenizer import load_tokenizer
+from data import load_tokenizer
+from generate import StopStrings, chat_to_prompt, format_prompt
+from runtime import load_for_inference
+from serve import TOKEN_ENV, create_app, main
 
 ROOT = Path(__file__).resolve().parents[1]
 LIMITS = {"max_tokens_limit": 64, "max_prompt_chars": 200, "max_body_bytes": 2000}
+# the dtypes the numbers are compared in, and how far (nats per token) the server's logprobs may be from the model's
+DTYPES = {"float32": 1e-3, "bfloat16": 2e-2}
 
 
 @pytest.fixture(scope="module")
@@ -43,10 +48,10 @@ def instruct_dir(tiny_ckpt, tmp_path_factory):
     return folder
 
 
-def make_app(checkpoint, token="", **settings):
+def make_app(checkpoint, token="", dtype="float32", **settings):
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv(TOKEN_ENV, token) if token else mp.delenv(TOKEN_ENV, raising=False)
-        return create_app(str(checkpoint), device="cpu", **settings)
+        return create_app(str(checkpoint), device="cpu", dtype=dtype, **settings)
 
 
 @pytest.fixture(scope="module")
@@ -142,10 +147,12 @@ def test_stop_strings_cut_the_text(client):
         assert (cut, reason) == (text[:text.find(stop)], "stop")
 
 
-def test_text_until_stop_holds_back_what_could_start_a_stop():
-    assert list(text_until_stop(["Hel", "lo. Bye", "!"], [". B"])) == ["Hel", "lo"]
-    assert list(text_until_stop(["ab", "c.", " d"], [". B"])) == ["ab", "c", ". d"]  # ". " was held, then let go
-    gen = text_until_stop(["x", "y"], ["z"])
+def test_stop_strings_hold_back_what_could_start_a_stop():
+    stops = StopStrings([". B"])
+    assert list(stops.cut(["Hel", "lo. Bye", "!"])) == ["Hel", "lo"] and stops.found
+    stops = StopStrings([". B"])
+    assert list(stops.cut(["ab", "c.", " d"])) == ["ab", "c", ". d"] and not stops.found  # ". " held, let go
+    gen = StopStrings(["z"]).cut(["x", "y"])
     assert list(gen) == ["x", "y"]
 
 
@@ -388,10 +395,21 @@ def server(checkpoint, tiny_classifier):
     """A high token limit lets a stream run long; a token tests the client's header."""
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv(TOKEN_ENV, "s3cret")
-        app = create_app(str(checkpoint), device="cpu", classifier=str(tiny_classifier),
+        app = create_app(str(checkpoint), device="cpu", dtype="float32", classifier=str(tiny_classifier),
                          max_tokens_limit=1_000_000)
     url, stop = run_server(app)
     yield url
+    stop()
+
+
+@pytest.fixture(scope="module", params=list(DTYPES))
+def typed_server(request, checkpoint):
+    """(URL, dtype) of a server in each dtype of DTYPES, with a token: for the tests that compare numbers."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv(TOKEN_ENV, "s3cret")
+        app = create_app(str(checkpoint), device="cpu", dtype=request.param)
+    url, stop = run_server(app)
+    yield url, request.param
     stop()
 
 
@@ -421,11 +439,13 @@ def test_the_openai_client(server, chat_server, checkpoint):
     assert "".join(c.choices[0].delta.content or "" for c in streamed) == answer.choices[0].message.content
 
 
-def test_the_openai_client_with_every_prompt_form(server, checkpoint):
+def test_the_openai_client_with_every_prompt_form(typed_server, checkpoint):
     """OpenAI's /v1/completions as lm-evaluation-harness uses it: prompts as strings, lists of them, token ids and
-    lists of those; n choices; logprobs and echo, with max_tokens=0 to score a text; an empty prompt."""
+    lists of those; n choices; logprobs and echo, with max_tokens=0 to score a text; an empty prompt. The scores
+    are those of the model in the server's dtype."""
+    server, dtype = typed_server
     client = openai.OpenAI(base_url=f"{server}/v1", api_key="s3cret")
-    model, tokenizer, _ = load_model(checkpoint)
+    model, tokenizer, _ = load_for_inference(str(checkpoint), "cpu", dtype)
     create = lambda **kw: client.completions.create(model="any", **kw)  # noqa: E731
     text = "The river valley was named after a café owner"
     ids = tokenizer.encode_document(text)
@@ -435,8 +455,8 @@ def test_the_openai_client_with_every_prompt_form(server, checkpoint):
     assert choice.text == text and scored.usage.completion_tokens == 0 and choice.finish_reason == "length"
     with torch.no_grad():  # the sum of the echoed logprobs is the model's log-likelihood of the text after <eot>
         logits, _ = model(torch.tensor([ids]))
-    nll = torch.nn.functional.cross_entropy(logits[0, :-1], torch.tensor(ids[1:]), reduction="sum").item()
-    assert abs(-sum(choice.logprobs.token_logprobs) - nll) < 1e-3 * len(ids)
+    nll = torch.nn.functional.cross_entropy(logits[0, :-1].float(), torch.tensor(ids[1:]), reduction="sum").item()
+    assert abs(-sum(choice.logprobs.token_logprobs) - nll) < DTYPES[dtype] * len(ids)
     assert "".join(choice.logprobs.tokens) == text and choice.logprobs.text_offset[0] == 0
 
     as_ids = create(prompt=ids, max_tokens=1, echo=True, logprobs=2, temperature=0).choices[0]  # <eot> included
@@ -465,8 +485,9 @@ def test_the_openai_client_with_every_prompt_form(server, checkpoint):
         pytest.approx(whole.choices[0].logprobs.token_logprobs)
 
 
-def test_batched_requests_get_the_tokens_they_get_alone(server):
+def test_batched_requests_get_the_tokens_they_get_alone(typed_server):
     """16 greedy requests at once, decoded together, each as it is decoded alone (and seeded samples likewise)."""
+    server, _ = typed_server
     headers = {"Authorization": "Bearer s3cret"}
     bodies = [{"prompt": f"The {word}", "max_tokens": 24, "temperature": 0} for word in
               "cat dog bird tree river stone bridge church café people old near valley grew sat mat".split()]

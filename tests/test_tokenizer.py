@@ -6,9 +6,11 @@ from collections import Counter
 import numpy as np
 import pytest
 
+import data
 import tokenizer
 from cli import UserError
 from tokenizer import GPT2_REGEX, BPETokenizer, count_pretokens, count_pretokens_parallel, learn_merges
+from workers import end_pool, worker_pool
 
 VARIED = [
     "Hello, world! It's 2024; we're testing BPE.",
@@ -75,9 +77,15 @@ def test_pretoken_counts_are_exactly_the_regex_counts():
         assert count_pretokens([text]) == Counter(GPT2_REGEX.findall(text)), repr(text)
     expected = Counter(w for t in texts for w in GPT2_REGEX.findall(t))
     assert count_pretokens(texts) == expected
-    assert count_pretokens_parallel(texts, min_chars=0) == expected
+    assert count_pretokens_parallel(texts, min_chars=0) == expected  # no pool: counted here
     long_text = "".join(texts)  # one text cut into pieces for the workers
-    assert count_pretokens_parallel([long_text], min_chars=0) == Counter(GPT2_REGEX.findall(long_text))
+    pool = worker_pool(2)
+    try:
+        assert count_pretokens_parallel(texts, min_chars=0, pool=pool) == expected
+        assert count_pretokens_parallel([long_text], min_chars=0, pool=pool, batch_chars=64,
+                                        ahead=2) == Counter(GPT2_REGEX.findall(long_text))
+    finally:
+        end_pool(pool)
 
 
 def test_fast_training_equals_naive_training(corpus):
@@ -154,7 +162,7 @@ def test_special_tokens_only_when_allowed(tok):
 def test_save_load_same_ids(tok, tmp_path):
     assert tok.save(tmp_path) == ["vocab.json", "merges.txt", "tokenizer.json"]
     assert (tmp_path / "merges.txt").read_text(encoding="utf-8").startswith("#version: 0.2\n")
-    loaded = tokenizer.load_tokenizer(tmp_path)
+    loaded = BPETokenizer.load(tmp_path)
     assert loaded.vocab_size == tok.vocab_size and loaded.special_tokens == tok.special_tokens
     for text in VARIED + ["<|endoftext|>"]:
         assert loaded.encode(text) == tok.encode(text)
@@ -193,7 +201,7 @@ def test_gpt2_files_match_tiktoken(monkeypatch, tmp_path, shared_data):
                                             encoder_json_file=str(gpt2_dir / "encoder.json"))
     ref = tiktoken.Encoding("gpt2", pat_str=r50k_pat_str, mergeable_ranks=ranks,
                             special_tokens={"<|endoftext|>": 50256})
-    ours = tokenizer.load_tokenizer(gpt2_dir)  # finds encoder.json + vocab.bpe
+    ours = BPETokenizer.load(gpt2_dir)  # finds encoder.json + vocab.bpe
     assert ours.vocab_size == 50257 and ours.eot_id == 50256
     text = "\n".join(VARIED) + " def f(x):\n    return x**2  # I'm sure they'll've  done it 1,234.5 times\r\n"
     assert ours.encode(text) == ref.encode_ordinary(text)
@@ -202,7 +210,7 @@ def test_gpt2_files_match_tiktoken(monkeypatch, tmp_path, shared_data):
                                                                                     allowed_special="all")
     assert ours.decode(ours.encode(text)) == text
     ours.save(tmp_path)  # HF names, GPT-2's ids
-    assert tokenizer.load_tokenizer(tmp_path).encode(text) == ref.encode_ordinary(text)
+    assert BPETokenizer.load(tmp_path).encode(text) == ref.encode_ordinary(text)
 
 
 def test_reference_equals_fast_on_wikitext_valid(shared_data):
@@ -214,9 +222,11 @@ def test_reference_equals_fast_on_wikitext_valid(shared_data):
     assert t.decode(ids) == valid
 
 
-def test_loading_missing_files_is_a_user_error(tmp_path):
-    with pytest.raises(UserError, match="not found"):
-        tokenizer.load_tokenizer(tmp_path)
+def test_loading_missing_files_is_one_error_with_its_message(tmp_path):
+    with pytest.raises(ValueError, match="not found"):
+        BPETokenizer.load(tmp_path)
+    with pytest.raises(UserError, match="not found"):  # as the scripts load a folder's tokenizer
+        data.load_tokenizer(tmp_path)
 
 
 # ----------------------------------------------------------------------------- command line
@@ -234,5 +244,37 @@ def test_cli_trains_and_saves(tmp_path, corpus, run_script):
                         "--special_tokens=('<|endoftext|>', '<|pad|>')")
     assert result.returncode == 0, result.stderr
     assert "vocab size 300" in result.stdout
-    loaded = tokenizer.load_tokenizer(tmp_path / "out")
+    loaded = BPETokenizer.load(tmp_path / "out")
     assert loaded.vocab_size == 300 and loaded.special_tokens == {"<|endoftext|>": 298, "<|pad|>": 299}
+
+
+def test_tokenizer_py_runs_copied_alone_into_an_empty_folder(tmp_path):
+    """The module imports no other file of the project: train, save, load, encode, and its errors
+    are ValueErrors (its command line is what needs cli.py, files.py and workers.py)."""
+    import shutil
+    import subprocess
+    import sys
+    from pathlib import Path
+    shutil.copy(Path(tokenizer.__file__), tmp_path / "tokenizer.py")
+    code = """
+import multiprocessing, sys
+from tokenizer import BPETokenizer, count_pretokens, count_pretokens_parallel
+text = "the cat sat on the mat, the dog sat on the log. " * 200
+tok = BPETokenizer.train(text, vocab_size=300)
+tok.save("tok")
+again = BPETokenizer.load("tok")
+assert again.fingerprint() == tok.fingerprint() and again.decode(again.encode(text)) == text
+with multiprocessing.Pool(2) as pool:
+    assert count_pretokens_parallel([text], min_chars=0, pool=pool, batch_chars=100) == count_pretokens([text])
+for bad in (lambda: BPETokenizer.load("nowhere"), lambda: BPETokenizer.train("   ", vocab_size=300)):
+    try:
+        bad()
+        raise AssertionError("no error")
+    except ValueError:
+        pass
+assert not [m for m in ("cli", "files", "workers") if m in sys.modules]
+print("ok")
+"""
+    r = subprocess.run([sys.executable, "-E", "-s", "-c", code], cwd=tmp_path, capture_output=True,
+                       text=True, timeout=120)
+    assert r.returncode == 0 and r.stdout == "ok\n", r.stderr
