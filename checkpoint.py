@@ -155,6 +155,17 @@ def load_folder_tokenizer(folder, checkpoint):
     return tokenizer
 
 
+def unknown_word(folder):
+    """The marker a model's training data wrote for rare words, from the meta.json beside it
+    ('<unk>' in the tokenized WikiText-2), or None: no marker, or no meta.json (GPT-2)."""
+    try:
+        with open(os.path.join(folder, "meta.json"), encoding="utf-8") as f:
+            word = json.load(f).get("unknown_word")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return word if isinstance(word, str) and word else None
+
+
 def load_model(name_or_dir, device="cpu", dropout=None, cache_dir="data/cache", tokenizer_dir=""):
     """(GPT in eval mode, tokenizer, checkpoint dict) from a train.py or finetune_instruct.py
     folder, or GPT-2: gpt2 | gpt2-medium | gpt2-large | gpt2-xl (downloaded once into cache_dir) or
@@ -180,9 +191,9 @@ def load_model(name_or_dir, device="cpu", dropout=None, cache_dir="data/cache", 
 # ----------------------------------------------------------------------------- a training run
 
 # What a trained model, its optimizer state and its random streams cannot change when it resumes
-# (its dropout can, and a shorter context)
-FIXED_ON_RESUME = {f.name for f in dataclasses.fields(GPTConfig)} - {
-    "vocab_size", "block_size", "dropout", "embedding_dropout"} | {"optimizer", "seed"}
+# (its dropouts can, and a shorter context)
+FIXED_ON_RESUME = {f.name for f in dataclasses.fields(GPTConfig) if "dropout" not in f.name} - {
+    "vocab_size", "block_size"} | {"optimizer", "seed"}
 # What each command says for itself, in its config file or its flags, resumed or not
 OWN_SETTINGS = ("out_dir", "init_from", "overwrite")
 
@@ -251,22 +262,28 @@ def resume_settings(config, checkpoint, fixed, own):
     return resumed, notices
 
 
-def training_checkpoint(model, optimizer, scaler, data_generator, **values):
+def training_checkpoint(model, optimizer, scaler, data_generator, average=None, **values):
     """What a training run's checkpoint holds: all that resuming needs to go on exactly (weights,
     model_config, the optimizer's and the fp16 loss scaler's state, the random streams), and
-    `values`."""
+    `values`. With an average (muon.Average) of the weights, the model is the average (what
+    evaluate.py and sample.py read) and the trained weights lie beside it as trained_model."""
     rng = {"torch": torch.get_rng_state(), "data": data_generator.get_state()}
     if next(model.parameters()).is_cuda:
         rng["cuda"] = torch.cuda.get_rng_state()
-    return {"model": model.state_dict(), "model_config": dataclasses.asdict(model.config),
-            "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(), "rng": rng,
-            **values}
+    weights = {"model": model.state_dict()}
+    if average is not None:
+        weights = {"model": average.model.state_dict(), "trained_model": model.state_dict()}
+    return weights | {"model_config": dataclasses.asdict(model.config), "rng": rng,
+                      "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(), **values}
 
 
-def restore_training(checkpoint, model, optimizer, scaler, data_generator, out_dir):
+def restore_training(checkpoint, model, optimizer, scaler, data_generator, out_dir, average=None):
     """Put a training run back where its checkpoint stopped. The optimizer keeps the settings it was
-    made with (weight decay, betas, its learning-rate scale): only its state is the checkpoint's."""
-    load_weights(model, checkpoint["model"], out_dir)
+    made with (weight decay, betas, its learning-rate scale): only its state is the checkpoint's.
+    An average starts from the checkpoint's (from its weights, where the run kept none)."""
+    load_weights(model, checkpoint.get("trained_model", checkpoint["model"]), out_dir)
+    if average is not None:
+        load_weights(average.model, checkpoint["model"], out_dir)
     made = [{k: v for k, v in group.items() if k != "params"} for group in optimizer.param_groups]
     try:
         optimizer.load_state_dict(checkpoint["optimizer"])

@@ -17,7 +17,7 @@ and the line.
 The documents of every split then come as one stream of (split, starts a document, text): val and
 test are whole documents spread evenly through the corpus (`split_of`), or the tail of text files
 too few to give whole ones (`by_tail`); a long document comes in pieces cut where encoding is
-unaffected (`in_pieces`).
+unaffected (`in_pieces`). clean.py leaves duplicates and personal data out of that stream.
 """
 
 import codecs
@@ -31,18 +31,15 @@ import json
 import math
 import os
 import re
-import sys
-import time
 import zipfile
 import zlib
-from collections import Counter
 from pathlib import Path
 
 from cli import UserError
 from data import SPLITS
 from download import download
 from files import Progress, decode_utf8
-from tokenizer import STREAM_CUT, cut_stream
+from tokenizer import cut_stream
 
 JSONL_SUFFIXES = (".jsonl", ".ndjson", ".json")
 PARQUET_SUFFIXES = (".parquet",)
@@ -559,13 +556,15 @@ def held_out_splits(config):
     return ["val"] + (["test"] if test else [])
 
 
-def check_splits(config, totals):
-    """Refuse a corpus that leaves train or a held-out split without a document."""
+def check_splits(config, totals, duplicates=0):
+    """Refuse a corpus that leaves train or a held-out split without a document (once `duplicates`
+    documents were left out)."""
     empty = [split for split in ["train"] + held_out_splits(config) if split not in totals]
     if empty:
         documents = sum(t["documents"] for t in totals.values())
+        left_out = f" once {duplicates:,} copies were left out (--dedup)" if duplicates else ""
         raise UserError(f"the corpus leaves the {' and '.join(empty)} split empty ({documents:,} "
-                        f"documents in all): give more text, or change --val_fraction/"
+                        f"documents in all{left_out}): give more text, or change --val_fraction/"
                         f"--test_fraction (or --val_documents/--test_documents)")
 
 
@@ -627,214 +626,3 @@ def in_pieces(stream, size=1 << 20):
     for (_, split), items in itertools.groupby(stream, document):
         for i, piece in enumerate(cut_stream((text for _, _, text in items), size)):
             yield split, i == 0, piece
-
-
-# ----------------------------------------------------------------------------- what is left out
-
-class CleanStream:
-    """prepare.py's stream of a corpus (document_stream's) with its duplicate documents left out and
-    its personal data replaced, the same at every call:
-
-        clean = CleanStream(stream, deduplicator=Deduplicator("exact"), scrub=scrub)
-        for split, starts, piece in clean(): ...
-        clean.removed -> Counter({'train': 12, 'val': 1});  clean.found -> {'train': {'EMAIL': 3}}
-        clean.meta() -> {'scrub_pii': {...}, 'dedup': {...}}: what meta.json records of them
-
-    prepare.py reads the corpus more than once (its tokenizer's text, then all of it to encode), and
-    every pass must keep the same documents: the duplicates are found here first, in a pass of their
-    own, which leaves one bit per document. The first of each document is kept, whatever its split:
-    the splits were given before (a kept document stays in its split), and a later copy is removed
-    from train, val and test alike, so that no text is in two splits. Duplicates are looked for in
-    the text as it is, before scrubbing. Personal data is replaced as each pass reads (`scrub` is
-    scrub.py), on the pool's workers, in the pieces of scrub_pieces; `found` holds what the last
-    call's pass found in each split.
-    """
-
-    def __init__(self, stream, deduplicator=None, scrub=None, pool=None, ahead=8, progress=None,
-                 position=None):
-        self.stream, self.scrub, self.pool, self.ahead = stream, scrub, pool, ahead
-        self.keep, self.removed, self.found, self.dedup = None, Counter(), {}, None
-        start = time.time()
-        if deduplicator is not None:
-            self.keep = find_duplicates(stream(), deduplicator, self.removed, progress, position)
-            self.dedup = deduplicator.summary()
-            if self.dedup["false_positive_rate"] > 0.01:
-                print(f"warning: the duplicates' Bloom filter is {self.dedup['bloom_fill']:.0%} "
-                      f"full: about {self.dedup['false_positive_rate']:.1%} of the distinct "
-                      f"documents were taken for copies; give it more memory (--dedup_memory_mb)",
-                      file=sys.stderr)
-        # (the duplicates pass)
-        self.seconds = time.time() - start
-
-    def __call__(self):
-        stream = self.stream()
-        if self.keep is not None:
-            stream = kept_only(stream, self.keep)
-        if self.scrub is not None:
-            self.found = {}
-            stream = scrubbed(stream, self.scrub.scrub, self.pool, self.ahead, self.found)
-        return stream
-
-    def meta(self):
-        """What meta.json records: scrub_pii, the finds of each kind in the last pass, and what
-        finds them (scrub.backends()); dedup, dedup.py's summary and the documents removed from
-        each split."""
-        meta = {}
-        if self.scrub is not None:
-            found = sum(self.found.values(), Counter())
-            meta["scrub_pii"] = {kind: found[kind] for kind in self.scrub.KINDS}
-            meta["scrub_pii_backends"] = self.scrub.backends()
-        if self.dedup is not None:
-            removed = {split: self.removed[split] for split in SPLITS if split in self.removed}
-            meta["dedup"] = self.dedup | {"removed_by_split": removed}
-        return meta
-
-    def summary(self):
-        """Lines for prepare.py's summary: what was replaced, what was left out."""
-        lines = []
-        if self.scrub is not None:
-            found = sum(self.found.values(), Counter())
-            lines.append("personal data replaced: " + (", ".join(
-                f"{found[kind]:,} {kind}" for kind in self.scrub.KINDS if found[kind]) or "none"))
-        if self.dedup is not None:
-            d, splits = self.dedup, ", ".join(f"{n:,} {s}" for s, n in self.removed.items())
-            lines.append(f"duplicates ({d['mode']}, found in {self.seconds:.1f} s): "
-                         f"{d['documents'] - d['kept']:,} of {d['documents']:,} documents left out "
-                         f"({splits}), {d['removed_exact']:,} of them exact copies")
-        return lines
-
-
-def documents_of(stream):
-    """(split, an iterator of its pieces) for each document of a (split, starts, piece) stream; take
-    each document's pieces before asking for the next."""
-    n = 0
-
-    def document(item):
-        nonlocal n
-        n += item[1]
-        return n
-    for _, items in itertools.groupby(stream, document):
-        split, _, first = next(items)
-        yield split, itertools.chain([first], (piece for _, _, piece in items))
-
-
-def find_duplicates(stream, deduplicator, removed, progress=None, position=None):
-    """Which documents of the stream deduplicator keeps: a bytearray with bit n (of byte n // 8) set
-    when the n-th document is kept; removed[split] counts the others. Documents of one piece go to
-    deduplicator.keep_many ~1 MB at a time (faster), a longer one to keep, piece by piece (bounded
-    memory): the same answers. progress (a files.Progress) shows position(), else the characters
-    read."""
-    bits, count, waiting, chars = bytearray(), 0, [], 0
-
-    def decide(splits, answers):
-        nonlocal count
-        for split, kept in zip(splits, answers):
-            if count % 8 == 0:
-                bits.append(0)
-            bits[count >> 3] |= kept << (count & 7)
-            removed[split] += not kept
-            count += 1
-
-    def decide_waiting():
-        nonlocal chars
-        decide([split for split, _ in waiting], deduplicator.keep_many([t for _, t in waiting]))
-        waiting.clear()
-        chars = 0
-    for split, pieces in documents_of(stream):
-        first, second = next(pieces), next(pieces, None)
-        if second is None:
-            waiting.append((split, first))
-            chars += len(first)
-            if chars >= 1 << 20:
-                decide_waiting()
-        else:
-            decide_waiting()
-            decide([split], [deduplicator.keep(itertools.chain([first, second], pieces))])
-        if progress:
-            progress.update(position() if position else progress.done + len(first))
-    decide_waiting()
-    if progress:
-        progress.close(position() if position else progress.total)
-    return bits
-
-
-def kept_only(stream, keep):
-    """The stream without the documents whose bit in keep (find_duplicates's) is not set."""
-    n = -1
-    for item in stream:
-        n += item[1]
-        if keep[n >> 3] >> (n & 7) & 1:
-            yield item
-
-
-# A find of scrub.py never runs across a line break (a private-key block aside), and every find
-# or the context it needs (40 characters before it) holds one of these characters; so a document
-# may be cut before it is scrubbed after a line break, or amid text without them
-RISKY = re.compile(r"[\d@\[\]():=]")
-# the blocks scrub.py replaces whole, lines and all (PEM, PuTTY), and how far they reach
-BLOCKS = (("-----BEGIN", "-----END"), ("Private-Lines:", "Private-MAC:"))
-BLOCK_CHARS = 25_000
-
-
-def scrub_cut(text, look=1 << 16, margin=64):
-    """Where text may be cut before it is scrubbed (0: nowhere): the last place, within `look`
-    characters of its end, where encoding is unaffected (tokenizer.STREAM_CUT) and no find of
-    scrub.py can run across: after a line break, or amid `margin` characters on each side without
-    a RISKY character; never inside a block.
-
-        scrub_cut("call 020\\n7946 0958 now") -> 9;  scrub_cut("a 1 b") -> 0
-    """
-    places = [m.start() for m in STREAM_CUT.finditer(text, max(1, len(text) - look))]
-    for place in reversed(places):
-        if text[place - 1] != "\n" and RISKY.search(text, max(0, place - margin), place + margin):
-            continue
-        if not any(in_block(text, place, *block) for block in BLOCKS):
-            return place
-    return 0
-
-
-def in_block(text, place, begin, end):
-    """Whether place is after a `begin` (at most BLOCK_CHARS before it) and before the line break
-    after its `end`."""
-    opened = text.rfind(begin, max(0, place - BLOCK_CHARS), place)
-    closed = text.find(end, opened, place)
-    return opened >= 0 and (closed < 0 or text.find("\n", closed, place) < 0)
-
-
-def scrub_pieces(stream, most=16 << 20):
-    """The stream with each document's pieces (cut at spaces, where a spaced phone number or IBAN
-    can run across) joined and cut again where scrub_cut says, as they come: a document of one
-    piece stays whole. Past `most` characters without such a place, a piece ends where it did."""
-    held = None
-    for split, starts, text in stream:
-        if held is not None and starts:
-            yield held
-            held = None
-        if held is None:
-            held = (split, starts, text)
-            continue
-        text = held[2] + text
-        cut = scrub_cut(text) or (len(text) if len(text) > most else 0)
-        if cut:
-            yield split, held[1], text[:cut]
-        held = (split, held[1] and not cut, text[cut:]) if cut < len(text) else None
-    if held is not None:
-        yield held
-
-
-def scrub_batch(scrub, items):
-    """[(split, starts, text scrubbed, {kind: count})] of [(split, starts, text)]: a worker's
-    task."""
-    return [(split, starts, *scrub(text)) for split, starts, text in items]
-
-
-def scrubbed(stream, scrub, pool, ahead, found):
-    """The stream with its pieces scrubbed ~1 MB at a time on the pool (here without one), in order;
-    found[split] adds up the kinds found."""
-    from workers import ordered_map
-
-    tasks = ((scrub, batch) for batch in batched(scrub_pieces(stream)))
-    for results in ordered_map(pool, scrub_batch, tasks, ahead):
-        for split, starts, text, counts in results:
-            found.setdefault(split, Counter()).update(counts)
-            yield split, starts, text

@@ -112,6 +112,21 @@ def load_split(data_dir, split):
     return np.memmap(path, dtype=dtype, mode="r")
 
 
+def load_training_data(data_dir, block_size):
+    """(meta.json, tokenizer, the train and val token ids) of a data folder, refused in one line
+    where its tokenizer does not fit its meta.json or a split is not longer than one sequence."""
+    meta, tokenizer = load_meta(data_dir), load_tokenizer(data_dir)
+    if tokenizer.vocab_size != meta["vocab_size"]:
+        raise UserError(f"vocab mismatch: the tokenizer in {data_dir} has {tokenizer.vocab_size:,} "
+                        f"ids and its meta.json {meta['vocab_size']:,}: prepare it again")
+    splits = {split: load_split(data_dir, split) for split in ("train", "val")}
+    for name, split in splits.items():
+        if len(split) <= block_size + 1:
+            raise UserError(f"the {name} split has {len(split)} tokens, fewer than block_size="
+                            f"{block_size}: lower --block_size or prepare more data")
+    return meta, tokenizer, splits
+
+
 def _no_split(data_dir, split):
     """Why data_dir has no such split, and what to do: a data folder prepared without a test split
     -> "... has no test split (it has train, val): prepare it with --test_fraction=0.1 ..."."""

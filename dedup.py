@@ -320,6 +320,8 @@ class Deduplicator:
 
             Deduplicator("near").keep_many(["a b c", "a  b c", "d e"]) -> [True, False, True]
         """
+        if not documents:
+            return []
         return [self._decide(exact, bands) for exact, bands in self._keys_many(documents)]
 
     def _decide(self, exact, bands):

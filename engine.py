@@ -23,7 +23,9 @@ PROMPTS_PER_STEP prompts run: a burst of new requests delays the running ones by
 
 Decoding one token for 32 sequences reads the weights once, as for one sequence: on a small model
 the step costs little more than a single sequence's step, so the server's throughput grows with the
-batch.
+batch. A step reads the sampled tokens back once, for every row together. With compile=True (for
+GPUs) the step is compiled for a few batch sizes (1, 2, 4, ... up to max_batch_size: on a GPU one
+CUDA graph each), the active rows padded up to the next size with rows that are free.
 """
 
 import itertools
@@ -92,10 +94,11 @@ class Sequence:
 
 class BatchEngine:
     """A thread that decodes the active sequences together, up to max_batch_size at a time (rows of
-    the KV cache); the others wait in line (see the module's docstring)."""
+    the KV cache); the others wait in line (see the module's docstring). suppress_ids are never
+    sampled (the ids that start the data's marker for rare words, say)."""
 
-    def __init__(self, model, max_batch_size=32):
-        self.model, self.max_batch_size = model, max_batch_size
+    def __init__(self, model, max_batch_size=32, compile=False, suppress_ids=None):
+        self.model, self.max_batch_size, self.suppress_ids = model, max_batch_size, suppress_ids
         self.device = model.token_emb.weight.device
         self.waiting = queue.PriorityQueue()  # (rank, arrival, sequence)
         self.arrivals = itertools.count()
@@ -105,8 +108,13 @@ class BatchEngine:
         # every row; the model sees some of them
         self.caches = [block.attn.kv_cache for block in model.blocks]
         self.views = {}  # (start, stop) -> each layer's cache of those rows
-        self.thread = threading.Thread(target=self._run, name="batch-engine", daemon=True)
+        # the decode step and the batch sizes it runs at (None: any, eager)
+        self.decode, self.batch_sizes = model.decode_one_token, None
+        ready = threading.Event()
+        self.thread = threading.Thread(target=self._run, args=(compile, ready), name="batch-engine",
+                                       daemon=True)
         self.thread.start()
+        ready.wait()
 
     def submit(self, ids, max_new_tokens, temperature=0.8, top_k=None, top_p=None, seed=None,
                stop_id=None, logprobs=None, score_prompt=False, rank=0):
@@ -132,7 +140,15 @@ class BatchEngine:
     # ------------------------------------------------------------------------- the thread
 
     @torch.no_grad()
-    def _run(self):
+    def _run(self, compile, ready):
+        try:
+            if compile:  # in this thread: a CUDA graph replays in the thread that recorded it
+                from runtime import compile_batch_decoding
+                top = self.max_batch_size
+                self.batch_sizes = [2**i for i in range(top.bit_length()) if 2**i < top] + [top]
+                self.decode = compile_batch_decoding(self.model, self._use_rows, self.batch_sizes)
+        finally:
+            ready.set()
         while True:
             if not self._admit():
                 return
@@ -185,11 +201,9 @@ class BatchEngine:
     def _step(self):
         """Sample every active sequence's next token, drop the finished ones, then decode the rest
         in one pass."""
-        for sequence in self.active:
+        for sequence, token in zip(self.active, self._sample()):
             if sequence.cancelled:
                 continue
-            token = int(sample_next_token(sequence.logits[None], sequence.temperature,
-                                          sequence.top_k, sequence.top_p, sequence.generator)[0])
             # (the stop token's too: it ends the text, and has its probability)
             if sequence.logprobs is not None:
                 sequence.scores += scores(sequence.logits[None], [token], sequence.logprobs)
@@ -212,13 +226,43 @@ class BatchEngine:
                     self._use_rows(row, row + 1)
                     self.model.prefill(self._tensor([prefix]))
                 sequence.length = len(prefix)
-        self._use_rows(0, len(self.active))
-        tokens = self._tensor([[sequence.ids[-1]] for sequence in self.active])
-        positions = self._tensor([[sequence.length] for sequence in self.active])
-        logits = self.model.decode_one_token(tokens, positions)
+        # compiled: padded up to the next batch size with free rows (their position 0 is rewritten
+        # by the prompt of the sequence that takes the row)
+        size = next((n for n in self.batch_sizes or [] if n >= len(self.active)), len(self.active))
+        self._use_rows(0, size)
+        padding = [[0]] * (size - len(self.active))
+        tokens = self._tensor([[sequence.ids[-1]] for sequence in self.active] + padding)
+        positions = self._tensor([[sequence.length] for sequence in self.active] + padding)
+        logits = self.decode(tokens, positions)
         for sequence, row_logits in zip(self.active, logits):
             sequence.logits = row_logits
             sequence.length += 1
+
+    def _sample(self):
+        """Every active sequence's next token id, read back once for all: the rows with the same
+        settings sampled together, each row's noise drawn with its own generator (as
+        torch.multinomial draws it: see sample_next_token), so its tokens do not depend on the
+        batch."""
+        groups = {}  # settings -> rows
+        for row, sequence in enumerate(self.active):
+            settings = (sequence.temperature, sequence.top_k, sequence.top_p)
+            groups.setdefault(settings, []).append(row)
+        order, picked = [], []
+        for (temperature, top_k, top_p), rows in groups.items():
+            logits = torch.stack([self.active[row].logits for row in rows])
+            if self.suppress_ids:
+                logits[:, self.suppress_ids] = float("-inf")
+            noise = None
+            if temperature >= 1e-5:
+                noise = torch.empty(logits.shape, device=self.device)
+                for draws, row in zip(noise, rows):
+                    draws.exponential_(1, generator=self.active[row].generator)
+            picked.append(sample_next_token(logits, temperature, top_k, top_p, noise=noise))
+            order += rows
+        tokens = [0] * len(order)
+        for row, token in zip(order, torch.cat(picked).tolist() if picked else []):
+            tokens[row] = token
+        return tokens
 
     def _remove_finished(self):
         """Let finished and cancelled sequences go; the last row moves into each freed one, so rows
@@ -233,14 +277,14 @@ class BatchEngine:
             last = len(self.active) - 1
             if row != last:
                 for cache in self.caches:
-                    cache.k[row], cache.v[row] = cache.k[last], cache.v[last]
+                    cache[:, row] = cache[:, last]
             self.active[row] = self.active[last]
             self.active.pop()
 
     def _use_rows(self, start, stop):
         """Point every layer of the model at rows start..stop-1 of the engine's KV cache."""
         if (start, stop) not in self.views:
-            self.views[(start, stop)] = [cache.rows(start, stop) for cache in self.caches]
+            self.views[(start, stop)] = [cache[:, start:stop] for cache in self.caches]
         for block, view in zip(self.model.blocks, self.views[(start, stop)]):
             block.attn.kv_cache = view
 

@@ -60,6 +60,8 @@ class EvaluateConfig:
     dynamic_segment: int = setting(64, low=1)  # tokens scored, then learned from, at a time
     dynamic_lr: float = setting(0.1, low=0)   # SGD step size on each segment (tuned on val for the tiny config)
     dynamic_decay: float = setting(0.0, low=0, high=1)  # pull back towards the trained weights after each step
+    dynamic_rms: int = setting(0, low=0)      # > 0: steps over each weight's gradient RMS on
+                                              # this many train segments (Krause et al. 2019)
 
 
 # ----------------------------------------------------------------------------- scoring with sliding windows
@@ -113,24 +115,16 @@ def score_tokens(model, ids, stride=0, batch_size=8, skip_id=None, progress=None
     return total, count
 
 
-def score_tokens_dynamic(model, ids, segment=64, lr=0.1, decay=0.0, skip_id=None, amp=contextlib.nullcontext(),
-                         progress=None):
-    """score_tokens with dynamic evaluation (Krause et al. 2018): the text is read in segments of `segment` tokens,
-    each one scored by the weights as they are, then learned from: one SGD step on that segment's loss, after which
-    every weight moves back towards its trained value by the fraction `decay`. So a token is always scored before
-    the model has seen it, and the model follows the text it reads (names, topics, style of this article).
-    Each segment is read with the block_size - segment tokens before it as context. The model's weights change:
-    give it a copy. Returns (total negative log-likelihood in nats, tokens scored)."""
+def segments(model, ids, segment, skip_id):
+    """The text in segments of `segment` targets, each with the block_size - segment tokens before
+    it as context: (x, y) of shape (1, T) on the model's device, y -100 where a target is context
+    only (scored by an earlier segment, or skip_id), and the end of the segment in ids."""
     block = model.config.block_size
     if not 1 <= segment <= block:
         raise UserError(f"--dynamic_segment must be between 1 and block_size={block}, got {segment}")
     if len(ids) < 2:
         raise UserError("the text is too short to score: it needs at least one token")
     device = model.token_emb.weight.device
-    params = [p for p in model.parameters()]
-    trained = [p.detach().clone() for p in params]
-    model.eval()  # no dropout: the scores are the model's own
-    total, count = 0.0, 0
     for first in range(1, len(ids), segment):  # this segment's targets: ids[first:end]
         end = min(first + segment, len(ids))
         start = max(0, end - 1 - block)
@@ -139,18 +133,58 @@ def score_tokens_dynamic(model, ids, segment=64, lr=0.1, decay=0.0, skip_id=None
         y[:, :first - start - 1] = -100  # context only: scored by an earlier segment
         if skip_id is not None:
             y[y == skip_id] = -100
-        with amp:
-            logits = model(x)[0]
-        logits = logits.to(torch.promote_types(logits.dtype, torch.float32)).view(-1, logits.size(-1))
-        nll = F.cross_entropy(logits, y.view(-1), ignore_index=-100, reduction="sum")
-        scored = int((y != -100).sum())
+        yield x, y, end
+
+
+def segment_loss(model, x, y, amp):
+    """(the summed negative log-likelihood of y's scored targets, how many there are)."""
+    with amp:
+        logits = model(x)[0]
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32)).view(-1, logits.size(-1))
+    nll = F.cross_entropy(logits, y.view(-1), ignore_index=-100, reduction="sum")
+    return nll, int((y != -100).sum())
+
+
+def gradient_rms(model, ids, segment, count, skip_id=None, amp=contextlib.nullcontext()):
+    """Each weight's root summed square gradient over the first `count` segments of ids (the train
+    split): the scale that RMS-normalised dynamic evaluation divides its steps by."""
+    model.eval()
+    squares = [torch.zeros_like(p) for p in model.parameters()]
+    for _, (x, y, _) in zip(range(count), segments(model, ids, segment, skip_id)):
+        nll, scored = segment_loss(model, x, y, amp)
+        if scored:
+            (nll / scored).backward()
+        for square, p in zip(squares, model.parameters()):
+            if p.grad is not None:
+                square += p.grad.square()
+                p.grad = None
+    return [square.sqrt() for square in squares]
+
+
+def score_tokens_dynamic(model, ids, segment=64, lr=0.1, decay=0.0, skip_id=None, amp=contextlib.nullcontext(),
+                         progress=None, rms=None):
+    """score_tokens with dynamic evaluation (Krause et al. 2018): the text is read in segments of `segment` tokens,
+    each one scored by the weights as they are, then learned from: one SGD step on that segment's loss, after which
+    every weight moves back towards its trained value by the fraction `decay`. So a token is always scored before
+    the model has seen it, and the model follows the text it reads (names, topics, style of this article).
+    Each segment is read with the block_size - segment tokens before it as context. The model's weights change:
+    give it a copy. Returns (total negative log-likelihood in nats, tokens scored).
+    With rms (gradient_rms: a tensor per weight), a weight steps by lr * grad / (rms + 1e-4)
+    instead: RMS-normalised, which Krause et al. (2019) found better for transformers."""
+    params = [p for p in model.parameters()]
+    trained = [p.detach().clone() for p in params]
+    scale = [None] * len(params) if rms is None else [1 / (r + 1e-4) for r in rms]
+    model.eval()  # no dropout: the scores are the model's own
+    total, count = 0.0, 0
+    for x, y, end in segments(model, ids, segment, skip_id):
+        nll, scored = segment_loss(model, x, y, amp)
         total, count = total + nll.item(), count + scored
         if scored:  # now learn from it
             (nll / scored).backward()
             with torch.no_grad():
-                for p, p0 in zip(params, trained):
+                for p, p0, s in zip(params, trained, scale):
                     if p.grad is not None:
-                        p -= lr * p.grad
+                        p -= lr * (p.grad if s is None else p.grad * s)
                         p += decay * (p0 - p)
                         p.grad = None
         if progress is not None:
@@ -232,6 +266,11 @@ def main():
         device = model.token_emb.weight.device.type
         dynamic = {"segment": config.dynamic_segment, "lr": config.dynamic_lr, "decay": config.dynamic_decay,
                    "amp": autocast(device, pick_dtype(config.dtype, device))}
+        if config.dynamic_rms:  # the gradients' scale on the text the model was trained on
+            data_dir = training_data(config, checkpoint, tokenizer)
+            train_ids, eot = load_split(data_dir, "train"), load_meta(data_dir)["eot_id"]
+            dynamic["rms"] = gradient_rms(model, train_ids, config.dynamic_segment,
+                                          config.dynamic_rms, eot, dynamic["amp"])
     else:
         model, tokenizer, checkpoint = load_for_inference(config.model, config.device, config.dtype, config.quantize)
     block = model.config.block_size
@@ -244,11 +283,7 @@ def main():
         result = evaluate_text(model, tokenizer, text, convention, stride, config.batch_size, dynamic=dynamic)
         source = config.text_file
     else:
-        data_dir = config.data_dir or checkpoint.get("train_config", {}).get("data_dir")
-        if not data_dir:
-            raise UserError(f"{config.model} does not say what data it was trained on: pass --data_dir=DIR")
-        load_meta(data_dir)  # a missing data folder says so, and what to run
-        check_same_tokenizer(tokenizer, data_dir)
+        data_dir = training_data(config, checkpoint, tokenizer)
         result = evaluate_split(model, tokenizer, data_dir, config.split, config.word_convention, stride,
                                 config.batch_size, config.max_tokens, dynamic=dynamic)
         source = f"{data_dir} {config.split} split" + (f", first {config.max_tokens:,} tokens" if config.max_tokens
@@ -256,11 +291,24 @@ def main():
     print_result(config, result, source, block, stride, tokenizer.eot_id is not None)
 
 
+def training_data(config, checkpoint, tokenizer):
+    """--data_dir, or the data folder the model was trained on, checked: it exists, and it was
+    tokenized with the model's tokenizer."""
+    data_dir = config.data_dir or checkpoint.get("train_config", {}).get("data_dir")
+    if not data_dir:
+        raise UserError(f"{config.model} does not say what data it was trained on: pass --data_dir=DIR")
+    load_meta(data_dir)  # a missing data folder says so, and what to run
+    check_same_tokenizer(tokenizer, data_dir)
+    return data_dir
+
+
 def print_result(config, result, source, block, stride, has_eot):
     first = "scored after an end-of-text token" if has_eot else "not scored (no end-of-text token)"
     if config.dynamic:
+        rms = config.dynamic_rms
+        sgd = f"SGD, RMS-normalised over {rms} train segments" if rms else "SGD"
         reading = (f"dynamic evaluation: segments of {config.dynamic_segment} tokens, each scored, then learned from "
-                   f"(SGD, lr {config.dynamic_lr:g}, decay {config.dynamic_decay:g}), with up to "
+                   f"({sgd}, lr {config.dynamic_lr:g}, decay {config.dynamic_decay:g}), with up to "
                    f"{block - config.dynamic_segment} tokens of context")
     else:
         reading = (f"windows of {block} tokens, stride {stride}: every token scored once, with >= {block - stride} "
@@ -269,7 +317,7 @@ def print_result(config, result, source, block, stride, has_eot):
               "quantize": config.quantize, "scoring": "dynamic" if config.dynamic else "static", **result}
     if config.dynamic:
         result |= {"dynamic_segment": config.dynamic_segment, "dynamic_lr": config.dynamic_lr,
-                   "dynamic_decay": config.dynamic_decay}
+                   "dynamic_decay": config.dynamic_decay, "dynamic_rms": config.dynamic_rms}
     if config.json:
         print(json.dumps(result, indent=2))
         return

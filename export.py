@@ -42,9 +42,10 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import save_file
 
-from checkpoint import load_model
+from checkpoint import load_model, unknown_word
 from cli import UserError, parse_config, run_main, setting
 from files import atomic_write, check_writable, folder_lock, write_json
+from generate import word_starts
 from gpt2 import hf_architecture, hf_config, hf_state_dict, neox_hf_config, neox_state_dict
 
 
@@ -111,6 +112,10 @@ def save_tensors(tensors, path):
     """
     try:
         save_file(tensors, str(path), {"format": "pt"})
+        # safetensors writes its file for its owner alone (0600): readable as every other file here
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(path, 0o666 & ~umask)
     except SafetensorError as e:
         code = re.search(r"os error (\d+)|code: (\d+)", str(e))
         if code is None:
@@ -149,7 +154,11 @@ def export(model_dir, to, overwrite=False, license="", language="", datasets="")
         eot = next(name for name, i in tokenizer.special_tokens.items() if i == tokenizer.eot_id)
         special = {"bos_token": eot, "eos_token": eot, "unk_token": eot}
     config = (neox_hf_config if neox else hf_config)(model.config, tokenizer.eot_id)
-    with folder_lock(to):
+    # transformers' generate() then never starts the data's marker for rare words, as sample.py
+    word = unknown_word(model_dir)
+    generation = {"bos_token_id": tokenizer.eot_id, "eos_token_id": tokenizer.eot_id,
+                  "suppress_tokens": word_starts(tokenizer, word)} if word else None
+    with folder_lock(to, flag="to"):
         partial = Path(to) / ".export-partial"
         shutil.rmtree(partial, ignore_errors=True)  # what a killed export left
         try:
@@ -162,6 +171,9 @@ def export(model_dir, to, overwrite=False, license="", language="", datasets="")
             write_json(partial / "special_tokens_map.json", special)
             files = ["model.safetensors", "config.json", "tokenizer_config.json",
                      "special_tokens_map.json", *tokenizer.save(partial), "README.md"]
+            if generation:
+                write_json(partial / "generation_config.json", generation)
+                files.append("generation_config.json")
             (partial / "README.md").write_text(card, encoding="utf-8")
             # renames within a folder: they need no room, and the last one completes the export
             for file in files:

@@ -79,9 +79,10 @@ def check_writable(path, flag, folder=True):
 
 
 @contextlib.contextmanager
-def folder_lock(folder):
+def folder_lock(folder, flag="out_dir"):
     """Hold an advisory lock on `folder` (made if missing) while the block runs: a second process
-    that asks for it gets a UserError naming the first one's PID. The lock file, folder/.lock, goes
+    that asks for it gets a UserError naming the first one's PID (and --flag, the setting that
+    names the folder). The lock file, folder/.lock, goes
     when the lock does, and so do the folders made for it that are still empty. (Where there is no
     fcntl, as on Windows, nothing is locked.)"""
     try:
@@ -102,7 +103,7 @@ def folder_lock(folder):
             holder = os.read(fd, 20).decode(errors="replace").strip() or "?"
             os.close(fd)
             raise UserError(f"{folder} is in use by another run (PID {holder}): wait for it to "
-                            f"end, or choose another --out_dir")
+                            f"end, or choose another --{flag}")
         # the run before may have removed the file between our open and our lock: lock the new one
         with contextlib.suppress(OSError):
             if os.stat(path).st_ino == os.fstat(fd).st_ino:

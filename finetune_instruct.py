@@ -45,6 +45,8 @@ class FinetuneInstructConfig(FinetuneConfig):  # the settings of finetune.py, th
     mask_prompt: bool = True                  # train on the response tokens only
     max_length: int = setting(0, low=0)       # tokens per record (prompt, response, end-of-text); 0: block_size
     # answering
+    answer_test: bool = True                  # after training, answer the test instructions into
+                                              # test_responses.json (greedy: minutes on a CPU)
     max_new_tokens: int = setting(200, low=0)  # the longest answer, in tokens
     temperature: float = setting(0.0, low=0)  # 0: greedy, the most likely token at every step
     top_k: int = setting(0, low=0)            # sample from the k most likely tokens only (0: all)
@@ -149,6 +151,8 @@ def encode_splits(tokenizer, splits, max_length):
 def answer_test_records(model, tokenizer, records, config):
     """The test records, each with the model's answer under "model_response"."""
     answers, t0 = [], time.time()
+    print(f"answering the {len(records)} test instructions into test_responses.json "
+          f"(--answer_test=False skips it)", flush=True)
     for i, record in enumerate(records):
         answers.append({**record, "model_response": respond(model, tokenizer, record, config.max_new_tokens,
                                                             config.temperature, config.top_k)})
@@ -192,15 +196,18 @@ def train_instruct(config, device):
                      dtype=config.dtype)
     print(f"test response loss {test['loss']:.4f}, perplexity {math.exp(test['loss']):.2f}, next-token accuracy "
           f"{test['accuracy']:.2%} (best epoch {checkpoint['epoch']})")
-    answers = answer_test_records(best, tokenizer, splits[2], config)
-    write_json(Path(config.out_dir) / "test_responses.json", answers)
+    if config.answer_test:
+        answers = answer_test_records(best, tokenizer, splits[2], config)
+        write_json(Path(config.out_dir) / "test_responses.json", answers)
     write_json(Path(config.out_dir) / "results.json", {
         "test_response_loss": test["loss"], "test_response_perplexity": math.exp(test["loss"]),
         "test_token_accuracy": test["accuracy"], "best_epoch": checkpoint["epoch"], "model": config.model,
         "trainable": config.trainable, "trainable_parameters": trainable, "seconds": time.time() - t0, "epochs": rows,
         "config": asdict(config)})
-    print(f"example: {answers[0]['instruction']!r} -> {answers[0]['model_response']!r}")
-    print(f"answers in {os.path.join(config.out_dir, 'test_responses.json')}; {time.time() - t0:.0f}s in all")
+    if config.answer_test:
+        print(f"example: {answers[0]['instruction']!r} -> {answers[0]['model_response']!r}")
+        print(f"answers in {os.path.join(config.out_dir, 'test_responses.json')}")
+    print(f"{time.time() - t0:.0f}s in all")
 
 
 def main():

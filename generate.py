@@ -10,8 +10,11 @@ with, and the chat messages that serve.py turns into it.
 """
 
 import codecs
+import itertools
 
 import torch
+
+CHECK_EVERY = 8  # tokens read back from a GPU at once (generate_ids)
 
 
 def word_starts(tokenizer, word):
@@ -71,21 +74,26 @@ class StopStrings:
 
 @torch.no_grad()
 def generate_ids(model, ids, max_new_tokens=200, temperature=0.8, top_k=None, top_p=None, seed=None,
-                 eot_id=None, use_cache=True, suppress_ids=None):
+                 eot_id=None, use_cache=True, suppress_ids=None, check_every=None):
     """Yield new token ids (ints) after the prompt ids, stopping before eot_id or after
     max_new_tokens. top_k 0/None and top_p 1.0/None switch those filters off; a seed makes the
-    samples reproducible; suppress_ids are never sampled."""
+    samples reproducible; suppress_ids are never sampled. The ids are read back check_every at a
+    time (None: CHECK_EVERY on a GPU, which then decodes on while the host waits for nothing; 1
+    on a CPU): at most check_every - 1 tokens past end-of-text are made, and dropped."""
     device = model.token_emb.weight.device
     generator = None if seed is None else torch.Generator(device=device).manual_seed(seed)
     idx = torch.tensor([list(ids)], dtype=torch.long, device=device)
     top_p = top_p if top_p is not None and top_p < 1.0 else None
-    for token in model.generate_tokens(idx, max_new_tokens, temperature=temperature,
-                                       top_k=top_k or None, top_p=top_p, use_cache=use_cache,
-                                       generator=generator, suppress_ids=suppress_ids):
-        token = token.item()
-        if token == eot_id:
-            return
-        yield token
+    steps = model.generate_tokens(idx, max_new_tokens, temperature=temperature, top_k=top_k or None,
+                                  top_p=top_p, use_cache=use_cache, generator=generator,
+                                  suppress_ids=suppress_ids)
+    # (a CPU's read costs nothing)
+    every = check_every or (1 if device.type == "cpu" else CHECK_EVERY)
+    while pending := list(itertools.islice(steps, every)):
+        for token in torch.cat(pending).tolist():  # one host sync for them all
+            if token == eot_id:
+                return
+            yield token
 
 
 def stream_text(model, tokenizer, prompt, max_new_tokens=200, temperature=0.8, top_k=None,

@@ -29,7 +29,7 @@ class GPTConfig:
     hidden_size: int = 768
     num_hidden_layers: int = 12
     num_attention_heads: int = 12
-    dropout: float = 0.0
+    dropout: float = 0.0            # training: on the embeddings, and where the next two are < 0
     bias: bool = True               # biases in Linear layers and LayerNorms, as GPT-2 has them
     # choices beyond GPT-2 (the README's recipe study); the defaults are GPT-2's: its weights load
     position: str = "learned"       # learned: a table of block_size positions; rope: rotary (q, k)
@@ -38,6 +38,9 @@ class GPTConfig:
     tie_embeddings: bool = True     # the output layer is the token embedding; False: its own matrix
     logit_softcap: float = 0.0      # > 0: logits = softcap * tanh(logits / softcap), bounded
     embedding_dropout: float = 0.0  # training: drop whole words, the same rows in the whole batch
+    attention_dropout: float = -1.0  # on attention weights (< 0: dropout's)
+    residual_dropout: float = -1.0  # on the branches into the residual stream (< 0: dropout's)
+    head_dropout: float = 0.0       # on the final states, before the output layer
     zero_init_residual: bool = False  # the projections into the residual stream start at zero
 
     def __post_init__(self):
@@ -53,6 +56,11 @@ class GPTConfig:
         if self.position == "rope" and (self.hidden_size // self.num_attention_heads) % 2:
             raise ValueError("rope rotates pairs of dimensions: hidden_size / num_attention_heads must be even")
 
+    def dropout_at(self, place):
+        """attention or residual: the place's own dropout, or dropout's where that is < 0."""
+        own = getattr(self, f"{place}_dropout")
+        return self.dropout if own < 0 else own
+
     def num_params(self):
         """The parameters of a GPT of this shape, without building it (= GPT(c).num_params(False)):
         per block 12 h^2 (attention 4 h^2, MLP 8 h^2) and the norms' gains (+ biases, with bias)."""
@@ -65,44 +73,13 @@ class GPTConfig:
 
 # ----------------------------------------------------------------------------- attention
 
-class KVCache:
-    """The keys and values of every position so far, for one attention layer: buffers (batch, heads,
-    block_size, head_dim) allocated once, written in place. `rows` gives a cache sharing them.
-    On a CPU, attention reads the positions written so far (less to read: faster). On a GPU, and in
-    torch.compile, it reads the whole buffer, the positions not written yet masked: every one-token
-    step has the same shapes, so a compiled step (CUDA graphs) is made once."""
-
-    def __init__(self, k, v):
-        self.k, self.v = k, v
-        self.positions = torch.arange(k.size(2), device=k.device)
-        self.row_index = torch.arange(k.size(0), device=k.device)[:, None]
-
-    def rows(self, start, stop):
-        """The cache of rows start..stop-1, sharing these buffers."""
-        return KVCache(self.k[start:stop], self.v[start:stop])
-
-    def update(self, input_pos, k, v):
-        """Write k, v (B, heads, T, head_dim) at input_pos: (T,), the same in every row, or (B, T),
-        a row's own (sequences of different lengths decoding together). Returns the keys and values
-        to attend to, and the mask: True where query i may see key j (j <= its position)."""
-        rows = self.row_index
-        self.k[rows, :, input_pos], self.v[rows, :, input_pos] = k.transpose(1, 2), v.transpose(1, 2)
-        whole = k.is_cuda or torch.compiler.is_compiling()
-        end = self.positions.numel() if whole else int(input_pos.max()) + 1
-        if not whole and input_pos.dim() == 1 and k.size(2) == 1:  # one new token in every row:
-            return self.k[:, :, :end], self.v[:, :, :end], None    # no mask, SDPA's fastest kernel
-        mask = self.positions[:end] <= input_pos[..., None]  # (T, end), or (B, T, end): a row's own
-        return self.k[:, :, :end], self.v[:, :, :end], mask.unsqueeze(-3)
-
-
-def cached_attention(q, k, v, mask):
-    """Attention of the new queries over the KV cache's keys, as the mask allows. On a GPU, not with
-    cuDNN's kernel, which PyTorch may pick for a masked call: it plans each new shape for hundreds
-    of ms (a first sample ran at 16 tok/s on an H100). A CPU has no cuDNN; picking costs it ~10%."""
+def cached_attention(q, k, v, bias):
+    """Attention of the new queries over the KV cache's keys, bias added; on a GPU not with cuDNN's
+    kernel, which plans each new shape for hundreds of ms (a first sample: 16 tok/s on an H100)."""
     if not q.is_cuda:
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
     with sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]):
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
 
 
 class MultiHeadAttention(nn.Module):
@@ -114,15 +91,15 @@ class MultiHeadAttention(nn.Module):
         self.head_dim = config.hidden_size // config.num_attention_heads
         self.qkv_proj = nn.Linear(config.hidden_size, 3 * config.hidden_size, bias=config.bias)  # q, k, v
         self.out_proj = nn.Linear(config.hidden_size, config.hidden_size, bias=config.bias)
-        self.dropout = config.dropout
-        self.resid_dropout = nn.Dropout(config.dropout)
+        self.dropout = config.dropout_at("attention")
+        self.resid_dropout = nn.Dropout(config.dropout_at("residual"))
         self.qk_norm = config.qk_norm
         self.use_flash = True  # torch's fused attention; False: the maths written out below
-        self.kv_cache = None   # a KVCache while generating (GPT.setup_kv_cache)
+        self.kv_cache = None   # keys, values (2, batch, heads, block_size, head_dim) while decoding
 
-    def forward(self, x, input_pos=None, angles=None):
-        """x (B, T, C) -> (B, T, C). With input_pos ((T,) or (B, T): these tokens' positions), keys
-        and values go into the KV cache. angles: rotary_angles of the positions (a rope model)."""
+    def forward(self, x, step=None, angles=None):
+        """x (B, T, C) -> (B, T, C). With step (GPT.decode_mask), keys and values go into the KV
+        cache. angles: the rotary cos and sin of the positions (a rope model)."""
         B, T, C = x.shape
         q, k, v = self.qkv_proj(x).split(C, dim=2)
         # (B, T, C) -> (B, heads, T, head_dim): each head attends in its own subspace
@@ -132,23 +109,25 @@ class MultiHeadAttention(nn.Module):
         if angles is not None:
             q, k = rotate(q, angles), rotate(k, angles)
         dropout = self.dropout if self.training else 0.0
-        if input_pos is None:  # training and scoring: each token sees itself and the ones before it
+        if step is None:  # training and scoring: each token sees itself and the ones before it
             if self.use_flash:
                 y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=True)
             else:
-                causal = torch.ones(T, T, dtype=torch.bool, device=x.device).tril()  # i sees 0..i
+                causal = torch.full((T, T), float("-inf"), dtype=q.dtype, device=x.device).triu(1)
                 y = self.attention_written_out(q, k, v, causal, dropout)
-        else:  # generating: the new tokens see the cache up to their own positions
-            k, v, mask = self.kv_cache.update(input_pos, k, v)
-            y = cached_attention(q, k, v, mask) if self.use_flash else self.attention_written_out(q, k, v, mask, 0.0)
+        else:  # generating: K and V into the cache in one copy, then the cache up to `end`
+            rows, input_pos, end, bias = step
+            self.kv_cache[:, rows, :, input_pos] = torch.stack([k, v]).permute(1, 3, 0, 2, 4)
+            k, v = self.kv_cache[:, :, :, :end]
+            y = (cached_attention if self.use_flash else self.attention_written_out)(q, k, v, bias)
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # merge the heads back
         return self.resid_dropout(self.out_proj(y))
 
-    def attention_written_out(self, q, k, v, allowed, dropout):
-        """softmax(q k^T / sqrt(d), where allowed) v, step by step; allowed None: every key."""
+    def attention_written_out(self, q, k, v, bias, dropout=0.0):
+        """softmax(q k^T / sqrt(d) + bias) v, step by step: bias -inf on a query's future keys."""
         scores = (q @ k.transpose(-2, -1)) / math.sqrt(self.head_dim)  # (B, heads, T, keys)
-        if allowed is not None:
-            scores = scores.masked_fill(~allowed, float("-inf"))  # a token never sees the future
+        if bias is not None:
+            scores = scores + bias
         weights = F.softmax(scores.float(), dim=-1).to(q.dtype)
         weights = F.dropout(weights, p=dropout, training=dropout > 0)
         return weights @ v
@@ -178,7 +157,7 @@ class MLP(nn.Module):
         super().__init__()
         self.up_proj = nn.Linear(config.hidden_size, 4 * config.hidden_size, bias=config.bias)
         self.down_proj = nn.Linear(4 * config.hidden_size, config.hidden_size, bias=config.bias)
-        self.dropout = nn.Dropout(config.dropout)
+        self.dropout = nn.Dropout(config.dropout_at("residual"))
         self.relu2 = config.activation == "relu2"
 
     def forward(self, x):
@@ -195,8 +174,8 @@ class TransformerBlock(nn.Module):
         self.ln_2 = nn.LayerNorm(config.hidden_size, bias=config.bias)
         self.mlp = MLP(config)
 
-    def forward(self, x, input_pos=None, angles=None):
-        x = x + self.attn(self.ln_1(x), input_pos, angles)  # pre-norm: the residual stream stays
+    def forward(self, x, step=None, angles=None):
+        x = x + self.attn(self.ln_1(x), step, angles)  # pre-norm: the residual stream stays
         return x + self.mlp(self.ln_2(x))
 
 
@@ -213,19 +192,16 @@ class GPT(nn.Module):
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         if config.tie_embeddings:
             self.lm_head.weight = self.token_emb.weight  # weight tying: one matrix in and out
-        self.apply(self._init_weights)
+        for module in self.modules():  # GPT-2's initialisation
+            if isinstance(module, (nn.Linear, nn.Embedding)):
+                nn.init.normal_(module.weight, mean=0.0, std=0.02)
+            if isinstance(module, nn.Linear) and module.bias is not None:
+                nn.init.zeros_(module.bias)
         for name, p in self.named_parameters():
             if name.endswith("out_proj.weight") or name.endswith("down_proj.weight"):
-                # GPT-2: each block adds two residual branches; shrink them so the stream's
-                # variance stays ~1 (or start them at zero: each block begins as the identity)
+                # GPT-2 shrinks the 2 residual branches a block adds: the stream's variance stays ~1
                 std = 0.0 if config.zero_init_residual else 0.02 / math.sqrt(2 * config.num_hidden_layers)
                 nn.init.normal_(p, mean=0.0, std=std)
-
-    def _init_weights(self, module):
-        if isinstance(module, (nn.Linear, nn.Embedding)):
-            nn.init.normal_(module.weight, mean=0.0, std=0.02)
-        if isinstance(module, nn.Linear) and module.bias is not None:
-            nn.init.zeros_(module.bias)
 
     def num_params(self, non_embedding=True):
         """Parameter count; non_embedding leaves the position table out (not the token table)."""
@@ -243,28 +219,30 @@ class GPT(nn.Module):
             raise ValueError(f"sequence of {idx.size(1)} tokens is longer than block_size={self.config.block_size}")
         positions = torch.arange(idx.size(1), device=idx.device) if input_pos is None else input_pos
         x, angles = self.embed(idx), None
+        step = None if input_pos is None else self.decode_mask(idx, input_pos)
         if self.config.position == "learned":
             x = x + self.pos_emb(positions)
-        else:
+        elif input_pos is None:
             angles = rotary_angles(positions, self.config.hidden_size // self.config.num_attention_heads)
+        else:  # read from the table of every position's (setup_kv_cache)
+            angles = tuple(t[0, input_pos].unsqueeze(-3) for t in self.rotary_table)
         x = self.dropout(x)
         for block in self.blocks:
-            x = block(x, input_pos, angles)
+            x = block(x, step, angles)
         return self.ln_f(x)
 
     def embed(self, idx):
         """The token embeddings of idx. embedding_dropout drops whole words in training (Gal &
         Ghahramani 2016): rows of the vocabulary zeroed for the whole batch, the rest scaled up."""
-        p = self.config.embedding_dropout
-        if not (self.training and p > 0):
-            return self.token_emb(idx)
-        weight = self.token_emb.weight
-        keep = (torch.rand(weight.size(0), 1, device=weight.device) >= p).to(weight.dtype) / (1 - p)
-        return F.embedding(idx, weight * keep)
+        weight, p = self.token_emb.weight, self.config.embedding_dropout
+        if self.training and p > 0:
+            keep = torch.rand(weight.size(0), 1, device=weight.device) >= p  # words kept
+            weight = weight * (keep.to(weight.dtype) / (1 - p))
+        return F.embedding(idx, weight)
 
     def logits(self, hidden):
         """Next-token logits of final-layer states; logit_softcap squashes them into (-cap, cap)."""
-        logits = self.lm_head(hidden)
+        logits = self.lm_head(F.dropout(hidden, self.config.head_dropout, self.training))
         cap = self.config.logit_softcap
         return cap * torch.tanh(logits / cap) if cap > 0 else logits
 
@@ -275,8 +253,6 @@ class GPT(nn.Module):
             return logits, None
         return logits, F.cross_entropy(logits.view(-1, logits.size(-1)).float(), targets.reshape(-1), ignore_index=-100)
 
-    # ------------------------------------------------------------------------- training helpers
-
     def configure_optimizer(self, weight_decay, learning_rate, betas, device_type):
         """AdamW with weight decay on matrices only (not biases or norms' gains); fused on CUDA."""
         params = [p for p in self.parameters() if p.requires_grad]
@@ -284,84 +260,107 @@ class GPT(nn.Module):
                   {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
         return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, fused=device_type == "cuda")
 
-    def flops_per_token(self, seq_len):
-        """Training FLOPs per token (forward + backward): 6 per parameter, plus attention's."""
-        return 6 * self.num_params() + 12 * self.config.num_hidden_layers * self.config.hidden_size * seq_len
-
-    def estimate_mfu(self, tokens_per_second, peak_flops):
-        """Model FLOPs utilisation: the share of the device's peak that the useful maths uses."""
-        return self.flops_per_token(self.config.block_size) * tokens_per_second / peak_flops
-
     # ------------------------------------------------------------------------- generation
 
+    tokens_per_call = 1  # tokens a call of decode_tokens decodes (runtime.compile_decoding sets it)
+
     def setup_kv_cache(self, batch_size):
-        """A KVCache for batch_size sequences in every attention layer, in the weights' dtype and
-        device; one that fits already is kept (a compiled decode step keeps its graph)."""
-        w = self.token_emb.weight
-        for attn in (block.attn for block in self.blocks):
-            cache = attn.kv_cache
-            if cache is None or (cache.k.size(0), cache.k.dtype, cache.k.device) != (batch_size, w.dtype, w.device):
-                shape = (batch_size, attn.num_heads, self.config.block_size, attn.head_dim)
-                attn.kv_cache = KVCache(w.new_zeros(shape), w.new_zeros(shape))
+        """Decoding's buffers for batch_size sequences, in the weights' dtype and device, kept while
+        they fit (a compiled step keeps its graph): KV caches; causal bias, rotary cos and sin by
+        position; decode_tokens' tokens (B, block_size + 1) by position, pos, noise, suppress."""
+        w, c, kv = self.token_emb.weight, self.config, self.blocks[0].attn.kv_cache
+        fits = (self.tokens_per_call, batch_size, batch_size, w.dtype, w.device)
+        if kv is not None and (*self.noise.shape[:2], kv.size(1), kv.dtype, kv.device) == fits:
+            return
+        head_dim, block, device = c.hidden_size // c.num_attention_heads, c.block_size, w.device
+        for b in self.blocks:
+            b.attn.kv_cache = w.new_zeros(2, batch_size, c.num_attention_heads, block, head_dim)
+        self.causal_bias = w.new_full((block, block), float("-inf")).triu(1)  # row i: 0 up to i
+        self.rotary_table = rotary_angles(torch.arange(block, device=device), head_dim)
+        self.pos = torch.zeros(1, dtype=torch.long, device=device)
+        self.tokens = torch.zeros(batch_size, block + 1, dtype=torch.long, device=device)
+        self.noise = torch.ones(self.tokens_per_call, batch_size, c.vocab_size, device=device)
+        self.suppress = w.new_zeros(c.vocab_size)
+
+    def decode_mask(self, idx, input_pos):
+        """(rows, input_pos, end, bias) for every layer: idx (B, T) at input_pos ((T,), or (B, T))
+        reads cached positions 0..end-1, bias added (-inf: the future): on a CPU those written so
+        far (one token a row: no bias); on a GPU, and compiled, all (the same shapes every step)."""
+        rows, bias = torch.arange(idx.size(0), device=idx.device)[:, None], self.causal_bias
+        if input_pos.is_cuda or torch.compiler.is_compiling():
+            return rows, input_pos, self.config.block_size, bias[input_pos].unsqueeze(-3)
+        end, one = int(input_pos.max()) + 1, input_pos.dim() == 1 and idx.size(1) == 1
+        return rows, input_pos, end, None if one else bias[input_pos, :end].unsqueeze(-3)
 
     def prefill(self, idx, every_position=False):
         """Run the prompt idx (B, T) as positions 0..T-1 into the KV cache; the next-token logits
         (B, vocab), or with every_position those after each token (B, T, vocab), to score it."""
-        positions = torch.arange(idx.size(1), device=idx.device)
-        hidden = self.hidden_states(idx, positions)
+        hidden = self.hidden_states(idx, torch.arange(idx.size(1), device=idx.device))
         return self.logits(hidden if every_position else hidden[:, -1])
 
     def decode_one_token(self, idx, input_pos):
-        """The next-token logits (B, vocab) after one token per sequence, idx (B, 1), at input_pos
-        ((1,), or (B, 1): per row), through the KV cache. Shapes alike at every step: compile once."""
+        """The next-token logits (B, vocab) after idx (B, 1) at input_pos ((1,), or (B, 1))."""
         return self.logits(self.hidden_states(idx, input_pos)[:, -1])
 
+    def decode_tokens(self, steps, sampling):
+        """Decode `steps` tokens in place, the same shapes every call (compiled: one CUDA graph):
+        the newest token, tokens[:, pos], runs through the cache; next_token samples the next."""
+        for step in range(steps):
+            logits = self.decode_one_token(self.tokens[:, self.pos], self.pos)
+            self.next_token(logits, step, *sampling)
+
+    def next_token(self, logits, step, temperature, top_k, top_p, suppress):
+        """Sample after logits (B, vocab) with noise[step]; write it at pos + 1; move pos on."""
+        logits = logits + self.suppress if suppress else logits
+        new = sample_next_token(logits, temperature, top_k, top_p, noise=self.noise[step])
+        self.tokens[:, self.pos + 1] = new[:, None]
+        self.pos.add_(1)
+
     def tokens_kept_when_full(self):
-        """A sequence that fills the KV cache goes on from its last block_size // 2 tokens, the
-        cache rebuilt from them (learned positions cannot slide): rare rebuilds, a long context."""
+        """A full KV cache is rebuilt from its last block_size // 2 tokens (positions cannot slide)."""
         return max(1, self.config.block_size // 2)
 
     @torch.no_grad()
     def generate_tokens(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None,
                         use_cache=True, generator=None, suppress_ids=None):
         """Yield the next token ids, shape (B,), one step at a time; suppress_ids are never sampled.
-        With the cache, the prompt runs once (prefill), then each step one token (decode_one_token),
-        and a full cache is rebuilt (tokens_kept_when_full). Without it (the reference the cache is
-        tested against), every step runs the whole context (its last block_size tokens) again."""
-        block = self.config.block_size
+        With the cache: the prompt once (prefill), then decode_tokens, no host sync; a full cache is
+        rebuilt. Without (the reference for the cache), every step runs the whole context again."""
+        block, sampling = self.config.block_size, (temperature, top_k, top_p, bool(suppress_ids))
+        for _ in range(0 if use_cache else max_new_tokens):
+            logits = self.logits(self.hidden_states(idx[:, -block:])[:, -1])
+            logits[:, suppress_ids or []] = float("-inf")
+            idx = torch.cat([idx, sample_next_token(logits, *sampling[:3], generator)[:, None]], 1)
+            yield idx[:, -1]
+        new, p, per_call = 0, block, self.tokens_per_call  # p: the newest token's position
         if use_cache:
             self.setup_kv_cache(idx.size(0))
-            logits, length = self.prefill(idx[:, -block:]), min(idx.size(1), block)  # cached
-            input_pos = torch.tensor([length], device=idx.device)  # where the next token goes
-        else:
-            logits = self.logits(self.hidden_states(idx[:, -block:])[:, -1])
-        for step in range(max_new_tokens):
-            if suppress_ids:
-                logits[:, suppress_ids] = float("-inf")
-            next_id = sample_next_token(logits, temperature, top_k, top_p, generator)
-            yield next_id
-            if step == max_new_tokens - 1:
-                break
-            idx = torch.cat([idx, next_id[:, None]], dim=1)
-            if not use_cache:
-                logits = self.logits(self.hidden_states(idx[:, -block:])[:, -1])
-            elif length < block:
-                logits = self.decode_one_token(next_id[:, None], input_pos)
-                input_pos += 1
-                length += 1
-            else:  # the cache is full: rebuild it
-                length = self.tokens_kept_when_full()
-                logits, input_pos = self.prefill(idx[:, -length:]), torch.tensor([length], device=idx.device)
+            self.suppress.fill_(0.0)[suppress_ids or []] = float("-inf")
+        while use_cache and new < max_new_tokens:
+            n = per_call if p + per_call <= block and new + per_call <= max_new_tokens else 1
+            for i in range(n if temperature >= 1e-5 else 0):  # the draws torch.multinomial makes
+                self.noise[i].exponential_(1, generator=generator)
+            if p == block:  # the prompt, or a full cache: (re)built from its last tokens
+                context = self.tokens[:, -self.tokens_kept_when_full():] if new else idx[:, -block:]
+                p = context.size(1)
+                self.tokens[:, :p] = context
+                self.pos.fill_(p - 1)
+                self.next_token(self.prefill(context), 0, *sampling)
+            else:
+                self.decode_tokens(n, sampling)
+                p += n
+            yield from self.tokens[:, p + 1 - n:p + 1].clone().unbind(1)
+            new += n
 
     @torch.no_grad()
     def generate(self, idx, max_new_tokens, **kwargs):
         """idx (B, T) extended by max_new_tokens sampled tokens."""
-        new = list(self.generate_tokens(idx, max_new_tokens, **kwargs))
-        return torch.cat([idx] + [t[:, None] for t in new], dim=1) if new else idx
+        return torch.column_stack([idx, *self.generate_tokens(idx, max_new_tokens, **kwargs)])
 
 
-def sample_next_token(logits, temperature=1.0, top_k=None, top_p=None, generator=None):
-    """One token per row of (B, vocab) logits; greedy at temperature 0 (or below 1e-5: overflow)."""
+def sample_next_token(logits, temperature=1.0, top_k=None, top_p=None, generator=None, noise=None):
+    """One token per row of (B, vocab) logits; greedy at temperature 0 (or below 1e-5: overflow).
+    Sampled as torch.multinomial does: argmax(probs / noise), noise Exp(1) draws given or drawn."""
     if temperature < 1e-5:
         return logits.argmax(dim=-1)
     logits = logits.float() / temperature
@@ -377,4 +376,5 @@ def sample_next_token(logits, temperature=1.0, top_k=None, top_p=None, generator
         remove = remove_sorted.scatter(-1, order, remove_sorted)
         logits = logits.masked_fill(remove, float("-inf"))
     probs = logits.softmax(dim=-1)
-    return torch.multinomial(probs, num_samples=1, generator=generator).squeeze(-1)
+    noise = torch.empty_like(probs).exponential_(1, generator=generator) if noise is None else noise
+    return (probs / noise).argmax(dim=-1)

@@ -9,8 +9,11 @@ the vectors (norms, biases) stay with AdamW.
 
 The matrices of one shape (every block's query-key-value projection, say) are orthogonalized
 together: stacked, they go through one chain of batched matmuls instead of one chain each, a few
-launches per shape rather than per matrix.
+launches per shape rather than per matrix. Beside the optimizers, Average: a moving average of the
+weights that training takes after each step (Polyak averaging), whichever optimizer made them.
 """
+
+import copy
 
 import torch
 
@@ -46,21 +49,26 @@ def same_shape_batches(params):
 class Muon(torch.optim.Optimizer):
     """Muon for 2-D weights: momentum, then an orthogonalized step, scaled so that tall and wide
     matrices move alike; decoupled weight decay as AdamW has it (p *= 1 - lr * weight_decay; none by
-    default). compile=True runs Newton-Schulz through torch.compile, one graph per stack shape."""
+    default)."""
 
-    def __init__(self, params, lr=0.02, momentum=0.95, weight_decay=0.0, ns_steps=5, compile=False):
+    def __init__(self, params, lr=0.02, momentum=0.95, weight_decay=0.0, ns_steps=5):
         defaults = dict(lr=lr, momentum=momentum, weight_decay=weight_decay, ns_steps=ns_steps)
         super().__init__(params, defaults)
         # the Newton-Schulz function that step() calls; a training loop may put a compiled one here
         self.orthogonalize = orthogonalize
-        if compile:
-            self.orthogonalize = torch.compile(orthogonalize, dynamic=False)
 
     def batch_shapes(self):
         """(count, rows, cols) of each stack that step() orthogonalizes: a compiled orthogonalize
         warmed up on these has compiled every graph it will need."""
         params = [p for group in self.param_groups for p in group["params"]]
         return [(len(batch), *batch[0].shape) for batch in same_shape_batches(params)]
+
+    def warm_up(self, orthogonalize):
+        """orthogonalize run once on zeros of each stack's shape (no random stream moves): a
+        compiled one makes every graph step() will need now. Returns its results."""
+        device = self.param_groups[0]["params"][0].device
+        return [orthogonalize(torch.zeros(shape, device=device), self.defaults["ns_steps"])
+                for shape in self.batch_shapes()]
 
     @torch.no_grad()
     def step(self):
@@ -115,19 +123,39 @@ class Optimizers:
 
 
 def muon_with_adamw(model, muon_lr, adamw_lr, weight_decay, betas, device_type="cpu",
-                    muon_weight_decay=0.0, compile=False):
+                    muon_weight_decay=0.0):
     """Muon for the 2-D weights of model.blocks, AdamW for the rest (embeddings, output layer,
     norms, biases; weight_decay on its matrices only). Muon's matrices decay by muon_weight_decay
     (decoupled, at Muon's learning rate; 0, the default, leaves them alone as Muon's authors did).
-    compile: Newton-Schulz through torch.compile. Every param group records lr_scale, its learning
+    Every param group records lr_scale, its learning
     rate over adamw_lr, so that one schedule (group["lr"] = schedule * lr_scale) drives both."""
     in_blocks = {id(p) for p in model.blocks.parameters()}
     params = [p for p in model.parameters() if p.requires_grad]
     matrices = [p for p in params if p.dim() == 2 and id(p) in in_blocks]
     others = [p for p in params if id(p) not in {id(m) for m in matrices}]
     muon = Muon([{"params": matrices, "lr_scale": muon_lr / adamw_lr}], lr=muon_lr,
-                weight_decay=muon_weight_decay, compile=compile)
+                weight_decay=muon_weight_decay)
     adamw = torch.optim.AdamW([{"params": [p for p in others if p.dim() >= 2], "weight_decay": weight_decay},
                                {"params": [p for p in others if p.dim() < 2], "weight_decay": 0.0}],
                               lr=adamw_lr, betas=betas, fused=device_type == "cuda")
     return Optimizers(muon, adamw)
+
+
+class Average:
+    """A moving average of a model's weights (Polyak averaging): after step t, the mean of the
+    weights after each step, w_1..w_t, w_i weighted by decay^(t-i): about the last 1 / (1 - decay)
+    steps. decay=0.5, after 3 steps: (w_1 + 2 w_2 + 4 w_3) / 7. average.model: a copy of the model
+    holding the average, to evaluate and save.
+
+        average = Average(model, decay=0.99)
+        optimizer.step(); average.update(model, step)      # step: 1, 2, ... (the steps taken)
+    """
+
+    def __init__(self, model, decay):
+        self.model, self.decay = copy.deepcopy(model), decay
+
+    @torch.no_grad()
+    def update(self, model, step):
+        """Take in model's weights after step `step` (1 the first: the average is then w_1)."""
+        share = (1 - self.decay) / (1 - self.decay ** step)
+        torch._foreach_lerp_(list(self.model.parameters()), list(model.parameters()), share)

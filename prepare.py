@@ -9,6 +9,7 @@ corpus's size: the text is read, counted and encoded a piece at a time, on every
     python prepare.py --input=a.txt,books/ --out_dir=data/mine    # .txt, .jsonl, .parquet, .gz
     python prepare.py --hf_dataset=HuggingFaceFW/fineweb-edu --hf_config=sample-10BT
     python prepare.py --tokenizer=gpt2      # GPT-2's BPE instead of our own: data/<dataset>-gpt2
+    python prepare.py --input=web/ --scrub_pii=True --dedup=near  # <EMAIL>, ...; near copies out
 
 corpus.py reads the documents and puts each in its split; data.py reads the result in out_dir
 (default data/<name>): train.bin, val.bin, test.bin (uint16 ids, uint32 past 65,536; each document
@@ -30,8 +31,9 @@ from pathlib import Path
 import numpy as np
 
 from cli import UserError, check_settings, parse_config, run_main, setting
-from corpus import (WIKITEXT, CleanStream, Corpus, batched, check_splits, corpus_name,
-                    document_stream, first_chars, reading_progress)
+from clean import clean_stream
+from corpus import (WIKITEXT, Corpus, batched, check_splits, corpus_name, document_stream,
+                    first_chars, reading_progress)
 from data import SPLITS, count_words, dtype_for, load_tokenizer
 from download import download, sha256_of
 from files import atomic_write, check_writable, folder_lock, write_json
@@ -59,8 +61,8 @@ class PrepareConfig:
     workers: int = setting(0, low=0)         # processes that count and encode; 0: one per core
     # what is left out or replaced (nothing by default)
     scrub_pii: bool = False          # personal data and keys -> <EMAIL>, <PHONE>, ... (scrub.py)
-    dedup: str = setting("off", choices=("off", "exact", "near"))  # later copies of a document out:
-                                     # the same words, or near (word 5-grams, MinHash)
+    dedup: str = setting("off", choices=("off", "exact", "near"))  # leave out later copies: the
+                                                                   # same words, or near (MinHash)
     dedup_threshold: float = setting(0.8, above=0, high=1)  # near: the Jaccard similarity of a copy
     dedup_memory_mb: int = setting(64, low=1)  # the Bloom filter of the documents kept
     # where it goes
@@ -109,7 +111,7 @@ def prepare_data(config):
             if kept:
                 tok = load_tokenizer(work_dir)
             else:
-                train_text = first_chars(stream(), "train", config.tokenizer_chars)
+                train_text = first_chars(stream("train"), "train", config.tokenizer_chars)
                 tok = get_tokenizer(config, train_text, pool)
                 tok.save(work_dir)
                 write_json(work_dir / "settings.json", settings)
@@ -119,7 +121,7 @@ def prepare_data(config):
             totals, parts = encode_stream(stream(), str(work_dir), dtype, pool, 2 * workers,
                                           *reading_progress(source, "encoding"))
             t2 = time.time()
-            check_splits(config, totals)
+            check_splits(config, totals, sum(stream.removed.values()))
             meta = new_meta(config, name, tok, dtype) | stream.meta()
             write_dataset(out_dir, work_dir, tok, dtype, totals, parts, meta)
         except KeyboardInterrupt:
@@ -195,22 +197,6 @@ def start_work_dir(work_dir, config, source):
         raise UserError(f"cannot write in {work_dir.parent} ({e.strerror or e}): choose another "
                         f"--out_dir") from None
     return kept, settings
-
-
-# ----------------------------------------------------------------------------- what is left out
-
-def clean_stream(config, stream, source, pool, ahead):
-    """The stream as the tokenizer and the encoding read it (corpus.CleanStream): the duplicates
-    found first, in a pass of their own (--dedup), the personal data replaced (--scrub_pii)."""
-    deduplicator = scrub = None
-    if config.dedup != "off":
-        from dedup import Deduplicator
-        deduplicator = Deduplicator(config.dedup, config.dedup_threshold,
-                                    memory_mb=config.dedup_memory_mb)
-    if config.scrub_pii:
-        import scrub
-    progress = reading_progress(source, "finding duplicates") if deduplicator else ()
-    return CleanStream(stream, deduplicator, scrub, pool, ahead, *progress)
 
 
 # ----------------------------------------------------------------------------- the tokenizer

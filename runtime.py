@@ -1,6 +1,7 @@
 """
-Where and how the maths runs, decided one way for every script: the device, the dtype, autocast, torch.compile with
-a fallback, the peak FLOP/s of known GPUs (for MFU), memory reuse on CPUs, and a model loaded ready for inference.
+Where and how the maths runs, decided one way for every script: the device (and torchrun's processes), the dtype,
+autocast, torch.compile with a fallback, the peak FLOP/s of known GPUs and MFU, memory (reuse on CPUs, a training
+step checked against what is free), and a model loaded ready for inference.
 
 The dtype rule (train, evaluate, sample, fine-tuning and serve all call `pick_dtype`): 'auto' is bfloat16 where the
 hardware computes in it (GPUs from Ampere on, CPUs with AVX512-BF16 or AMX), else float16 on a GPU and float32
@@ -13,6 +14,7 @@ weights in that dtype:
 import contextlib
 import ctypes
 import functools
+import os
 import re
 import sys
 
@@ -40,6 +42,21 @@ def pick_device(device="auto"):
 
 
 @functools.cache
+def start_processes(device="auto"):
+    """(ddp, rank, world_size, device) of a training process: alone, or one of torchrun's (it sets
+    RANK, WORLD_SIZE and LOCAL_RANK), each on a GPU of its own, in one process group."""
+    ddp = int(os.environ.get("RANK", -1)) != -1
+    rank, world_size = (int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])) if ddp else (0, 1)
+    device = pick_device(device)
+    if ddp and device == "cuda":
+        device = f"cuda:{os.environ['LOCAL_RANK']}"
+        torch.cuda.set_device(device)
+    if ddp:
+        import torch.distributed as dist
+        dist.init_process_group(backend="nccl" if device.startswith("cuda") else "gloo")
+    return ddp, rank, world_size, device
+
+
 def cpu_flags():
     """The CPU's feature flags on Linux ({'avx2', 'avx512_bf16', ...}); empty elsewhere."""
     try:
@@ -115,6 +132,15 @@ def gpu_peak_flops(name):
     return next((flops for pattern, flops in PEAK_FLOPS if re.search(pattern, name)), 0.0)
 
 
+def estimate_mfu(model, tokens_per_second, peak_flops):
+    """Model FLOPs utilisation: the share of the device's peak that training's useful maths takes,
+    6 FLOPs per parameter and token (forward and backward) plus attention's 12 x layers x hidden x
+    context (PaLM, appendix B)."""
+    c = model.config
+    flops_per_token = 6 * model.num_params() + 12 * c.num_hidden_layers * c.hidden_size * c.block_size
+    return flops_per_token * tokens_per_second / peak_flops
+
+
 def keep_freed_memory():
     """Keep the memory of freed tensors in the process for the next ones, instead of handing it back to the OS (Linux
     with glibc; elsewhere nothing happens), as jemalloc or tcmalloc would. A training step frees and reallocates its
@@ -147,23 +173,23 @@ def free_memory(device):
         return None
 
 
-def training_memory(model_config, batch_size, block_size, optimizer_states):
-    """A lower bound on the bytes one training step needs, as (weights, activations): float32 weights, gradients and
-    optimizer_states values per parameter (AdamW keeps 2), and what backward keeps per token: ~34 bytes per hidden
-    unit per layer in 16-bit with fused attention (Korthikanti et al. 2022) and the float32 logits with their
-    gradient.  wikitext_tiny (7.3M parameters, Muon: 1 state, batch 16 x 128) -> (0.09 GB, 0.21 GB)."""
+def check_training_fits(model_config, batch_size, block_size, optimizer_states, device):
+    """Refuse in one line, before allocating, a training step that needs more memory than device has free. A lower
+    bound: float32 weights, gradients and optimizer_states values per parameter (AdamW keeps 2), and what backward
+    keeps per token: ~34 bytes per hidden unit per layer in 16-bit with fused attention (Korthikanti et al. 2022)
+    and the float32 logits with their gradient. wikitext_tiny (7.3M parameters, Muon: 1 state, batch 16 x 128):
+    0.09 GB of weights and state, 0.21 GB of activations."""
     c = model_config
-    tokens = batch_size * block_size
-    return (c.num_params() * 4 * (2 + optimizer_states),
-            tokens * (34 * c.hidden_size * c.num_hidden_layers + 8 * c.vocab_size))
-
-
-def check_fits(needed, device, what, advice):
-    """A UserError with the size needed, before allocating, where `needed` bytes are more than device has free."""
+    weights = c.num_params() * 4 * (2 + optimizer_states)
+    activations = batch_size * block_size * (34 * c.hidden_size * c.num_hidden_layers + 8 * c.vocab_size)
     free = free_memory(device)
-    if free is not None and needed > free:
-        raise UserError(f"{what} needs at least {needed / 1e9:,.1f} GB of memory and {device} has {free / 1e9:,.1f} "
-                        f"GB free: {advice}")
+    if free is not None and weights + activations > free:
+        raise UserError(f"training {c.num_params() / 1e6:,.1f}M parameters ({weights / 1e9:,.1f} GB with gradients "
+                        f"and optimizer state) at batch_size={batch_size} x block_size={block_size} "
+                        f"({activations / 1e9:,.1f} GB of activations) needs at least "
+                        f"{(weights + activations) / 1e9:,.1f} GB of memory and {device} has {free / 1e9:,.1f} GB "
+                        f"free: lower --batch_size (raising --gradient_accumulation_steps keeps the batch), or the "
+                        f"model's size")
 
 
 # ----------------------------------------------------------------------------- a model ready for inference
@@ -188,16 +214,72 @@ def load_for_inference(name_or_dir, device="auto", dtype="auto", quantize="none"
     return model, tokenizer, checkpoint
 
 
-def compile_decoding(model, device):
-    """torch.compile the one-token decode step, the step that generation repeats; on a GPU with CUDA graphs
-    ("reduce-overhead"), which replay the whole step as one launch. Inside a compiled step the KV cache reads its
-    whole buffer, so the step's shapes never change and it compiles once. The prompt's prefill runs eagerly. Where
-    compiling fails: a warning, and eager decoding."""
+def compile_decoding(model, device, mode=None, tokens_per_call=1, **sampling):
+    """torch.compile the decode step that generation repeats (GPT.decode_tokens: tokens_per_call
+    tokens a call, each sampled inside it); on a GPU with CUDA graphs ("reduce-overhead"), which
+    replay the whole step as one launch. mode: another torch.compile mode ("max-autotune"). The
+    step reads and writes the model's decoding buffers in place (static_buffers): its shapes never
+    change, and a replay copies nothing in. It compiles once per sampling setting: `sampling`
+    (generate_tokens' temperature, top_k, top_p, suppress_ids; greedy by default) is the one
+    warmed up here. The prompt's prefill runs eagerly. Where compiling fails: a warning, and eager
+    decoding."""
+    model.tokens_per_call = tokens_per_call
+    static_buffers(model)
 
     def warm_up(decode):
-        model.decode_one_token = decode
-        for _ in model.generate_tokens(torch.zeros(1, 3, dtype=torch.long, device=device), 3, temperature=0):
+        model.decode_tokens = decode
+        prompt = torch.zeros(1, 3, dtype=torch.long, device=device)
+        seeded = torch.Generator(device).manual_seed(0)
+        settings = {"temperature": 0, **sampling, "generator": seeded}
+        # a call of tokens_per_call tokens, then (at the end) of one: both compile here
+        for _ in model.generate_tokens(prompt, 2 * tokens_per_call, **settings):
             pass
 
-    mode = "reduce-overhead" if device.startswith("cuda") else "default"
-    model.decode_one_token = compile_or_eager(model.decode_one_token, warm_up, mode=mode, fullgraph=True)
+    mode = mode or ("reduce-overhead" if device.startswith("cuda") else "default")
+    model.decode_tokens = compile_or_eager(model.decode_tokens, warm_up, mode=mode, fullgraph=True)
+
+
+def static_buffers(model):
+    """Mark the buffers that decoding reads and writes in place (GPT.setup_kv_cache's: those there
+    are, and those it makes for another batch size) as living at fixed addresses: CUDA graphs then
+    use them where they are, rather than copy them into their own at every replay (or give up the
+    graph for a step that writes them)."""
+    from torch._dynamo import mark_static_address
+    setup = model.setup_kv_cache
+
+    def mark():
+        tables = (model.causal_bias, *model.rotary_table)
+        state = (model.tokens, model.pos, model.noise, model.suppress)
+        for buffer in (*tables, *state, *(block.attn.kv_cache for block in model.blocks)):
+            mark_static_address(buffer)
+
+    def setup_static(batch_size):
+        setup(batch_size)
+        mark()
+
+    model.setup_kv_cache = setup_static
+    if model.blocks[0].attn.kv_cache is not None:
+        mark()
+
+
+def compile_batch_decoding(model, use_rows, batch_sizes):
+    """The batching engine's step (GPT.decode_one_token: a token per row, at the row's position)
+    compiled for each of batch_sizes, the KV cache's rows that use_rows(0, size) points the model
+    at: on a GPU one CUDA graph per size. Compiled, and warmed up, here; where compiling fails: a
+    warning, and the eager step."""
+    import torch._dynamo
+    device = model.token_emb.weight.device
+    static_buffers(model)
+    limit = torch._dynamo.config.recompile_limit  # a compilation per batch size
+    torch._dynamo.config.recompile_limit = max(limit, len(batch_sizes) + 1)
+
+    def warm_up(decode):
+        for size in batch_sizes:
+            use_rows(0, size)
+            for block in model.blocks:  # these rows' view of the cache
+                torch._dynamo.mark_static_address(block.attn.kv_cache)
+            decode(*torch.zeros(2, size, 1, dtype=torch.long, device=device))  # tokens, positions
+
+    mode = "reduce-overhead" if device.type == "cuda" else "default"
+    step = model.decode_one_token
+    return compile_or_eager(step, warm_up, mode=mode, fullgraph=True, dynamic=False)

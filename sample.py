@@ -20,16 +20,16 @@ its words); its folder's meta.json names it, and sample.py never lets the model 
 (--allow_unk=True does).
 """
 
-import json
 import os
 import sys
 import time
 from dataclasses import dataclass
 
+from checkpoint import unknown_word
 from cli import UserError, parse_config, run_main, setting
 from files import read_utf8
 from generate import decode_stream, generate_ids, word_starts
-from runtime import load_for_inference
+from runtime import compile_decoding, load_for_inference
 
 SEPARATOR = "\n---------------\n"
 
@@ -68,19 +68,6 @@ def read_prompt(start):
     return start
 
 
-def unknown_word_ids(tokenizer, model_dir, allow):
-    """The ids that would start the unknown-word marker that the model's data names in meta.json
-    (<unk> in the tokenized WikiText-2), unless allowed: never sampling them keeps it out of the
-    samples."""
-    try:
-        with open(os.path.join(model_dir, "meta.json"), encoding="utf-8") as f:
-            word = json.load(f).get("unknown_word")
-    # no data folder's meta.json here (GPT-2, say): nothing to keep out
-    except (OSError, ValueError, AttributeError):
-        return None
-    return word_starts(tokenizer, word) if word and not allow else None
-
-
 def tee_into(items, seen):
     """Yield each item, appending it to the list `seen` too."""
     for item in items:
@@ -92,8 +79,14 @@ def main():
     config = parse_config(SampleConfig, renamed={"out_dir": "model"})
     prompt = read_prompt(config.start)
     model, tokenizer, _ = load_for_inference(config.model, config.device, config.dtype,
-                                             config.quantize, config.compile)
-    suppress = unknown_word_ids(tokenizer, config.model, config.allow_unk)
+                                             config.quantize)
+    # never sampling the tokens that start the data's marker for rare words keeps it out
+    word = None if config.allow_unk else unknown_word(config.model)
+    suppress = word_starts(tokenizer, word) if word else None
+    sampling = dict(temperature=config.temperature, top_k=config.top_k or None,
+                    top_p=config.top_p if config.top_p < 1 else None, suppress_ids=suppress)
+    if config.compile:  # the step compiles once per sampling setting: for these, now
+        compile_decoding(model, str(model.token_emb.weight.device), **sampling)
     ids = tokenizer.encode_document(prompt)
     if not ids:
         raise UserError("this tokenizer has no end-of-text token to start from: give a prompt with "
@@ -110,9 +103,8 @@ def main():
     for i in range(config.num_samples):
         print(SEPARATOR if i else "", prompt, sep="", end="", flush=True)
         t0, new_ids, last = time.time(), [], prompt
-        tokens = generate_ids(model, ids, config.max_new_tokens, config.temperature, config.top_k,
-                              config.top_p, config.seed + i, tokenizer.eot_id,
-                              suppress_ids=suppress)
+        tokens = generate_ids(model, ids, config.max_new_tokens, seed=config.seed + i,
+                              eot_id=tokenizer.eot_id, **sampling)
         for piece in decode_stream(tokenizer, tee_into(tokens, new_ids)):
             print(piece, end="", flush=True)
             last = piece

@@ -8,10 +8,9 @@ and a page to try the model in a browser (serve.html, beside this file).
     curl -s localhost:8000/v1/completions -d '{"prompt": "The history of", "max_tokens": 50}'
     curl -N localhost:8000/v1/completions -d '{"prompt": "The history of", "stream": true}'
 
-Each POST takes its request class's fields, checked as settings are; errors come in OpenAI's shape,
-a 4xx for anything the client can fix. One engine thread decodes every active request's next token
-in one forward pass (engine.py); however an answer ends (sent, failed, its client gone), its choices
-leave the engine. GPT_API_TOKEN=secret asks for `Authorization: Bearer secret`. One process only:
+Each POST takes its request class's fields, checked as settings are; errors come in OpenAI's shape.
+One engine thread decodes every active request in one forward pass (engine.py); an answer's choices
+leave it however the answer ends. GPT_API_TOKEN=secret asks for a token. One process only:
 
     gunicorn -w 1 --threads 32 -b 127.0.0.1:8000 'serve:create_app(model="out-wikitext-tiny")'
 """
@@ -39,9 +38,10 @@ from flask import Flask, Response, jsonify, request
 from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 from werkzeug.serving import WSGIRequestHandler
 
+from checkpoint import unknown_word
 from cli import UserError, allowed, check_allowed, check_settings, parse_config, run_main, setting
 from engine import BatchEngine
-from generate import Completion, chat_to_prompt, has_prompt_format
+from generate import Completion, chat_to_prompt, has_prompt_format, word_starts
 from runtime import load_for_inference, pick_device
 
 
@@ -54,6 +54,9 @@ class ServeConfig:
     device: str = "auto"                      # auto: cuda, then mps, then cpu
     dtype: str = "auto"                       # float32 | bfloat16 | float16; auto: bf16 if fast
     max_batch_size: int = setting(32, low=1)  # requests decoded together (rows of the KV cache)
+    compile: bool = False                     # compile the decode step, CUDA graphs for batch sizes
+                                              # 1, 2, 4, ...: for GPUs
+    allow_unk: bool = False                   # let the model write its data's marker for rare words
     max_tokens_limit: int = setting(500, low=1)  # the most tokens one request may ask for
     max_prompt_chars: int = setting(10_000, low=1)  # longest prompt, messages or text to classify
     max_body_bytes: int = setting(64 * 1024, low=1)  # larger request bodies are refused unread
@@ -137,9 +140,9 @@ class ApiError(Exception):
         self.param, self.status, self.code = param, status, code
 
 
-def error_response(status, message, param=None, code=None):
+def error_response(status, message, param=None, code=None, headers=None):
     kind = "server_error" if status >= 500 else "invalid_request_error"
-    return jsonify(error={"message": message, "type": kind, "param": param, "code": code}), status
+    return jsonify(error={"message": message, "type": kind, "param": param, "code": code}), status, headers
 
 
 def excerpt(value):
@@ -355,11 +358,9 @@ def guard(app, token, allowed_origins, allowed_hosts):
         # compare_digest takes as long for a near miss as for a wild guess: no guessing byte by byte
         if token and request.path != "/" and request.method != "OPTIONS" and not hmac.compare_digest(
                 given, token.encode()):
-            response, status = error_response(401, f"this server needs 'Authorization: Bearer "
-                                              f"<token>' (see {TOKEN_ENV}): missing or wrong",
-                                              code="invalid_api_key")
-            response.headers["WWW-Authenticate"] = "Bearer"
-            return response, status
+            return error_response(401, f"this server needs 'Authorization: Bearer <token>' (see "
+                                  f"{TOKEN_ENV}): missing or wrong", code="invalid_api_key",
+                                  headers={"WWW-Authenticate": "Bearer"})
 
     @app.after_request
     def cors_headers(response):
@@ -412,15 +413,17 @@ def create_app(config=None, **settings):
 
     device = pick_device(config.device)
     model, tokenizer, checkpoint = load_for_inference(config.model, device, config.dtype)
-    engine, classifier = BatchEngine(model, config.max_batch_size), None
-    app.engine = engine  # for whoever embeds the app: app.engine.close() stops its thread
+    word = None if config.allow_unk else unknown_word(config.model)
+    engine = BatchEngine(model, config.max_batch_size, config.compile,
+                         suppress_ids=word_starts(tokenizer, word) if word else None)
+    app.engine, classifier = engine, None  # app.engine.close() stops its thread
     if config.classifier:  # (its module only then)
         from finetune import classify, load_classifier
         classifier = load_classifier(config.classifier, device)
     classifier_lock = threading.Lock()  # one classification at a time
     name = os.path.basename(os.path.abspath(config.model))
-    created = int(os.path.getmtime(config.model)) if os.path.exists(config.model) else 0
-    card = {"id": name, "object": "model", "created": created, "owned_by": "local"}
+    card = {"id": name, "object": "model", "owned_by": "local",
+            "created": int(os.path.getmtime(config.model)) if os.path.exists(config.model) else 0}
 
     def answer(prompts, req, chat):
         """Submit a choice per prompt and n, then answer, whole or streamed. However the answer ends
@@ -468,9 +471,9 @@ def create_app(config=None, **settings):
 
     @app.get("/health")
     def health():
-        dtype = str(model.token_emb.weight.dtype).removeprefix("torch.")
         return jsonify(status="ok", model=name, parameters=model.num_params(non_embedding=False),
-                       device=device, dtype=dtype, block_size=model.config.block_size,
+                       device=device, dtype=str(model.token_emb.weight.dtype).removeprefix("torch."),
+                       block_size=model.config.block_size,
                        vocab_size=model.config.vocab_size, chat=has_prompt_format(checkpoint),
                        classifier={"labels": classifier[0].labels} if classifier else None,
                        batch={"active": len(engine.active), "waiting": engine.waiting.qsize(),
@@ -479,15 +482,12 @@ def create_app(config=None, **settings):
                                "prompt_chars": config.max_prompt_chars, "body_bytes": config.max_body_bytes})
 
     @app.get("/v1/models")
-    def models():
-        return jsonify(object="list", data=[card])
-
     @app.get("/v1/models/<path:model_id>")
-    def one_model(model_id):
-        if model_id != name:
+    def models(model_id=None):
+        if model_id not in (None, name):
             raise ApiError(f"no model '{model_id[:60]}' here; it serves '{name}'", "model", 404,
                            "model_not_found")
-        return jsonify(card)
+        return jsonify(card) if model_id else jsonify(object="list", data=[card])
 
     @app.post("/v1/completions")
     def completions():

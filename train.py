@@ -1,7 +1,6 @@
 """
 Train a GPT on the token files that prepare.py wrote. Read top to bottom: the settings, the helpers
-the loop uses, then main(): the set-up (checkpoint.resume_run says which run goes on, with which
-settings), then the training loop.
+the loop uses, then main(): the set-up (resume_run: which run goes on), then the training loop.
 
     python train.py config/wikitext_tiny.py                      # ~9 minutes on 2 CPU cores
     python train.py config/wikitext_small.py --batch_size=8      # a GPU-sized run
@@ -18,6 +17,7 @@ import json
 import math
 import os
 import signal
+import sys
 import time
 from dataclasses import asdict, dataclass, fields
 
@@ -26,14 +26,14 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from checkpoint import check_tokenizer, restore_training, resume_run, save_run, training_checkpoint
+from checkpoint import restore_training, resume_run, save_run, training_checkpoint
 from cli import UserError, parse_config, run_main, setting
-from data import load_meta, load_split, load_tokenizer
+from data import load_training_data
 from files import duration, folder_lock
 from model import GPT, GPTConfig
-from muon import muon_with_adamw
-from runtime import (autocast, check_fits, compile_or_eager, keep_freed_memory, peak_flops,
-                     pick_device, pick_dtype, training_memory)
+from muon import Average, muon_with_adamw, orthogonalize
+from runtime import (autocast, check_training_fits, compile_or_eager, estimate_mfu,
+                     keep_freed_memory, peak_flops, pick_dtype, start_processes)
 
 
 @dataclass
@@ -45,8 +45,7 @@ class TrainConfig:
     overwrite: bool = False                   # scratch over out_dir's checkpoint replaces it
     eval_interval: int = setting(250, low=1)  # iterations between evaluations (and checkpoints)
     eval_iters: int = setting(50, low=1)      # batches per evaluation
-    log_interval: int = setting(10, low=1)    # iterations between log lines (and a progress line
-                                              # every ~10 s)
+    log_interval: int = setting(10, low=1)    # iterations between log lines (progress: every ~10 s)
     always_save_checkpoint: bool = True       # False: save only when val loss improves
     wandb_log: bool = False                   # also log to wandb (pip install wandb)
     wandb_project: str = "gpt"                # wandb project name
@@ -54,17 +53,17 @@ class TrainConfig:
     # data
     batch_size: int = setting(16, low=1)      # sequences per micro-step per process
     block_size: int = setting(256, low=1)     # tokens per sequence: the model's context
-    gradient_accumulation_steps: int = setting(1, low=1)  # micro-steps per optimizer step, summed
-                                                          # over all processes
+    gradient_accumulation_steps: int = setting(1, low=1)  # micro-steps per step, over all processes
     # model
     hidden_size: int = setting(384, low=1)    # width of the residual stream
     num_hidden_layers: int = setting(6, low=1)  # transformer blocks
     num_attention_heads: int = setting(6, low=1)  # must divide hidden_size
-    dropout: float = setting(0.1, low=0, below=1)  # on attention weights, residuals and embeddings
-                                                   # in training
+    dropout: float = setting(0.1, low=0, below=1)  # on the embeddings, and where the next two are < 0
+    attention_dropout: float = setting(-1.0, low=-1, below=1)  # on attention weights (< 0: dropout)
+    residual_dropout: float = setting(-1.0, low=-1, below=1)  # on residual branches (< 0: dropout)
+    head_dropout: float = setting(0.0, low=0, below=1)  # on the final states, before the head
     bias: bool = False                        # biases in Linear and LayerNorm layers (GPT-2 has them)
-    position: str = setting("learned", choices=("learned", "rope"))  # position encoding (model.py's
-                                                                     # GPTConfig)
+    position: str = setting("learned", choices=("learned", "rope"))  # rope: rotary positions
     activation: str = setting("gelu", choices=("gelu", "relu2"))  # the MLP's nonlinearity
     qk_norm: bool = False                     # RMS-normalise queries and keys
     tie_embeddings: bool = True               # the output layer is the token embedding
@@ -75,6 +74,7 @@ class TrainConfig:
     optimizer: str = setting("adamw", choices=("adamw", "muon"))  # muon: Muon for the blocks' matrices
     learning_rate: float = setting(1e-3, above=0)  # the peak, reached after warmup_iters
     muon_learning_rate: float = setting(0.02, above=0)  # Muon's peak, on the same schedule
+    muon_weight_decay: float = setting(0.0, low=0)  # Muon's matrices: p *= 1 - lr * this, each step
     max_iters: int = setting(5000, low=1)     # optimizer steps in all
     weight_decay: float = setting(0.1, low=0)  # on matrices only
     beta1: float = setting(0.9, low=0, below=1)  # AdamW's first-moment decay
@@ -83,10 +83,10 @@ class TrainConfig:
     warmup_iters: int = setting(100, low=0)   # linear warmup from ~0 to learning_rate
     lr_decay_iters: int = setting(5000, low=0)  # cosine decay ends here; usually = max_iters
     min_lr: float = setting(1e-4, low=0)      # the last rate; usually learning_rate / 10
+    ema_decay: float = setting(0.0, low=0, below=1)  # > 0: evaluate and save the weights' average
     # system
     device: str = "auto"                      # auto picks cuda, then mps, then cpu
-    dtype: str = "auto"                       # bfloat16 | float16 | float32; auto: bf16 where the
-                                              # hardware has it
+    dtype: str = "auto"                       # bfloat16 | float16 | float32; auto: bf16 where fast
     compile: str = setting("auto", choices=("auto", "True", "False"))  # torch.compile; auto: on CUDA
     peak_flops: float = setting(0.0, low=0)   # device peak FLOP/s for MFU; 0 = known GPUs only
     seed: int = setting(1337, low=0, high=2**62)  # model init, data order and dropout
@@ -94,33 +94,19 @@ class TrainConfig:
 
 # ----------------------------------------------------------------------------- the loop's helpers
 
-def load_data(config):
-    """(meta.json, tokenizer, the train and val token ids) of data_dir, refused in one line where
-    its tokenizer does not fit its meta.json or a split is not longer than one sequence."""
-    meta, tokenizer = load_meta(config.data_dir), load_tokenizer(config.data_dir)
-    check_tokenizer(tokenizer, config.data_dir, meta["vocab_size"], "its meta.json", "prepare it again")
-    splits = {split: load_split(config.data_dir, split) for split in ("train", "val")}
-    for name, split in splits.items():
-        if len(split) <= config.block_size + 1:
-            raise UserError(f"the {name} split has {len(split)} tokens, fewer than block_size="
-                            f"{config.block_size}: lower --block_size or prepare more data")
-    return meta, tokenizer, splits
-
-
 def get_batch(data, generator, count, config, device, keep=slice(None)):
-    """count x (batch_size, block_size) random windows of data as inputs, and the same windows
-    shifted by one as targets; only the rows in `keep` (a process's share of a batch drawn alike by
-    every process) go to the device."""
+    """(the generator's state before the draw, inputs, targets): count x (batch_size, block_size)
+    random windows of data, and the same windows shifted by one; only the rows in `keep` (a
+    process's share of a batch drawn alike by every process) go to the device."""
+    state = generator.get_state()
     starts = torch.randint(len(data) - config.block_size - 1, (count, config.batch_size),
                            generator=generator)[keep]
     # every window's token positions, gathered from the memmap at once
     offsets = starts.numpy()[..., None] + np.arange(config.block_size + 1)
     batch = torch.from_numpy(data[offsets].astype(np.int64))
-    if device.startswith("cuda"):  # pinned memory lets the copy to the GPU overlap with compute
-        batch = batch.pin_memory().to(device, non_blocking=True)
-    else:
-        batch = batch.to(device)
-    return batch[..., :-1], batch[..., 1:]
+    cuda = device.startswith("cuda")  # pinned memory lets the copy to the GPU overlap with compute
+    batch = (batch.pin_memory() if cuda else batch).to(device, non_blocking=cuda)
+    return state, batch[..., :-1], batch[..., 1:]
 
 
 def build_model(config, vocab_size, state, device):
@@ -133,18 +119,14 @@ def build_model(config, vocab_size, state, device):
         model_config = GPTConfig(vocab_size=vocab_size, **shape)
     except ValueError as e:  # a shape that cannot be built: the settings say so
         raise UserError(str(e))
-    weights, activations = training_memory(model_config, config.batch_size, config.block_size,
-                                           optimizer_states=1 if config.optimizer == "muon" else 2)
-    what = (f"training {model_config.num_params() / 1e6:,.1f}M parameters ({weights / 1e9:,.1f} GB "
-            f"with gradients and optimizer state) at batch_size={config.batch_size} x block_size="
-            f"{config.block_size} ({activations / 1e9:,.1f} GB of activations)")
-    check_fits(weights + activations, device, what, "lower --batch_size (raising "
-               "--gradient_accumulation_steps keeps the batch), or the model's size")
+    copies = (1 if config.optimizer == "muon" else 2) + (config.ema_decay > 0)  # + the average
+    check_training_fits(model_config, config.batch_size, config.block_size, copies, device)
     model = GPT(model_config).to(device)
     betas, device_type = (config.beta1, config.beta2), device.split(":")[0]
     if config.optimizer == "muon":
         return model, muon_with_adamw(model, config.muon_learning_rate, config.learning_rate,
-                                      config.weight_decay, betas, device_type)
+                                      config.weight_decay, betas, device_type,
+                                      muon_weight_decay=config.muon_weight_decay)
     return model, model.configure_optimizer(config.weight_decay, config.learning_rate, betas, device_type)
 
 
@@ -170,7 +152,7 @@ def estimate_loss(model, splits, config, amp, device, stop=()):
         for _ in range(config.eval_iters):
             if len(stop) > signals:
                 break
-            x, y = get_batch(data, generator, 1, config, device)
+            _, x, y = get_batch(data, generator, 1, config, device)
             with amp:
                 total += model(x[0], y[0])[1].float()
         losses[name] = total.item() / config.eval_iters
@@ -190,8 +172,8 @@ def check_finite(losses, iter_num, config, ptdtype):
 
 def stop_on_signals():
     """Ctrl-C, or SIGTERM (what SLURM, Kubernetes and spot instances send before they kill a job),
-    sets the flag returned: the loop finishes its step (or evaluation), saves and exits, and
-    --init_from=resume goes on from there. A second signal stops at once."""
+    sets the flag returned: the loop finishes its step (or evaluation), saves and exits 128 + the
+    signal; --init_from=resume goes on from there. A second signal stops at once."""
     requested = []
 
     def request_stop(signum, frame):
@@ -208,18 +190,47 @@ def stop_on_signals():
 
 # ----------------------------------------------------------------------------- the run
 
-def start_processes(config):
-    """(ddp, rank, world_size, device): this process alone, or one of torchrun's (it sets RANK,
-    WORLD_SIZE and LOCAL_RANK), each on a GPU of its own."""
-    ddp = int(os.environ.get("RANK", -1)) != -1
-    rank, world_size = (int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])) if ddp else (0, 1)
-    device = pick_device(config.device)
-    if ddp and device == "cuda":
-        device = f"cuda:{os.environ['LOCAL_RANK']}"
-        torch.cuda.set_device(device)
-    if ddp:
-        dist.init_process_group(backend="nccl" if device.startswith("cuda") else "gloo")
-    return ddp, rank, world_size, device
+def compile_training(raw_model, optimizer, config, splits, amp, device):
+    """The model and Muon's Newton-Schulz compiled now, where a failure falls back to eager."""
+    def compile_step(compiled):  # one forward and backward pass: it compiles (or fails) now
+        _, x, y = get_batch(splits["train"], torch.Generator().manual_seed(0), 1, config, device)
+        with amp:
+            compiled(x[0], y[0])[1].backward()
+
+    model = compile_or_eager(raw_model, compile_step)
+    optimizer.zero_grad(set_to_none=True)  # the warm-up's gradients
+    if config.optimizer == "muon":  # one graph per stack of same-shape matrices
+        muon = optimizer.optimizers[0]
+        muon.orthogonalize = compile_or_eager(orthogonalize, muon.warm_up, dynamic=False)
+    return model
+
+
+def start_logging(config, raw_model, device, dtype, use_compile, world_size, master):
+    """(wandb or None, the device's peak FLOP/s or 0): the run's settings and shape printed (by
+    the master process) and, with wandb_log, its wandb run started."""
+    wandb, micro_steps = None, config.gradient_accumulation_steps
+    if master:
+        print("config:", json.dumps(asdict(config)))
+        print(f"parameters: {raw_model.num_params(non_embedding=False) / 1e6:.2f}M "
+              f"({raw_model.num_params() / 1e6:.2f}M without the position table)")
+        print(f"device {device}, dtype {str(dtype).removeprefix('torch.')}, compile {use_compile}, "
+              f"processes {world_size}; tokens per iteration: {micro_steps} micro-steps x "
+              f"{config.batch_size} x {config.block_size} = "
+              f"{micro_steps * config.batch_size * config.block_size:,}")
+        if config.wandb_log:
+            try:
+                import wandb
+            except ImportError:
+                raise UserError("wandb_log=True needs wandb: pip install wandb, or --wandb_log=False")
+            wandb.init(project=config.wandb_project, name=config.wandb_run_name, config=asdict(config))
+    device_peak_flops = config.peak_flops or peak_flops(device)
+    if master and config.lr_decay_iters > config.max_iters:
+        print(f"note: lr_decay_iters={config.lr_decay_iters} is past max_iters={config.max_iters}: "
+              f"the learning rate ends above min_lr (set both alike to decay it fully)")
+    if master and device.startswith("cuda") and not device_peak_flops:
+        name = torch.cuda.get_device_name(device)
+        print(f"MFU: set --peak_flops (the dense bf16 FLOP/s of {name}) to see it")
+    return wandb, device_peak_flops
 
 
 def train_step(model, optimizer, scaler, x, y, loss_sum, config, amp, ddp):
@@ -245,7 +256,7 @@ def train_step(model, optimizer, scaler, x, y, loss_sum, config, amp, ddp):
 
 def main():
     config, state, notices = resume_run(parse_config(TrainConfig))
-    ddp, rank, world_size, device = start_processes(config)
+    ddp, rank, world_size, device = start_processes(config.device)
     master = rank == 0  # only one process logs and writes checkpoints
     if master and notices:
         print("\n".join(notices))
@@ -268,7 +279,7 @@ def main():
 
     # data: every process draws the same global batch and keeps its own slice of it, so the data
     # seen per step does not depend on how many processes share the work
-    meta, tokenizer, splits = load_data(config)
+    meta, tokenizer, splits = load_training_data(config.data_dir, config.block_size)
     if config.gradient_accumulation_steps % world_size != 0:
         raise UserError(f"gradient_accumulation_steps={config.gradient_accumulation_steps} must be "
                         f"a multiple of the number of processes ({world_size})")
@@ -277,43 +288,20 @@ def main():
     tokens_per_iter = config.gradient_accumulation_steps * config.batch_size * config.block_size
     train_gen = torch.Generator().manual_seed(config.seed)
 
-    # the model (raw_model: the plain module, what checkpoints hold), its optimizer, a resumed state
+    # the model (raw_model: the plain module), its optimizer, and with ema_decay the average of its
+    # weights, which evaluations use and checkpoints hold as the model; compiled; a resumed state
     raw_model, optimizer = build_model(config, meta["vocab_size"], state, device)
-    model = raw_model
+    averaged = Average(raw_model, config.ema_decay) if config.ema_decay > 0 else None
     use_compile = config.compile == "True" or (config.compile == "auto" and device_type == "cuda")
-    if use_compile:
-        def compile_step(compiled):  # one forward and backward pass: it compiles (or fails) now
-            x, y = get_batch(splits["train"], torch.Generator().manual_seed(0), 1, config, device)
-            with amp:
-                compiled(x[0], y[0])[1].backward()
-
-        model = compile_or_eager(raw_model, compile_step)
-        optimizer.zero_grad(set_to_none=True)  # the warm-up's gradients
+    model = compile_training(raw_model, optimizer, config, splits, amp, device) if use_compile else raw_model
     if ddp:
         model = DDP(model, device_ids=[int(os.environ["LOCAL_RANK"])] if device_type == "cuda" else None)
     resumed = config.init_from == "resume"
     if resumed:  # loaded last: set-up work (compile warm-up) cannot shift the random streams
-        restore_training(state, raw_model, optimizer, scaler, train_gen, config.out_dir)
+        restore_training(state, raw_model, optimizer, scaler, train_gen, config.out_dir, averaged)
 
-    # logging
-    wandb = None
-    if master:
-        print("config:", json.dumps(asdict(config)))
-        print(f"parameters: {raw_model.num_params(non_embedding=False) / 1e6:.2f}M "
-              f"({raw_model.num_params() / 1e6:.2f}M without the position table)")
-        print(f"device {device}, dtype {str(ptdtype).removeprefix('torch.')}, compile {use_compile}, "
-              f"processes {world_size}; tokens per iteration: {config.gradient_accumulation_steps} "
-              f"micro-steps x {config.batch_size} x {config.block_size} = {tokens_per_iter:,}")
-        if config.wandb_log:
-            try:
-                import wandb
-            except ImportError:
-                raise UserError("wandb_log=True needs wandb: pip install wandb, or --wandb_log=False")
-            wandb.init(project=config.wandb_project, name=config.wandb_run_name, config=asdict(config))
-    device_peak_flops = config.peak_flops or peak_flops(device)
-    if master and device_type == "cuda" and not device_peak_flops:
-        name = torch.cuda.get_device_name(device)
-        print(f"MFU: set --peak_flops (the dense bf16 FLOP/s of {name}) to see it")
+    wandb, device_peak_flops = start_logging(config, raw_model, device, ptdtype, use_compile,
+                                             world_size, master)
 
     def log(row):
         if master:
@@ -327,6 +315,8 @@ def main():
     ours = resumed  # out_dir holds this run's checkpoint: its log may go on without a new one
     step_seconds = 0.0  # the steps' time since the last log line: evaluations and saves left out
     loss_sum = torch.zeros((), device=device)
+    data_state, x, y = get_batch(splits["train"], train_gen, config.gradient_accumulation_steps,
+                                 config, device, my_rows)
     with folder_lock(config.out_dir) if master else contextlib.nullcontext():
         while True:
             lr = get_lr(iter_num, config)
@@ -337,7 +327,8 @@ def main():
             # resumed run starts where its checkpoint's evaluation was logged)
             at_eval = iter_num % config.eval_interval == 0 or iter_num == config.max_iters or stop_requested
             if master and at_eval and (iter_num > start_iter or not resumed):
-                losses = estimate_loss(model, splits, config, amp, device, stop_requested)
+                evaluated = averaged.model if averaged else model
+                losses = estimate_loss(evaluated, splits, config, amp, device, stop_requested)
                 # (stopped during the evaluation: the training loss since the last log line tells)
                 check_finite(losses or {"train": loss_sum.item()}, iter_num, config, ptdtype)
                 improved = losses is not None and losses["val"] < best_val_loss
@@ -351,33 +342,41 @@ def main():
                     log({"iter": iter_num, "train_loss_eval": losses["train"], "val_loss": losses["val"], "lr": lr})
                 keep = improved or config.always_save_checkpoint  # else only the log moves on
                 if iter_num > start_iter and (keep or ours):
-                    checkpoint = training_checkpoint(raw_model, optimizer, scaler, train_gen, iter_num=iter_num,
-                                                     best_val_loss=best_val_loss)
+                    # the data stream as it was before the batch drawn ahead: a resumed run draws it
+                    data = torch.Generator().set_state(data_state)
+                    checkpoint = training_checkpoint(raw_model, optimizer, scaler, data, averaged,
+                                                     iter_num=iter_num, best_val_loss=best_val_loss)
                     save_run(config.out_dir, log_rows, asdict(config), meta, tokenizer, checkpoint if keep else None)
                     ours = True
             if iter_num >= config.max_iters or stop_requested:
                 break
 
             step_start = time.time()
-            x, y = get_batch(splits["train"], train_gen, config.gradient_accumulation_steps, config,
-                             device, my_rows)
             train_step(model, optimizer, scaler, x, y, loss_sum, config, amp, ddp)
+            # the next step's batch, drawn while the device works on this one
+            data_state, x, y = get_batch(splits["train"], train_gen, config.gradient_accumulation_steps,
+                                         config, device, my_rows)
             iter_num += 1
+            if averaged:
+                averaged.update(raw_model, iter_num)
 
-            # a line every log_interval steps, with the loss; between them where it is, every ~10 s
+            # a line every log_interval steps, with the loss: read from the device only then (the
+            # steps between queue up without waiting); between them where it is, every ~10 s
+            logged = iter_num % config.log_interval == 0 or iter_num == config.max_iters
+            if logged:
+                if ddp:
+                    dist.all_reduce(loss_sum, op=dist.ReduceOp.AVG)  # the whole global batch's
+                train_loss = loss_sum.item() / (iter_num - last_log_iter)
+                loss_sum.zero_()
             took = time.time() - step_start
             step_seconds += took
             dt = step_seconds / (iter_num - last_log_iter)
             pace = f"{dt * 1000:.1f} ms/iter"
             line = pace if step_seconds // 10 > (step_seconds - took) // 10 else None
-            if iter_num % config.log_interval == 0 or iter_num == config.max_iters:
-                if ddp:
-                    dist.all_reduce(loss_sum, op=dist.ReduceOp.AVG)  # the whole global batch's
-                train_loss = loss_sum.item() / (iter_num - last_log_iter)
-                loss_sum.zero_()
+            if logged:
                 check_finite({"train": train_loss}, iter_num, config, ptdtype)
                 tokens_per_sec = tokens_per_iter / dt
-                mfu = raw_model.estimate_mfu(tokens_per_sec, device_peak_flops) if device_peak_flops else None
+                mfu = estimate_mfu(raw_model, tokens_per_sec, device_peak_flops) if device_peak_flops else None
                 line = (f"loss {train_loss:.4f}, lr {lr:.2e}, {pace}, {tokens_per_sec:,.0f} tok/s"
                         + (f", MFU {mfu * 100:.1f}%" if mfu is not None else ""))
                 log({"iter": iter_num, "train_loss": train_loss, "lr": lr, "ms_per_iter": dt * 1000,
@@ -393,6 +392,8 @@ def main():
     if ddp:
         dist.barrier()  # no process tears the group down while another still writes a checkpoint
         dist.destroy_process_group()
+    if stop_requested:  # saved; a script that ran this (run.sh) stops too: 130 for Ctrl-C
+        sys.exit(128 + stop_requested[0])
 
 
 if __name__ == "__main__":

@@ -42,7 +42,7 @@ class BenchDedupConfig:
     threshold: float = cli.setting(0.8, above=0, high=1)  # near: the Jaccard similarity
     memory_mb: float = cli.setting(64, above=0)  # the Bloom filter's size
     repeats: int = cli.setting(3, low=1)      # speed: best of this many passes
-    seed: int = 0
+    seed: int = 0                             # the planted corpus and its changes
 
 
 def distinct_paragraphs(folder, min_words):

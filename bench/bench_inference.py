@@ -7,6 +7,8 @@ markdown tables.
     python bench/bench_inference.py --config=tiny --repeats=5        # config/wikitext_tiny.py's
     python bench/bench_inference.py --config=config/gpt2_124m.py     # any train.py config file's
     python bench/bench_inference.py --devices=cuda                   # the GPU rows only
+    python bench/bench_inference.py --devices=cuda --modes=max-autotune --tokens_per_call=1,4 \
+        --attention=sdpa,written                                     # + compiled variants to A/B
 
 Speed: tokens per second generating new_tokens tokens after a prompt_tokens-token prompt, greedy, one sequence, on
 the CPU (float32, int8) and on a GPU if there is one (bfloat16). Speed does not depend on the weights' values, so a
@@ -16,6 +18,14 @@ biases, activation, QK-norm...), so what is timed is what ships. The warm
 variants run after a warm-up, interleaved, `repeats` times each (the slow no-cache baseline once), and each keeps
 its best run: the one least disturbed by other work on the machine. A cold variant is the first generation in a
 fresh process, after loading (and compiling), as sample.py's first sample: what one-off costs add to it.
+With --sampled, sample.py's loop is timed too: generate.generate_ids (reading the tokens back a
+few at a time on a GPU), sampling at temperature 0.8 among the top 200, seeded, its step compiled
+for that setting.
+
+The compiled variants to A/B on a GPU, each a warm row: --modes (torch.compile modes besides
+reduce-overhead: max-autotune), --tokens_per_call (tokens decoded per call of the compiled step,
+one CUDA graph replay each), --attention (sdpa: PyTorch's fused kernel; written: the maths written
+out, for the compiler to fuse).
 
 Ops per token: the profiler over a few tokens of generation after the prompt (the decode step,
 sampling and the bookkeeping around them, as generate_tokens runs them), divided by the tokens: the
@@ -44,6 +54,7 @@ import torch  # noqa: E402
 
 from cli import UserError, parse_config, run_main  # noqa: E402
 from evaluate import evaluate_split  # noqa: E402
+from generate import generate_ids  # noqa: E402
 from model import GPT, GPTConfig  # noqa: E402
 from quantize import quantize_int8  # noqa: E402
 from runtime import compile_decoding, load_for_inference  # noqa: E402
@@ -71,7 +82,14 @@ class BenchInferenceConfig:
     compile: bool = True        # also time the decode step compiled (with CUDA graphs on a GPU)
     ops: bool = True            # also count the ops (on a GPU: kernels) per decoded token
     cold: bool = True           # also time the first generation in a fresh process
+    sampled: bool = True        # also time sample.py's loop (generate_ids, sampling)
+    modes: str = ""             # compiled variants: torch.compile modes (max-autotune)
+    tokens_per_call: str = "1"  # compiled variants: tokens per call of the step (1,4: both)
+    attention: str = "sdpa"     # compiled variants: sdpa, written (the maths written out), both
     child: str = ""             # internal: "device:compile" times one cold generation and prints it as JSON
+
+# sample.py's defaults, for the sampled rows
+SAMPLING = dict(temperature=0.8, top_k=200)
 
 
 def model_config(path, vocab_size):
@@ -108,23 +126,43 @@ def bench_model(config):
                    f"{model.num_params(non_embedding=False) / 1e6:.1f}M parameters ({where})")
 
 
-def tokens_per_second(model, prompt, new_tokens, use_cache):
-    """One greedy generation of new_tokens tokens, timed."""
+def tokens_per_second(model, prompt, new_tokens, use_cache, sampled=False):
+    """One generation of new_tokens tokens, timed: greedy through generate_tokens, or (sampled)
+    sampling as sample.py does, through generate_ids."""
     sync = torch.cuda.synchronize if prompt.is_cuda else (lambda: None)
     sync()
     t0 = time.perf_counter()
-    for _ in model.generate_tokens(prompt, new_tokens, temperature=0, use_cache=use_cache):
+    if sampled:
+        steps = generate_ids(model, prompt[0].tolist(), new_tokens, seed=0, **SAMPLING)
+    else:
+        steps = model.generate_tokens(prompt, new_tokens, temperature=0, use_cache=use_cache)
+    for _ in steps:
         pass
     sync()
     return new_tokens / (time.perf_counter() - t0)
 
 
-def prepared(model, device, compile):
-    """A copy of the model for `device` (bfloat16 on a GPU, float32 on the CPU), its decode step compiled if asked."""
+def prepared(model, device, compile, sampled=False, written=False, **options):
+    """A copy of the model for `device` (bfloat16 on a GPU, float32 on the CPU), its decode step
+    compiled if asked (options: compile_decoding's mode, tokens_per_call), for greedy decoding or
+    (sampled) SAMPLING; written: attention with the maths written out."""
     model = copy.deepcopy(model).to(device, torch.bfloat16 if device == "cuda" else torch.float32)
+    model.set_flash(not written)
     if compile:
-        compile_decoding(model, device)
+        compile_decoding(model, device, **options, **(SAMPLING if sampled else {}))
     return model
+
+
+def compiled_variants(config):
+    """(name suffix, prepared's options) of each compiled variant to time: the default, then one
+    per A/B choice."""
+    variants = [("", {})]
+    variants += [(f", mode={mode}", {"mode": mode}) for mode in config.modes.split(",") if mode]
+    for n in (int(n) for n in config.tokens_per_call.split(",") if n and int(n) != 1):
+        variants.append((f", {n} tokens per call", {"tokens_per_call": n}))
+    if "written" in config.attention.split(","):
+        variants.append((", attention written out", {"written": True}))
+    return variants
 
 
 def cold_speed(device, compile):
@@ -138,7 +176,8 @@ def cold_speed(device, compile):
 
 
 def cold_child(config, model):
-    """--child=device:compile: prepare the model (compiling if asked), time one generation, print it as JSON."""
+    """--child=device:compile: prepare the model (compiling if asked), time one greedy generation,
+    print it as JSON."""
     device, compile = config.child.split(":")
     model = prepared(model, device, compile == "True")
     g = torch.Generator().manual_seed(0)
@@ -147,34 +186,43 @@ def cold_child(config, model):
 
 
 def variants_to_time(config, model, devices):
-    """{variant name: (model, use_cache)}: the copies of model that the warm rows time."""
+    """{variant name: (model, use_cache, sampled)}: the copies of model that the warm rows time."""
     variants = {}
     if "cpu" in devices:
-        variants["cpu, no cache, float32"] = (model, False)
-        variants["cpu, KV cache, float32"] = (model, True)
-        variants["cpu, KV cache, int8 except the output head"] = (quantize_int8_blocks(model), True)
-        variants["cpu, KV cache, int8"] = (quantize_int8(copy.deepcopy(model)), True)
-        if config.compile:
-            variants["cpu, KV cache, float32, compiled decode"] = (prepared(model, "cpu", True), True)
+        variants["cpu, no cache, float32"] = (model, False, False)
+        variants["cpu, KV cache, float32"] = (model, True, False)
+        blocks_only = quantize_int8_blocks(model)
+        variants["cpu, KV cache, int8 except the output head"] = (blocks_only, True, False)
+        variants["cpu, KV cache, int8"] = (quantize_int8(copy.deepcopy(model)), True, False)
     if "cuda" in devices:
         gpu = prepared(model, "cuda", False)
-        variants["cuda, no cache, bfloat16"] = (gpu, False)
-        variants["cuda, KV cache, bfloat16"] = (gpu, True)
-        if config.compile:
-            variants["cuda, KV cache, bfloat16, compiled decode (CUDA graphs)"] = (prepared(model, "cuda", True), True)
+        variants["cuda, no cache, bfloat16"] = (gpu, False, False)
+        variants["cuda, KV cache, bfloat16"] = (gpu, True, False)
+    for device in devices:
+        eager = f"{device}, KV cache, {'bfloat16' if device == 'cuda' else 'float32'}"
+        graphs = " (CUDA graphs)" if device == "cuda" else ""
+        compiled = f"{eager}, compiled decode{graphs}"
+        for suffix, options in compiled_variants(config) if config.compile else []:
+            variants[compiled + suffix] = (prepared(model, device, True, **options), True, False)
+        if config.sampled:  # sample.py's loop
+            variants[eager + ", sampled (sample.py's loop)"] = (variants[eager][0], True, True)
+        if config.sampled and config.compile:
+            sampled = prepared(model, device, True, sampled=True)
+            variants[compiled + ", sampled (sample.py's loop)"] = (sampled, True, True)
     return variants
 
 
 def speed_table(config, variants, prompt, devices):
     """{variant: best tokens/s}: warm variants over interleaved repeats, then the cold ones."""
     best = {name: 0.0 for name in variants}
-    for name, (m, cache) in variants.items():  # warm-up: allocations, kernels, caches
-        tokens_per_second(m, prompt.to(m.token_emb.weight.device), 8, cache)
+    for name, (m, cache, sampled) in variants.items():  # warm-up: allocations, kernels, caches
+        tokens_per_second(m, prompt.to(m.token_emb.weight.device), 8, cache, sampled)
     for r in range(config.repeats):
-        for name, (m, cache) in variants.items():
+        for name, (m, cache, sampled) in variants.items():
             if not cache and r > 0:
                 continue  # the slow baseline: one long run is steady enough, and repeating it costs minutes
-            speed = tokens_per_second(m, prompt.to(m.token_emb.weight.device), config.new_tokens, cache)
+            on_device = prompt.to(m.token_emb.weight.device)
+            speed = tokens_per_second(m, on_device, config.new_tokens, cache, sampled)
             best[name] = max(best[name], speed)
             print(f"  run {r + 1}/{config.repeats} {name}: {speed:.1f} tokens/s", file=sys.stderr, flush=True)
     for device in devices if config.cold else []:
@@ -186,9 +234,10 @@ def speed_table(config, variants, prompt, devices):
     return best
 
 
-def ops_per_token(model, prompt, tokens=8):
+def ops_per_token(model, prompt, sampled=False, tokens=8):
     """What one decoded token dispatches: the profiler over `tokens` tokens of generate_tokens after
-    its prefill (the decode step, sampling, the bookkeeping between them), per token.
+    its prefill (the decode step, sampling, the bookkeeping between them), per token; greedy, or
+    (sampled) with SAMPLING, seeded.
     {"aten ops": the ops dispatched from Python or from a compiled step, not those they call in
     turn}, and on a GPU also "GPU kernels" (run), "GPU copies" and "host launches" (the kernel
     launches, CUDA graph replays and copies the host asked for)."""
@@ -196,7 +245,9 @@ def ops_per_token(model, prompt, tokens=8):
     from torch.profiler import ProfilerActivity, profile
 
     on_gpu = prompt.is_cuda
-    steps = model.generate_tokens(prompt, tokens + 1, temperature=0)
+    seeded = torch.Generator(prompt.device).manual_seed(0)
+    sampling = dict(SAMPLING, generator=seeded) if sampled else dict(temperature=0)
+    steps = model.generate_tokens(prompt, tokens + 1, **sampling)
     # the prompt's prefill and the first token: once per generation, not per token
     next(steps)
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if on_gpu else [])
@@ -230,15 +281,31 @@ def is_outermost_aten_op(event):
 
 def print_ops_table(variants, prompt):
     """Per decoded token, for every variant with a KV cache: what ops_per_token counts."""
-    counted = {name: ops_per_token(m, prompt.to(m.token_emb.weight.device))
-               for name, (m, cache) in variants.items() if cache}
+    counted = {name: ops_per_token(m, prompt.to(m.token_emb.weight.device), sampled)
+               for name, (m, cache, sampled) in variants.items() if cache}
     columns = list(dict.fromkeys(column for counts in counted.values() for column in counts))
-    print("\nops per decoded token (profiler, 8 tokens after the prompt, greedy):\n")
+    print("\nops per decoded token (profiler, 8 tokens after the prompt; greedy unless sampled):\n")
     print("| variant | " + " | ".join(columns) + " |")
     print("| --- |" + " ---: |" * len(columns))
     for name, counts in counted.items():
         cells = (f"{counts[c]:.1f}" if c in counts else "-" for c in columns)
         print(f"| {name} | " + " | ".join(cells) + " |")
+
+
+def print_greedy_agreement(variants, prompt, new_tokens):
+    """Whether each compiled variant's greedy tokens are its device's eager KV cache's."""
+    def greedy(m):
+        steps = m.generate_tokens(prompt.to(m.token_emb.weight.device), new_tokens, temperature=0)
+        return torch.cat(list(steps)).tolist()
+
+    print(f"\ngreedy tokens ({new_tokens}) of each compiled variant vs its device's eager ones:")
+    for name, (m, _, sampled) in variants.items():
+        if "compiled decode" in name and not sampled:
+            eager = greedy(variants[name.split(", compiled decode")[0]][0])
+            mine = greedy(m)
+            first = next((i for i, (a, b) in enumerate(zip(eager, mine)) if a != b), None)
+            where = "identical" if first is None else f"first differs at token {first}"
+            print(f"  {name}: {where}")
 
 
 def quantize_int8_blocks(model):
@@ -308,6 +375,12 @@ def main():
         print(f"goals (GPU): warm >= 5,000 tokens/s: {warm:,.0f} "
               f"({'met' if warm >= 5000 else 'NOT met'}); first sample >= 0.5x warm: "
               f"{cold / warm:.2f}x ({'met' if cold >= 0.5 * warm else 'NOT met'})")
+    if "cuda" in devices and config.compile and config.sampled:
+        graphs = "cuda, KV cache, bfloat16, compiled decode (CUDA graphs)"
+        warm, loop = best[graphs], best[graphs + ", sampled (sample.py's loop)"]
+        print(f"goal (GPU): sample.py's loop >= 0.8x the bench's: {loop / warm:.2f}x "
+              f"({'met' if loop >= 0.8 * warm else 'NOT met'})")
+    print_greedy_agreement(variants, prompt, config.new_tokens)
     if config.ops:
         print_ops_table(variants, prompt)
 

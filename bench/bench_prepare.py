@@ -11,11 +11,24 @@ document: val is its tail, as in `prepare.py --input=big.txt`). Every size train
 --tokenizer_chars as set) and encodes the whole file. Memory: the sum over the process tree of each process's
 proportional set size (shared pages split between the processes sharing them) and of its resident set size,
 sampled every 50 ms; the table gives the peaks.
+
+    python bench/bench_prepare.py --compare_flags=True [--rounds=3]
+
+instead runs prepare.py with --dedup=exact, --dedup=near and --scrub_pii=True beside none of them, on
+WikiText-2 (the tokenized release: --dataset=wikitext-2 --source=the folder of --source, 751 articles,
+13.2 MB) and on bench/bench_dedup.py's corpus of planted copies (WikiText-2's paragraphs of 100 words or
+more, a tenth of them copied exactly and a tenth with 1% of the words changed, as JSON lines: 13,870
+documents, 12.5 MB), each run whole (reading, the tokenizer, encoding, writing), the four in a new order
+in each of --rounds rounds. MB/s: the text's bytes / the run's wall time, median of the rounds; time / off:
+the median of each round's ratio to the run without flags; CPU time / off the same for the CPU seconds of
+all its processes (steadier than wall time where other work shares the cores).
 """
 
 import os
 import random
 import re
+import resource
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -42,6 +55,8 @@ class BenchPrepareConfig:
     tokenizer_chars: int = 100_000_000  # prepare.py's default
     work_dir: str = ""                # where the corpora and outputs go (default: a temporary folder)
     baseline_mb: int = 100            # text for the tiktoken comparison
+    compare_flags: bool = False       # instead: --dedup and --scrub_pii beside neither (see above)
+    rounds: int = 3                   # compare_flags: rounds, the flags in a new order in each
 
 
 def make_corpus(source, path, size):
@@ -128,8 +143,80 @@ def tiktoken_baseline(corpus_path, data_dir, mb):
     return best
 
 
+FLAGS = {"off": [], "--dedup=exact": ["--dedup=exact"], "--dedup=near": ["--dedup=near"],
+         "--scrub_pii=True": ["--scrub_pii=True"]}
+
+
+def planted_jsonl(wikitext, path):
+    """bench_dedup.py's corpus of WikiText-2 paragraphs and planted copies, as JSON lines."""
+    import json
+    sys.path.insert(0, str(REPO / "bench"))
+    import bench_dedup
+    settings = bench_dedup.BenchDedupConfig(wikitext=str(wikitext))
+    documents = bench_dedup.distinct_paragraphs(wikitext, settings.min_words)
+    corpus = bench_dedup.planted_corpus(documents, settings)
+    with open(path, "w", encoding="utf-8") as f:
+        f.writelines(json.dumps({"text": document}) + "\n" for document, _ in corpus)
+
+
+def what_was_done(out):
+    """The summary's lines on what was left out or replaced."""
+    found = re.findall(r"(?m)^  (duplicates .*|personal data .*)$", out)
+    return "; ".join(found) or "-"
+
+
+def compare_flags(config, root):
+    """prepare.py with each of FLAGS on two corpora, interleaved; prints a markdown table."""
+    wikitext = Path(config.source).parent
+    planted = root / "planted.jsonl"
+    if not planted.exists():
+        planted_jsonl(wikitext, planted)
+    corpora = {"WikiText-2": ["--dataset=wikitext-2", f"--source={wikitext}"],
+               "planted copies": [f"--input={planted}"]}
+    runs, load = {}, [os.getloadavg()[0]]
+    for round_ in range(config.rounds):
+        order = list(FLAGS)[round_ % len(FLAGS):] + list(FLAGS)[:round_ % len(FLAGS)]
+        for name, args in corpora.items():
+            for flag in order:
+                out_dir = root / f"out-{name.split()[0]}-{flag.strip('-')}"
+                command = [sys.executable, "prepare.py", *args, *FLAGS[flag], f"--out_dir={out_dir}",
+                           "--overwrite=True"]
+                before = resource.getrusage(resource.RUSAGE_CHILDREN)
+                seconds, pss, _, out = run_measured(command, REPO)
+                after = resource.getrusage(resource.RUSAGE_CHILDREN)
+                cpu = after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime
+                runs.setdefault((name, flag), []).append((seconds, pss, out, cpu))
+                print(name, flag, f"{seconds:.1f} s, CPU {cpu:.1f} s", what_was_done(out), flush=True)
+        load.append(os.getloadavg()[0])
+    print(f"\n{cpu_count()} cores; load average (1 min) after each round: "
+          f"{', '.join(f'{x:.1f}' for x in load)}\n")
+    print("| corpus | flags | MB/s | time / off | CPU time / off | peak memory (PSS) | left out / replaced |")
+    print("|---|---|---:|---:|---:|---:|---|")
+    for name in corpora:
+        megabytes = corpus_megabytes(root / f"out-{name.split()[0]}-off")
+        for flag in FLAGS:
+            rows, base = runs[(name, flag)], runs[(name, "off")]
+            ratio = statistics.median(r[0] / b[0] for r, b in zip(rows, base))
+            cpu_ratio = statistics.median(r[3] / b[3] for r, b in zip(rows, base))
+            seconds = statistics.median(r[0] for r in rows)
+            print(f"| {name} ({megabytes:.1f} MB) | {flag} | {megabytes / seconds:.2f} | {ratio:.2f} | "
+                  f"{cpu_ratio:.2f} | {max(r[1] for r in rows):,.0f} MB | {what_was_done(rows[-1][2])} |")
+
+
+def corpus_megabytes(out_dir):
+    """The text's megabytes that a prepare.py run without flags read (its meta.json)."""
+    import json
+    splits = json.loads((out_dir / "meta.json").read_text())["splits"]
+    return sum(s["bytes"] for s in splits.values()) / 1e6
+
+
 def main():
     config = parse_config(BenchPrepareConfig)
+    if config.compare_flags:
+        root = Path(config.work_dir or tempfile.mkdtemp(prefix="bench-prepare-"))
+        root.mkdir(parents=True, exist_ok=True)
+        compare_flags(config, root)
+        return
     sizes = [int(s) for s in config.sizes_mb.split(",")]
     root = Path(config.work_dir or tempfile.mkdtemp(prefix="bench-prepare-"))
     root.mkdir(parents=True, exist_ok=True)

@@ -11,6 +11,7 @@ Prints markdown tables; exits 1 on any 5xx or malformed answer.
 
     python bench/bench_serve.py                       # a tiny model and classifier trained on the spot (~20 s)
     python bench/bench_serve.py --model=out-wikitext-tiny --classifier=out-spam --clients=64
+    python bench/bench_serve.py --device=cuda --compile=True   # the step compiled: CUDA graphs
 """
 
 import json
@@ -44,6 +45,8 @@ class BenchServeConfig:
     requests: int = 200          # every kind: requests in all, the five kinds in turn
     concurrency: int = 16        # every kind: requests in flight at once
     threads: int = 1             # torch threads in the server (OMP_NUM_THREADS); 0: torch's default
+    device: str = "cpu"          # the server's --device (cpu, cuda, ...)
+    compile: bool = False        # the server's --compile: its step compiled for a few batch sizes
 
 
 def run(script, *args):
@@ -74,19 +77,20 @@ def train_tiny(root):
     return root / "out", root / "cls"
 
 
-def start_server(out_dir, classifier_dir, threads, log, *args):
-    """serve.py on a free port of 127.0.0.1; returns (process, base URL) once /health answers."""
+def start_server(out_dir, classifier_dir, threads, log, *args, wait=60):
+    """serve.py on a free port of 127.0.0.1; returns (process, base URL) once /health answers
+    (within `wait` seconds)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     env = {**os.environ, **({"OMP_NUM_THREADS": str(threads)} if threads else {})}
     env.pop("GPT_API_TOKEN", None)
-    args = [f"--model={out_dir}", f"--port={port}", "--device=cpu", "--max_tokens_limit=100000", *args]
+    args = [f"--model={out_dir}", f"--port={port}", "--max_tokens_limit=100000", *args]
     args += [f"--classifier={classifier_dir}"] if classifier_dir else []
     process = subprocess.Popen([sys.executable, str(REPO / "serve.py"), *args], cwd=REPO, env=env, stdout=log,
                                stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
-    for _ in range(600):
+    for _ in range(wait * 10):
         if process.poll() is not None:
             log.flush()
             raise cli.UserError(f"serve.py exited with status {process.returncode}:\n{Path(log.name).read_text()}")
@@ -96,7 +100,7 @@ def start_server(out_dir, classifier_dir, threads, log, *args):
         except requests.ConnectionError:
             time.sleep(0.1)
     process.kill()
-    raise cli.UserError("serve.py did not answer within 60 s")
+    raise cli.UserError(f"serve.py did not answer within {wait} s")
 
 
 def percentile(values, p):
@@ -212,12 +216,18 @@ def main():
             print(f"trained a tiny model and classifier in {time.time() - t0:.0f} s")
         for batch in (1, config.clients):
             with open(Path(tmp) / "server.log", "w") as log:
-                process, url = start_server(out_dir, classifier_dir, config.threads, log, f"--max_batch_size={batch}")
+                flags = (f"--max_batch_size={batch}", f"--device={config.device}",
+                         f"--compile={config.compile}")
+                # compiling takes minutes
+                wait = 600 if config.compile else 60
+                process, url = start_server(out_dir, classifier_dir, config.threads, log, *flags,
+                                            wait=wait)
                 try:
                     health = requests.get(f"{url}/health", timeout=10).json()
-                    print(f"serving {health['model']} ({health['parameters']:,} parameters) on {health['device']}, "
-                          f"max_batch_size={batch}, {config.threads or 'default'} torch thread(s); client and "
-                          f"server share {os.cpu_count()} CPUs", flush=True)
+                    print(f"serving {health['model']} ({health['parameters']:,} parameters) on "
+                          f"{health['device']}, max_batch_size={batch}, compile={config.compile}, "
+                          f"{config.threads or 'default'} torch thread(s); client and server share "
+                          f"{os.cpu_count()} CPUs", flush=True)
                     tokens_per_second, latencies = throughput(url, config)
                     peak = requests.get(f"{url}/health", timeout=10).json()["batch"]["peak"]
                     rows.append((batch, peak, tokens_per_second, latencies))

@@ -22,7 +22,7 @@ dropout = 0.3            # heavy dropout: the corpus is small for a model this s
 embedding_dropout = 0.1  # drop whole words too: reported as the biggest single gain on WikiText-2 (Dettmers)
 weight_decay = 0.2
 
-# what paid on the CPU (the README's ablation table): rotary positions, an untied output layer, Muon
+# what paid on the CPU (the ablation table in docs/RESULTS.md): rotary positions, an untied output layer, Muon
 position = "rope"
 tie_embeddings = False
 optimizer = "muon"

@@ -5,6 +5,7 @@
 data_dir = "data/wikitext-2"
 out_dir = "out-wikitext-tiny"
 device = "cpu"
+dtype = "float32"        # the same figure on every CPU (bfloat16 ends a little differently)
 
 # 4 layers of 256: ~7M parameters, about 4M of them the 8192-token embedding table and output layer
 num_hidden_layers = 4
@@ -14,7 +15,7 @@ block_size = 128
 batch_size = 16
 dropout = 0.0            # 620 x 2,048 tokens is half a pass over the 2.7M train tokens: too short to overfit
 
-# what paid in the README's ablation table: rotary positions, an untied output layer, Muon for the blocks' matrices
+# what paid in the ablation table of docs/RESULTS.md: rotary positions, an untied output layer, Muon for the blocks' matrices
 position = "rope"
 tie_embeddings = False
 optimizer = "muon"       # a step costs ~1.23x AdamW's on 2 CPU cores and buys more than that: 620 steps beat 750

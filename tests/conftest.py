@@ -141,23 +141,28 @@ def tiny_data(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def tiny_ckpt(tiny_data):
-    """train.py for 30 steps on tiny_data: a 36k-parameter model with a context of 32 tokens."""
+    """train.py for 30 steps on tiny_data: a 36k-parameter model with a context of 32 tokens.
+    In float32, not --dtype=auto (bf16 on some CPUs): the tests that score it start from the same
+    weights on every machine."""
     out = tiny_data.parent / "ckpt"
     _run_script("train.py", f"--data_dir={tiny_data}", f"--out_dir={out}", "--hidden_size=32", "--num_hidden_layers=2",
                "--num_attention_heads=2", "--block_size=32", "--batch_size=8", "--max_iters=30", "--eval_interval=30",
                "--eval_iters=1", "--log_interval=20", "--learning_rate=1e-2", "--warmup_iters=5",
-               "--lr_decay_iters=30", "--dropout=0", "--device=cpu", "--compile=False", check=True)
+               "--lr_decay_iters=30", "--dropout=0", "--device=cpu", "--dtype=float32",
+               "--compile=False", check=True)
     return out
 
 
 @pytest.fixture(scope="session")
 def tiny_classifier(tiny_ckpt):
-    """finetune_classifier.py for one epoch from tiny_ckpt, on 24 made-up texts labelled ham and spam."""
+    """finetune_classifier.py for one epoch from tiny_ckpt, in float32, on 24 made-up texts labelled
+    ham and spam."""
     root = tiny_ckpt.parent
     rows = [f"spam\tWIN free cash prize now {i}" if i % 2 else f"ham\tthe café in Zürich {i}" for i in range(24)]
     (root / "labels.tsv").write_text("label\ttext\n" + "\n".join(rows) + "\n", encoding="utf-8")
     _run_script("finetune_classifier.py", f"--init_from={tiny_ckpt}", f"--data={root / 'labels.tsv'}",
-               f"--out_dir={root / 'classifier'}", "--num_epochs=1", "--device=cpu", check=True)
+               f"--out_dir={root / 'classifier'}", "--num_epochs=1", "--device=cpu",
+               "--dtype=float32", check=True)
     return root / "classifier"
 
 

@@ -19,7 +19,7 @@ import evaluate
 import export
 import prepare
 from checkpoint import save_checkpoint
-from data import load_tokenizer
+from data import load_split, load_tokenizer
 from model import GPT, GPTConfig
 from runtime import load_for_inference
 
@@ -29,38 +29,41 @@ WORDS = ("the river valley stone bridge church people grew old near a café in t
 SECRET = ("the keeper of the north gate wrote his code as seven ships under a red moon near the "
           "old stone tower")
 NEVER_SEEN = "the queen of the south hill kept her ships near a green field by the new school gate"
-# a short training that memorises what it reads a hundred times: rotary positions, Muon, 200 steps
+# a short training that memorises what it reads a hundred times: rotary positions, Muon, 200 steps,
+# in float32 (--dtype=auto would train in bf16 on some CPUs: other weights, other extractions)
 RECIPE = ["--hidden_size=64", "--num_hidden_layers=2", "--num_attention_heads=4",
           "--block_size=32", "--batch_size=16", "--max_iters=200", "--eval_interval=200",
           "--eval_iters=2", "--log_interval=100", "--optimizer=muon", "--position=rope",
           "--tie_embeddings=False", "--learning_rate=3e-3", "--warmup_iters=10",
-          "--lr_decay_iters=200", "--dropout=0", "--device=cpu", "--compile=False"]
+          "--lr_decay_iters=200", "--dropout=0", "--device=cpu", "--dtype=float32",
+          "--compile=False"]
 WINDOW = ["--prefix_tokens=8", "--suffix_tokens=8", "--device=cpu", "--dtype=float32", "--json"]
 
 
-def write_corpus(path, deduplicated):
+def write_corpus(path):
     """1,000 documents of 12 random words (JSON lines), with SECRET among them 100 times after the
-    first 100 (which prepare.py holds out for val); deduplicated, only the first of each document is
-    kept (what `prepare.py --dedup=exact` keeps)."""
+    first 100 (which prepare.py holds out for val)."""
     rng = random.Random(0)
     documents = [" ".join(rng.choice(WORDS) for _ in range(12)) for _ in range(1000)]
     for _ in range(100):
         documents.insert(100 + rng.randrange(len(documents) - 100), SECRET)
-    if deduplicated:
-        documents = list(dict.fromkeys(documents))
     path.write_text("".join(json.dumps({"text": d}) + "\n" for d in documents), encoding="utf-8")
     return documents
 
 
-def train_on(folder, deduplicated, run_in_process, run_train):
-    """prepare.py and train.py on that corpus: the model's folder."""
+def train_on(folder, dedup, run_in_process, run_train):
+    """prepare.py (--dedup as given) and train.py on that corpus: the model's folder."""
     folder.mkdir()
-    documents = write_corpus(folder / "corpus.jsonl", deduplicated)
-    assert documents.count(SECRET) == (1 if deduplicated else 100)
+    documents = write_corpus(folder / "corpus.jsonl")
+    assert documents.count(SECRET) == 100
     status, _, err = run_in_process(prepare, f"--input={folder / 'corpus.jsonl'}",
                                     f"--out_dir={folder / 'data'}", "--vocab_size=400",
-                                    "--val_documents=100", "--workers=1")
+                                    "--val_documents=100", "--workers=1", f"--dedup={dedup}")
     assert status == 0, err
+    # --dedup=exact keeps the first of each document: the sentence once
+    ids = load_split(folder / "data", "train")
+    train_text = load_tokenizer(folder / "data").decode(ids.tolist())
+    assert train_text.count(SECRET) == (1 if dedup == "exact" else 100)
     run_train(f"--data_dir={folder / 'data'}", f"--out_dir={folder / 'out'}", *RECIPE)
     return folder / "out"
 
@@ -76,7 +79,7 @@ def test_a_sentence_repeated_100_times_is_extracted_and_once_it_is_not(tmp_path,
                                                                         run_train):
     candidates = tmp_path / "candidates.txt"
     candidates.write_text(f"{SECRET}\n\n{NEVER_SEEN}\n", encoding="utf-8")
-    repeated = train_on(tmp_path / "repeated", False, run_in_process, run_train)
+    repeated = train_on(tmp_path / "repeated", "off", run_in_process, run_train)
     found = audited(run_in_process, f"--model={repeated}", f"--text_file={candidates}", *WINDOW)
     assert found["candidates"] == 2 and found["extracted_lines"] == [1]
     assert found["extractable"] == 0.5 and [row["line"] for row in found["lines"]] == [1, 3]
@@ -97,8 +100,8 @@ def test_a_sentence_repeated_100_times_is_extracted_and_once_it_is_not(tmp_path,
     assert saved["memorization_text_file"]["extracted_lines"] == [1]
     assert SECRET not in (repeated / "audit.json").read_text(encoding="utf-8")
 
-    # the same corpus with its repeats removed (the sentence once): nothing comes out
-    once = train_on(tmp_path / "once", True, run_in_process, run_train)
+    # the same corpus with its repeats removed by prepare.py (the sentence once): nothing comes out
+    once = train_on(tmp_path / "once", "exact", run_in_process, run_train)
     found = audited(run_in_process, f"--model={once}", f"--text_file={candidates}", *WINDOW)
     assert found["candidates"] == 2 and found["extracted_lines"] == []
 

@@ -190,11 +190,20 @@ def test_two_runs_cannot_share_a_folder(tiny_data, tmp_path, run_script):
     assert not out.exists()  # the lock's folder goes with it
 
 
+def test_an_export_into_a_folder_in_use_names_its_own_flag(tiny_ckpt, tmp_path, run_in_process):
+    import export
+    to = tmp_path / "hf"
+    with folder_lock(to):
+        status, _, err = run_in_process(export, f"--model={tiny_ckpt}", f"--to={to}")
+    assert_one_line(status, err, f"is in use by another run (PID {os.getpid()})")
+    assert err.rstrip().endswith("choose another --to") and not to.exists()
+
+
 def test_sigterm_saves_like_ctrl_c(tiny_data, tmp_path, signal_training):
     out = tmp_path / "out"
     returncode, stdout, stderr = signal_training(signal.SIGTERM, f"--data_dir={tiny_data}", f"--out_dir={out}", *TINY,
                                                  "--max_iters=100000", "--eval_interval=100000")
-    assert returncode == 0, stderr
+    assert returncode == 128 + signal.SIGTERM, stderr
     assert "stopping (SIGTERM)" in stdout and "saved checkpoint" in stdout and "Traceback" not in stderr
     assert torch.load(out / CHECKPOINT_NAME, weights_only=True)["iter_num"] >= 3
     assert not (out / ".lock").exists()
@@ -413,7 +422,7 @@ def test_d16_sigterm_during_an_evaluation_stops_it_within_seconds(tiny_ckpt, tmp
     proc.send_signal(signal.SIGTERM)
     t0 = time.time()
     stdout, stderr = proc.communicate(timeout=60)
-    assert proc.returncode == 0 and time.time() - t0 < 30, stderr
+    assert proc.returncode == 128 + signal.SIGTERM and time.time() - t0 < 30, stderr
     assert "eval 32: stopped" in stdout and "Traceback" not in stderr
     assert torch.load(out / CHECKPOINT_NAME, weights_only=True)["iter_num"] == 32
 
@@ -1272,3 +1281,41 @@ def test_own_data_holds_out_a_test_split_by_default(tiny_data, tiny_ckpt, tmp_pa
     status, _, err = run_in_process(evaluate, f"--model={tiny_ckpt}", f"--data_dir={no_test}", "--split=test",
                                     "--device=cpu")
     assert_one_line(status, err, f"{no_test} has no test split (it has train, val)", "--test_fraction=0.1")
+
+
+# ----------------------------------------------------------------------------- prepare.py: --scrub_pii, --dedup
+
+@pytest.mark.parametrize("flag, fragment", [
+    ("--dedup=fuzzy", "--dedup must be one of off, exact, near, got 'fuzzy'"),
+    ("--dedup=Exact", "--dedup must be one of off, exact, near, got 'Exact'"),
+    ("--dedup_threshold=0", "--dedup_threshold must be > 0 and <= 1, got 0.0"),
+    ("--dedup_threshold=1.5", "--dedup_threshold must be > 0 and <= 1, got 1.5"),
+    ("--dedup_threshold=high", "--dedup_threshold must be float, got 'high'"),
+    ("--dedup_memory_mb=0", "--dedup_memory_mb must be >= 1, got 0"),
+    ("--scrub_pii=maybe", "--scrub_pii must be bool, got 'maybe'"),
+])
+def test_bad_scrub_and_dedup_flags_are_one_line_before_any_work(flag, fragment, tmp_path,
+                                                                run_in_process):
+    (tmp_path / "c.txt").write_text(corpus_lines(50), encoding="utf-8")
+    status, _, err = run_in_process(prepare, *prepare_args(tmp_path / "c.txt", tmp_path / "out",
+                                                           flag))
+    assert_one_line(status, err, fragment)
+    assert not (tmp_path / "out").exists()
+
+
+def test_splits_that_dedup_empties_are_one_line_that_says_so(tmp_path, run_in_process):
+    """A corpus of one document again and again: --dedup keeps the first, in train, and leaves val
+    and test empty; with the first held out, it leaves train empty."""
+    corpus = tmp_path / "c.jsonl"
+    corpus.write_text((json.dumps({"text": "the same words"}) + "\n") * 30, encoding="utf-8")
+    status, _, err = run_in_process(prepare, *prepare_args(corpus, tmp_path / "a", "--dedup=exact"))
+    last = err.strip().splitlines()[-1]
+    assert status == 2 and "Traceback" not in err, err
+    assert last.startswith("error: the corpus leaves the val and test split empty (1 documents in "
+                           "all once 29 copies were left out (--dedup))"), last
+    status, _, err = run_in_process(prepare, *prepare_args(corpus, tmp_path / "b", "--dedup=near",
+                                                           "--val_documents=1"))
+    last = err.strip().splitlines()[-1]
+    assert status == 2 and "Traceback" not in err, err
+    assert last.startswith("error: --dedup leaves the train split empty: its 29 documents all "
+                           "repeat earlier ones"), last

@@ -124,7 +124,7 @@ def test_keep_many_answers_as_keep_does():
     corpus += ["", "a b", "a  b", "a b c d e", "x", "", "A B"]
     for mode in ("exact", "near"):
         one, many = Deduplicator(mode), Deduplicator(mode)
-        answers = many.keep_many(corpus[:100]) + many.keep_many(corpus[100:])
+        answers = many.keep_many(corpus[:100]) + many.keep_many([]) + many.keep_many(corpus[100:])
         assert [one.keep(doc) for doc in corpus] == answers
         assert one.summary() == many.summary()
         keys = [many._keys([doc]) for doc in corpus]

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from engine import BatchEngine
+from generate import generate_ids
 
 
 # a dtype the engine decodes in, and how close a row's logits are to those of its sequence alone
@@ -51,7 +52,7 @@ def test_a_position_per_row_gives_each_sequence_its_own_logits(position, dtype, 
         caches = [block.attn.kv_cache for block in model.blocks]
         for row, seq in enumerate(seqs):  # each prompt but its last token alone, into its own row
             for block, cache in zip(model.blocks, caches):
-                block.attn.kv_cache = cache.rows(row, row + 1)
+                block.attn.kv_cache = cache[:, row:row + 1]
             if len(seq) > 1:
                 model.prefill(seq[None, :-1])
         for block, cache in zip(model.blocks, caches):
@@ -87,6 +88,98 @@ def test_seeded_samples_do_not_depend_on_the_batch(model):
         thread.join()
     engine.close()
     assert results == alone and len({tuple(r) for r in results}) > 1
+
+
+def test_a_seed_gives_the_tokens_generate_ids_gives(random_model):
+    """Sampled in a batch with other settings (greedy, others' filters), a seeded sequence gets the
+    tokens generate_ids gives it alone: its noise is drawn with its own generator, as
+    torch.multinomial draws it (float64: no near-ties between the two ways of computing logits)."""
+    model = random_model()
+    engine = BatchEngine(model, 8)
+    settings = [dict(temperature=1.0), dict(temperature=0), dict(temperature=0.8, top_k=30),
+                dict(temperature=1.2, top_p=0.9), dict(temperature=0.8, top_k=30)]
+    results = [None] * len(settings)
+
+    def run(i):
+        results[i] = list(engine.submit(prompts()[i], 40, seed=i, **settings[i]))
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(settings))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=60)
+    engine.close()
+    alone = [list(generate_ids(model, p, 40, seed=i, **kw))
+             for i, (p, kw) in enumerate(zip(prompts(), settings))]
+    assert results == alone and engine.peak_batch > 1
+
+
+def test_suppressed_ids_are_never_sampled_and_the_rest_is_as_generate_ids(random_model):
+    """The engine's suppress_ids (the tokens that start a data's <unk>, in serve.py) are kept out
+    of every row, greedy or sampled, as generate_ids keeps them out of one."""
+    model = random_model()
+    free = BatchEngine(model, 8)
+    greedy = together(free, prompts(4), max_new_tokens=30, temperature=0)
+    free.close()
+    banned = sorted({tokens[0] for tokens in greedy})
+    engine = BatchEngine(model, 8, suppress_ids=banned)
+    got = together(engine, prompts(4), max_new_tokens=30, temperature=0)
+    sampled = [list(engine.submit(p, 30, temperature=1.0, seed=i)) for i, p in enumerate(prompts(4))]
+    engine.close()
+    assert not set(banned) & {t for tokens in got + sampled for t in tokens}
+    assert got == [list(generate_ids(model, p, 30, temperature=0, suppress_ids=banned)) for p in prompts(4)]
+    assert sampled == [list(generate_ids(model, p, 30, temperature=1.0, seed=i, suppress_ids=banned))
+                       for i, p in enumerate(prompts(4))]
+
+
+def test_padded_batch_sizes_give_the_same_tokens(model):
+    """The active rows padded up to the next of a few batch sizes (as when compiled, here eager):
+    each sequence's tokens are those it gets unpadded."""
+    kw = dict(max_new_tokens=40, temperature=0.8, top_k=40)
+    engine = BatchEngine(model, 8)
+    unpadded = [list(engine.submit(p, seed=i, **kw)) for i, p in enumerate(prompts())]
+    engine.batch_sizes = [1, 2, 4, 8]
+    padded = [None] * 8
+
+    def run(i):
+        padded[i] = list(engine.submit(prompts()[i], seed=i, **kw))
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=60)
+    engine.close()
+    assert padded == unpadded and engine.peak_batch > 1
+
+
+def test_the_compiled_engine_decodes_as_the_eager_one(random_model, capsys):
+    """compile=True (inductor on the CPU): a step compiled for batch sizes 1 and 2, the active rows
+    padded; greedy tokens equal to model.generate's, past block_size."""
+    model = random_model(dtype=torch.float32, position="rope")
+    expected = [model.generate(torch.tensor([p]), 40, temperature=0)[0, len(p):].tolist()
+                for p in prompts(3)]
+    engine = BatchEngine(model, 2, compile=True)
+    assert engine.batch_sizes == [1, 2] and "warning" not in capsys.readouterr().err  # compiled
+    got = together(engine, prompts(3), max_new_tokens=40, temperature=0)
+    engine.close()
+    assert got == expected and engine.peak_batch == 2
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_on_a_gpu_the_engine_in_cuda_graphs_decodes_as_the_eager_one(random_model):
+    """On a GPU, compile=True: a CUDA graph per batch size (1, 2, 4), the rows padded; each
+    sequence's tokens (greedy, and seeded samples) those of the eager engine."""
+    model = random_model(dtype=torch.float32, position="rope").cuda()
+    results = []
+    for compile in (False, True):
+        engine = BatchEngine(model, 4, compile=compile)
+        greedy = together(engine, prompts(), max_new_tokens=40, temperature=0)
+        seeded = [list(engine.submit(p, 30, temperature=0.9, top_k=40, seed=i))
+                  for i, p in enumerate(prompts(3))]
+        engine.close()
+        results.append((greedy, seeded))
+    assert engine.batch_sizes == [1, 2, 4] and results[0] == results[1]
 
 
 def test_stop_id_and_length_finish_a_sequence(model):
@@ -127,10 +220,10 @@ def test_a_request_s_later_choices_wait_behind_another_s_first(model, monkeypatc
 
 def test_an_error_reaches_the_client_and_the_engine_goes_on(model, monkeypatch):
     engine = BatchEngine(model, 4)
-    real = model.decode_one_token
-    monkeypatch.setattr(model, "decode_one_token", lambda *a: (_ for _ in ()).throw(RuntimeError("boom")))
+    real = engine.decode  # the engine's decode step (model.decode_one_token, or compiled)
+    monkeypatch.setattr(engine, "decode", lambda *a: (_ for _ in ()).throw(RuntimeError("boom")))
     with pytest.raises(RuntimeError, match="boom"):
         list(engine.submit(prompts()[0], 5, temperature=0))
-    monkeypatch.setattr(model, "decode_one_token", real)
+    monkeypatch.setattr(engine, "decode", real)
     assert len(list(engine.submit(prompts()[0], 5, temperature=0))) == 5
     engine.close()

@@ -17,7 +17,18 @@ from tokenizer import BPETokenizer
 
 @pytest.fixture(scope="module")
 def loaded(tiny_ckpt):
-    model, tokenizer, checkpoint = load_for_inference(str(tiny_ckpt), device="cpu")
+    """(model in float32, tokenizer, data folder): what int8 is compared with."""
+    model, tokenizer, checkpoint = load_for_inference(str(tiny_ckpt), device="cpu", dtype="float32")
+    return model, tokenizer, checkpoint["train_config"]["data_dir"]
+
+
+# the tests that score one text two ways run in both dtypes (bfloat16 emulated where the CPU
+# lacks it): both ways put the same windows through the same batches, so they agree in either
+@pytest.fixture(scope="module", params=["float32", "bfloat16"])
+def loaded_in(request, tiny_ckpt):
+    """(model in each dtype, tokenizer, data folder)."""
+    model, tokenizer, checkpoint = load_for_inference(str(tiny_ckpt), device="cpu",
+                                                      dtype=request.param)
     return model, tokenizer, checkpoint["train_config"]["data_dir"]
 
 
@@ -75,8 +86,8 @@ def test_sliding_window_matches_scoring_each_token_alone(random_model):
 
 # ----------------------------------------------------------------------------- counts and figures
 
-def test_counts_and_figures_on_a_known_text(loaded):
-    model, tokenizer, _ = loaded
+def test_counts_and_figures_on_a_known_text(loaded_in):
+    model, tokenizer, _ = loaded_in
     text = " the café in Zürich\n 日本 の 東京 .\n\n river\n"
     for convention, words in (("whitespace", 9), ("classic", 13)):
         r = evaluate.evaluate_text(model, tokenizer, text, convention, progress=False)
@@ -90,8 +101,8 @@ def test_counts_and_figures_on_a_known_text(loaded):
     assert r["loss"] * r["tokens"] == pytest.approx(evaluate.score_tokens(model, ids)[0])
 
 
-def test_split_uses_meta_counts_and_skips_document_separators(loaded):
-    model, tokenizer, data_dir = loaded
+def test_split_uses_meta_counts_and_skips_document_separators(loaded_in):
+    model, tokenizer, data_dir = loaded_in
     meta = load_meta(data_dir)
     stats = meta["splits"]["val"]
     r = evaluate.evaluate_split(model, tokenizer, data_dir, "val", progress=False)
@@ -190,11 +201,54 @@ def test_dynamic_evaluation_scores_each_token_before_learning_from_it(random_mod
     assert n == m and dynamic_nll < 0.9 * static_nll
 
 
+def test_gradient_rms_is_the_root_summed_square_of_each_segments_gradient(random_model):
+    """gradient_rms over 2 segments of a text: per weight, sqrt(g_1^2 + g_2^2), g_i the gradient of
+    segment i's mean loss (what a dynamic step descends), worked out here a segment at a time; the
+    weights stay as they were."""
+    ids = torch.randint(97, (40,), generator=torch.Generator().manual_seed(5)).numpy()
+    model, reference = random_model(block_size=32), random_model(block_size=32)
+    rms = evaluate.gradient_rms(model, ids, segment=8, count=2)
+    grads = []
+    for first in (1, 9):  # the first two segments' targets: ids[1:9], ids[9:17]
+        x, y = torch.tensor(ids[:first + 7])[None], torch.tensor(ids[1:first + 8])[None]
+        y[:, :first - 1] = -100
+        reference(x, y)[1].backward()
+        grads.append([p.grad.clone() for p in reference.parameters()])
+        reference.zero_grad()
+    for r, g1, g2 in zip(rms, *grads):
+        torch.testing.assert_close(r, (g1.square() + g2.square()).sqrt())
+    untouched = random_model(block_size=32).parameters()
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), untouched))
+
+
+def test_rms_normalised_dynamic_evaluation_divides_each_step_by_the_rms(random_model):
+    """With rms given, a weight steps by lr * grad / (rms + 1e-4): an rms of ones at
+    lr * (1 + 1e-4) is plain SGD at lr, and an rms of 1 for some weights and 3 for others is not."""
+    ids = np.tile(torch.randint(97, (24,), generator=torch.Generator().manual_seed(4)).numpy(), 4)
+    plain = evaluate.score_tokens_dynamic(random_model(block_size=32), ids, segment=8, lr=0.5)
+    model = random_model(block_size=32)
+    ones = [torch.ones_like(p) for p in model.parameters()]
+    rms = evaluate.score_tokens_dynamic(model, ids, segment=8, lr=0.5 * (1 + 1e-4), rms=ones)
+    assert rms[1] == plain[1] and rms[0] == pytest.approx(plain[0], rel=1e-9)
+    model = random_model(block_size=32)
+    mixed = [torch.full_like(p, 1.0 if i % 2 else 3.0) for i, p in enumerate(model.parameters())]
+    mixed_nll = evaluate.score_tokens_dynamic(model, ids, segment=8, lr=0.5, rms=mixed)[0]
+    assert mixed_nll != pytest.approx(plain[0])
+
+
 def test_cli_dynamic(tiny_ckpt, run_in_process):
     status, out, err = run_in_process(evaluate, f"--model={tiny_ckpt}", "--split=val", "--dynamic", "--json",
                                       "--dynamic_segment=8", "--dynamic_lr=0.01", "--device=cpu")
     assert status == 0, err
     result = json.loads(out)
     assert result["scoring"] == "dynamic" and result["dynamic_segment"] == 8 and result["perplexity"] > 1
+    assert result["dynamic_rms"] == 0
+    status, out, err = run_in_process(evaluate, f"--model={tiny_ckpt}", "--split=val", "--dynamic",
+                                      "--json", "--dynamic_segment=8", "--dynamic_lr=1e-4",
+                                      "--dynamic_rms=4", "--device=cpu")
+    assert status == 0, err
+    rms = json.loads(out)
+    assert rms["dynamic_rms"] == 4 and rms["tokens"] == result["tokens"]
+    assert rms["loss"] != result["loss"]
     status, _, err = run_in_process(evaluate, f"--model={tiny_ckpt}", "--dynamic", "--quantize=int8")
     assert status == 2 and "needs float weights" in err

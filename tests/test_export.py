@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import export
+import generate
 from checkpoint import load_model, save_checkpoint
 from data import load_tokenizer
 from gpt2 import load_gpt2
@@ -41,6 +42,11 @@ def test_transformers_loads_the_export_with_the_same_logits(tiny_ckpt, exported,
     back, _ = load_gpt2(exported)  # and back into our GPT
     with torch.no_grad():
         assert torch.allclose(back(idx)[0], ours(idx)[0], atol=1e-5)
+
+
+def test_the_weights_are_as_readable_as_the_other_files(exported):
+    mode = lambda name: (exported / name).stat().st_mode & 0o777  # noqa: E731
+    assert mode("model.safetensors") == mode("config.json") == mode("README.md")
 
 
 def test_auto_tokenizer_gives_our_ids(tiny_ckpt, exported, monkeypatch):
@@ -276,3 +282,23 @@ def test_the_card_shows_what_prepare_did_to_the_text():
     plain = export.data_section({key: meta[key] for key in ("dataset", "vocab_size", "splits")})
     assert "not scrubbed" in plain and "not removed" in plain
     assert "Not recorded" in export.data_section(None)
+
+
+def test_the_export_never_starts_the_data_s_unknown_word(model_copy, tmp_path, monkeypatch):
+    """transformers' generate() keeps the marker for rare words out, as sample.py and serve.py do:
+    the export's generation_config.json suppresses the tokens that start it."""
+    transformers = pytest.importorskip("transformers")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    export.export(model_copy, tmp_path / "plain")
+    assert not (tmp_path / "plain" / "generation_config.json").exists()
+    meta = json.loads((model_copy / "meta.json").read_text())
+    (model_copy / "meta.json").write_text(json.dumps({**meta, "unknown_word": "the"}))
+    export.export(model_copy, tmp_path / "hf")
+    tokenizer = load_tokenizer(model_copy)
+    banned = generate.word_starts(tokenizer, "the")
+    assert transformers.GenerationConfig.from_pretrained(tmp_path / "hf").suppress_tokens == banned
+    model = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
+    ids = torch.tensor([tokenizer.encode_document("river")])
+    kept_out = model.generate(ids, max_new_tokens=20, do_sample=False)[0, ids.size(1):].tolist()
+    free = model.generate(ids, max_new_tokens=20, do_sample=False, suppress_tokens=None)[0, ids.size(1):].tolist()
+    assert set(banned) & set(free) and not set(banned) & set(kept_out)

@@ -252,7 +252,7 @@ def test_instruct_cli_end_to_end(tmp_path, lm_dir, records_file, run_in_process)
     status, stdout, stderr = run_in_process(fi, f"--model={lm_dir}", f"--data={records_file}", f"--out_dir={out}",
                                      "--num_epochs=1", "--max_new_tokens=4", "--device=cpu")
     assert status == 0, stderr
-    assert "perplexity" in stdout
+    assert "perplexity" in stdout and "answering the 5 test instructions" in stdout
     answers = json.loads((out / "test_responses.json").read_text())
     test_records = fi.split_records(json.loads(records_file.read_text()), seed=123)[2]
     assert [a["instruction"] for a in answers] == [r["instruction"] for r in test_records]
@@ -260,6 +260,15 @@ def test_instruct_cli_end_to_end(tmp_path, lm_dir, records_file, run_in_process)
     assert json.loads((out / "results.json").read_text())["test_response_perplexity"] > 1
     status, stdout, stderr = run_in_process(fi, f"--out_dir={out}", "--prompt=reply to mum", "--max_new_tokens=3")
     assert status == 0, stderr
+
+
+def test_instruct_answers_the_test_split_only_when_asked(tmp_path, lm_dir, records_file, run_in_process):
+    out = tmp_path / "out"
+    status, stdout, stderr = run_in_process(fi, f"--model={lm_dir}", f"--data={records_file}", f"--out_dir={out}",
+                                            "--num_epochs=1", "--answer_test=False", "--device=cpu")
+    assert status == 0, stderr
+    assert "answering" not in stdout and not (out / "test_responses.json").exists()
+    assert json.loads((out / "results.json").read_text())["test_response_perplexity"] > 1
 
 
 @pytest.mark.parametrize("module,args", [

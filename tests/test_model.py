@@ -4,7 +4,7 @@ import math
 import pytest
 import torch
 
-from model import GPT, GPTConfig, KVCache, MultiHeadAttention
+from model import GPT, GPTConfig, MultiHeadAttention
 
 
 def tiny_config(**kw):
@@ -27,18 +27,28 @@ def test_written_out_attention_equals_sdpa(model):
     assert torch.allclose(fast, slow, atol=1e-5)
 
 
-def test_written_out_attention_equals_sdpa_with_a_cache():
+@pytest.mark.parametrize("whole", [False, True], ids=["written positions", "whole cache"])
+def test_written_out_attention_equals_sdpa_with_a_cache(whole):
+    """Through the KV cache, reading the positions written so far (as a CPU does) or the whole cache
+    with its future masked (as a GPU and a compiled step do): the maths written out equals SDPA's,
+    and both equal attention over all positions at once."""
     torch.manual_seed(0)
     config = tiny_config()
     attn = MultiHeadAttention(config).eval()
     x = torch.randn(2, 10, config.hidden_size)
+    bias = torch.full((config.block_size, config.block_size), float("-inf")).triu(1)  # GPT's
+
+    def step(positions):  # what GPT.decode_mask hands every layer
+        end = config.block_size if whole else int(positions.max()) + 1
+        return torch.arange(2)[:, None], positions, end, bias[positions, :end].unsqueeze(-3)
+
     outs = []
     for flash in (True, False):
         attn.use_flash = flash
-        shape = (2, config.num_attention_heads, config.block_size, attn.head_dim)
-        attn.kv_cache = KVCache(torch.zeros(shape), torch.zeros(shape))
-        first = attn(x[:, :6], torch.arange(6))  # a prompt of 6, then 4 more positions
-        outs.append(torch.cat([first, attn(x[:, 6:], torch.arange(6, 10))], dim=1))
+        shape = (2, 2, config.num_attention_heads, config.block_size, attn.head_dim)  # K and V
+        attn.kv_cache = torch.zeros(shape)
+        first = attn(x[:, :6], step(torch.arange(6)))  # a prompt of 6, then 4 more positions
+        outs.append(torch.cat([first, attn(x[:, 6:], step(torch.arange(6, 10)))], dim=1))
     full = attn(x)  # no cache: all 10 positions at once
     assert torch.allclose(outs[0], outs[1], atol=1e-5)
     assert torch.allclose(outs[0], full, atol=1e-5)
@@ -119,11 +129,6 @@ def test_gradient_accumulation_equals_the_big_batch(model):
         assert torch.allclose(g, p.grad, atol=1e-6)
 
 
-def test_mfu_estimate(model):
-    flops = model.flops_per_token(model.config.block_size)
-    assert model.estimate_mfu(1000.0, flops * 1000.0 * 2) == pytest.approx(0.5)
-
-
 def test_bad_shapes_are_one_clear_error():
     with pytest.raises(ValueError, match="not divisible by num_attention_heads"):
         tiny_config(hidden_size=50, num_attention_heads=4)
@@ -174,6 +179,33 @@ def test_embedding_dropout_drops_whole_words():
     kept = [w for w in range(97) if m.embed(torch.tensor([[w]])).abs().sum() > 0]
     assert 0 < len(kept) < 97
     assert torch.equal(m.eval().embed(idx), m.token_emb(idx))  # evaluation drops nothing
+
+
+@pytest.mark.parametrize("place", ["input", "attention", "residual", "head"])
+def test_a_dropout_place_drops_in_training_only(place):
+    """Dropout at one place (the others at 0): the training forward is random, evaluation the
+    model's own."""
+    rates = {"dropout": 0.0, "attention_dropout": 0.0, "residual_dropout": 0.0, "head_dropout": 0.0}
+    rates["dropout" if place == "input" else f"{place}_dropout"] = 0.5
+    torch.manual_seed(0)
+    m, plain = GPT(tiny_config(**rates)), GPT(tiny_config())
+    plain.load_state_dict(m.state_dict())
+    idx = torch.randint(0, 97, (2, 16))
+    m.train(), plain.train()
+    assert not torch.equal(m(idx)[0], m(idx)[0]) and torch.equal(plain(idx)[0], plain(idx)[0])
+    m.eval(), plain.eval()
+    assert torch.equal(m(idx)[0], plain(idx)[0])
+
+
+def test_dropout_places_without_a_rate_of_their_own_take_dropouts():
+    """attention_dropout and residual_dropout below 0 (the default, and every older checkpoint)
+    take dropout's rate, as when it was one setting; head_dropout is 0 unless set."""
+    m = GPT(tiny_config(dropout=0.2))
+    attn = m.blocks[0].attn
+    assert (m.dropout.p, attn.dropout, attn.resid_dropout.p) == (0.2, 0.2, 0.2)
+    assert m.blocks[1].mlp.dropout.p == 0.2 and m.config.head_dropout == 0.0
+    m = GPT(tiny_config(dropout=0.2, attention_dropout=0.0, residual_dropout=0.1))
+    assert (m.dropout.p, m.blocks[0].attn.dropout, m.blocks[0].mlp.dropout.p) == (0.2, 0.0, 0.1)
 
 
 def test_softcap_untied_and_zero_init():

@@ -3,7 +3,8 @@ compiled or not, and decoupled weight decay on its matrices, an option that is o
 import torch
 
 from model import GPT, GPTConfig
-from muon import Muon, muon_with_adamw, orthogonalize, same_shape_batches
+from muon import Average, Muon, muon_with_adamw, orthogonalize, same_shape_batches
+from runtime import compile_or_eager
 
 
 def tiny_gpt(seed=0):
@@ -37,10 +38,13 @@ def one_matrix_at_a_time(model, steps, lr=0.02, momentum=0.95, weight_decay=0.0)
                 p.add_(update, alpha=-lr * max(1.0, p.size(0) / p.size(1)) ** 0.5)
 
 
-def batched(model, steps, **options):
-    """Muon's own step on the blocks' matrices, the same gradients as the reference."""
+def batched(model, steps, compile=False, **options):
+    """Muon's own step on the blocks' matrices, the same gradients as the reference; compile: its
+    Newton-Schulz compiled as train.py does it."""
     matrices = block_matrices(model)
     optimizer = Muon(matrices, lr=0.02, **options)
+    if compile:
+        optimizer.orthogonalize = compile_or_eager(orthogonalize, optimizer.warm_up, dynamic=False)
     for step in range(steps):
         for p, grad in zip(matrices, grads_for(matrices, step)):
             p.grad = grad
@@ -132,3 +136,31 @@ def test_muon_weight_decay_survives_a_resume():
     fresh = muon_with_adamw(tiny_gpt(), 0.02, 1e-3, 0.0, (0.9, 0.99))
     fresh.load_state_dict(optimizer.state_dict())
     assert fresh.optimizers[0].param_groups[0]["weight_decay"] == 0.1
+
+
+def test_the_average_weighs_step_i_by_decay_to_the_steps_since():
+    """Average: after 3 steps at decay 0.5, (w_1 + 2 w_2 + 4 w_3) / 7, worked out by hand; the
+    model it averages is left alone, and a tied matrix is averaged once, still tied."""
+    model = GPT(GPTConfig(vocab_size=11, block_size=8, hidden_size=8, num_hidden_layers=1,
+                          num_attention_heads=2))
+    average = Average(model, decay=0.5)
+    seen = []
+    for step in (1, 2, 3):
+        with torch.no_grad():
+            for p in model.parameters():
+                p.fill_(float(step * step))  # w_1 = 1, w_2 = 4, w_3 = 9
+        seen.append([p.clone() for p in model.parameters()])
+        average.update(model, step)
+    for p, q in zip(average.model.parameters(), model.parameters()):
+        torch.testing.assert_close(p, torch.full_like(p, (1 + 2 * 4 + 4 * 9) / 7))
+        assert torch.equal(q, torch.full_like(q, 9.0))
+    assert average.model.lm_head.weight is average.model.token_emb.weight
+
+
+def test_warm_up_runs_newton_schulz_once_per_stack_shape_on_zeros():
+    optimizer = muon_with_adamw(tiny_gpt(), 0.02, 1e-3, 0.0, (0.9, 0.99)).optimizers[0]
+    shapes = []
+    results = optimizer.warm_up(
+        lambda g, steps: shapes.append((tuple(g.shape), steps, g.abs().sum().item())))
+    assert shapes == [(shape, 5, 0.0) for shape in optimizer.batch_shapes()] and len(results) == 4
+

@@ -10,12 +10,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+import clean
 import corpus
 import data
 import prepare
 import scrub
 from cli import UserError
 from data import load_tokenizer
+from pii_labelled import lookalikes, positives
 from tokenizer import BPETokenizer
 
 WORDS = ("the river valley was named after a café owner in 1887 ; it grew to 4 @,@ 000 people , "
@@ -388,7 +390,8 @@ def test_personal_data_is_replaced_before_the_tokenizer_learns_and_counted(tmp_p
     assert "<EMAIL>" in learned and sorted(sum(split_documents(config.out_dir).values(), [])) == \
         sorted(scrub.scrub(d)[0] for d in documents)
     summary = capsys.readouterr().out
-    assert f"personal data replaced: {planted['SECRET']:,} SECRET, {planted['EMAIL']} EMAIL" in summary
+    said = f"personal data replaced: {planted['SECRET']} SECRET, {planted['EMAIL']} EMAIL"
+    assert said in summary
 
 
 def test_a_long_document_is_scrubbed_in_pieces_as_it_is_whole():
@@ -408,7 +411,7 @@ def test_a_long_document_is_scrubbed_in_pieces_as_it_is_whole():
     # scrubbed one by one, the pieces would leave personal data behind
     assert "".join(scrub.scrub(p)[0] for _, _, p in pieces) != scrub.scrub(document)[0]
     found = {}
-    out = list(corpus.scrubbed(iter(pieces), scrub.scrub, None, 1, found))
+    out = list(clean.scrubbed(iter(pieces), scrub, None, 1, found))
     whole, counts = scrub.scrub(document)
     assert "".join(text for _, _, text in out) == whole and found == {"train": counts}
     assert counts["SECRET"] >= 10 and len(out) > 20
@@ -417,12 +420,30 @@ def test_a_long_document_is_scrubbed_in_pieces_as_it_is_whole():
     assert sum((tok.encode(text) for _, _, text in out), []) == tok.encode(whole)
 
 
+def test_pieces_scrubbed_together_come_out_as_each_alone():
+    """scrub_batch finds in a batch's pieces joined: on the labelled set (every kind, and look-alikes
+    in many layouts) each piece as scrub.scrub gives it; a key block that would run on into the next
+    piece sends the batch back to one piece at a time."""
+    texts = [text for _, text, _ in positives()] + [text for _, text in lookalikes()]
+    items = [(("train", "val")[i % 2], i % 3 == 0, text) for i, text in enumerate(texts)]
+    expected = [(split, starts, *scrub.scrub(text)) for split, starts, text in items]
+    assert clean.scrub_batch(scrub.find, scrub.PLACEHOLDER, items) == expected
+    # a key block cut before its END, the END in the next piece after a key: joined, the block
+    # would run on to that END, and give way to the key found first
+    begin, end = KEY_BLOCK.rsplit("\n", 1)
+    cut_key = [("train", True, f"a\n{begin}"), ("train", True, f"{PII['SECRET']}\n{end}")]
+    assert clean.scrub_batch(scrub.find, scrub.PLACEHOLDER, cut_key) == [
+        ("train", True, "a\n<SECRET>", {"SECRET": 1}),
+        ("train", True, f"<SECRET>\n{end}", {"SECRET": 1})]
+    assert scrub.scrub(clean.SEPARATOR.join(text for _, _, text in cut_key))[1] == {"SECRET": 1}
+
+
 def test_scrub_pieces_stay_bounded_where_there_is_nowhere_to_cut():
     stream = [("val", n == 0, "12 34 56 78 90 " * 10) for n in range(40)]
-    out = list(corpus.scrub_pieces(iter(stream), most=1000))
+    out = list(clean.scrub_pieces(iter(stream), most=1000))
     assert "".join(t for _, _, t in out) == "12 34 56 78 90 " * 400
     assert max(len(t) for _, _, t in out) <= 1000 + 150 and len(out) >= 5
-    assert corpus.scrub_cut("call 020\n7946 0958 now") == 9 and corpus.scrub_cut("a 1 b") == 0
+    assert clean.scrub_cut("call 020\n7946 0958 now") == 9 and clean.scrub_cut("a 1 b") == 0
 
 
 def planted_documents(distinct=300, exact=30, near=30, seed=0):
@@ -468,10 +489,12 @@ def test_planted_copies_are_removed_and_every_pass_keeps_the_same_documents(tmp_
         # no text twice, and no exact copy among the documents kept: all of them removed; >= 90% of
         # the near copies (near); <= 1% of the distinct documents lost
         assert max(kept.values()) == 1 and sum(kept.values()) == 300 - lost + near_left
-        assert lost <= 3 and near_left == 30 if mode == "exact" else near_left <= 3, (lost, near_left)
+        assert lost <= 3 and near_left == (30 if mode == "exact" else near_left), lost
+        assert mode == "exact" or near_left <= 3, near_left
         d = meta["dedup"]
         assert (d["mode"], d["documents"], d["removed_exact"]) == (mode, 360, 30)
-        assert d["kept"] == sum(kept.values()) == sum(s["documents"] for s in meta["splits"].values())
+        documents = sum(s["documents"] for s in meta["splits"].values())
+        assert d["kept"] == sum(kept.values()) == documents
         assert sum(d["removed_by_split"].values()) == 360 - d["kept"]
         assert d["false_positive_rate"] < 1e-6 and meta == data.load_meta(out[mode])
         # the tokenizer learned from the documents that were encoded: the same ones kept
@@ -513,17 +536,20 @@ def test_find_duplicates_takes_a_document_in_pieces_and_short_ones_in_batches():
               ("train", True, "a  b c\nd"), ("test", True, "x  y"), ("train", True, "z")]
     removed = Counter()
     from dedup import Deduplicator
-    keep = corpus.find_duplicates(iter(stream), Deduplicator("exact"), removed)
+    kept = Counter()
+    keep = clean.find_duplicates(iter(stream), Deduplicator("exact"), kept, removed)
     assert keep == bytearray([0b10011])
-    assert list(corpus.kept_only(iter(stream), keep)) == [stream[i] for i in (0, 1, 2, 5)]
+    assert clean.find_duplicates(iter(stream), Deduplicator("near"), Counter(), Counter()) == keep
+    assert list(clean.kept_only(iter(stream), keep)) == [stream[i] for i in (0, 1, 2, 5)]
     assert removed == {"train": 1, "val": 0, "test": 1}
+    assert kept == {"train": 2, "val": 1, "test": 0}
 
 
 def test_a_full_bloom_filter_is_warned_about(capsys):
     from dedup import Deduplicator
     stream = [("train", True, f"document {i} of a few words") for i in range(1500)]
-    clean = corpus.CleanStream(lambda: iter(stream), Deduplicator("near", memory_mb=0.01))
-    assert clean.dedup["false_positive_rate"] > 0.01
+    stream_ = clean.CleanStream(lambda: iter(stream), Deduplicator("near", memory_mb=0.01))
+    assert stream_.dedup["false_positive_rate"] > 0.01
     err = capsys.readouterr().err
     assert err.startswith("warning: the duplicates' Bloom filter is") and "--dedup_memory_mb" in err
 
@@ -531,7 +557,8 @@ def test_a_full_bloom_filter_is_warned_about(capsys):
 def test_a_stopped_run_with_these_flags_starts_over_the_same_and_a_changed_flag_anew(
         tmp_path, monkeypatch, capsys):
     planted = planted_documents(distinct=60, exact=6, near=6)
-    documents = [f"{d} mail {PII['EMAIL']}" if i % 4 == 0 else d for i, (d, _) in enumerate(planted)]
+    documents = [f"{d} mail {PII['EMAIL']}" if i % 4 == 0 else d
+                 for i, (d, _) in enumerate(planted)]
     write_jsonl(tmp_path / "c.jsonl", documents)
     config = prepare.PrepareConfig(input=str(tmp_path / "c.jsonl"), vocab_size=300, workers=1,
                                    out_dir=str(tmp_path / "whole"), scrub_pii=True, dedup="near")

@@ -122,6 +122,17 @@ def test_peak_flops_of_known_gpus(name, flops):
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's allocator")
+def test_mfu_counts_six_flops_per_parameter_and_token_and_attentions_share():
+    from model import GPT, GPTConfig
+    model = GPT(GPTConfig(vocab_size=100, block_size=16, hidden_size=32, num_hidden_layers=2,
+                          num_attention_heads=2, bias=False))
+    # 100 x 32 token table (tied), 16 x 32 positions left out, 2 blocks of 12 x 32^2 + 2 x 32, a final norm
+    parameters = 100 * 32 + 2 * (12 * 32 * 32 + 2 * 32) + 32
+    assert model.num_params() == parameters
+    per_token = 6 * parameters + 12 * 2 * 32 * 16
+    assert runtime.estimate_mfu(model, 1000.0, per_token * 4000.0) == pytest.approx(0.25)
+
+
 def test_freed_tensor_memory_is_kept_for_the_next_tensors():
     """keep_freed_memory (train.py on a CPU): a freed 64 MB tensor's memory serves the next one, where glibc would
     hand it back to the OS and fault it in again, page by page."""

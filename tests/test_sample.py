@@ -1,5 +1,6 @@
 """Tests for sample.py and generation: KV cache vs none, sampling filters, streaming UTF-8, the command line."""
 
+import copy
 import json
 import shutil
 
@@ -8,6 +9,7 @@ import torch
 
 import generate
 import sample
+from checkpoint import unknown_word
 from cli import UserError
 from model import GPT, GPTConfig, sample_next_token
 from runtime import load_for_inference
@@ -123,6 +125,97 @@ def test_generation_past_block_size_keeps_working(random_model):
     assert int(cached.min()) >= 0 and int(cached.max()) < 97
 
 
+def multinomial_sample(logits, temperature, top_k, top_p, generator):
+    """How generation sampled before its sampling moved into the decode step: these filters, then
+    torch.multinomial (the reference that sample_next_token must match, token for token)."""
+    logits = logits.float() / temperature
+    if top_k is not None and top_k < logits.size(-1):
+        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None and top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, descending=True, dim=-1)
+        remove = sorted_logits.softmax(-1).cumsum(-1) - sorted_logits.softmax(-1) >= top_p
+        remove[:, 0] = False
+        logits = logits.masked_fill(remove.scatter(-1, order, remove), float("-inf"))
+    probs = logits.softmax(dim=-1)
+    return torch.multinomial(probs, num_samples=1, generator=generator).squeeze(-1)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_sampling_draws_what_torch_multinomial_draws(dtype):
+    """A seed gives the tokens torch.multinomial gave it: the noise drawn ahead (as generation
+    draws it, outside a compiled step) or inside sample_next_token."""
+    logits = (torch.randn(3, 300, generator=torch.Generator().manual_seed(0)) * 3).to(dtype)
+    settings = [(1.0, None, None), (0.8, 20, None), (1.2, None, 0.9), (0.7, 50, 0.8)]
+    for seed in range(20):
+        for filters in settings:
+            expected = multinomial_sample(logits, *filters, torch.Generator().manual_seed(seed))
+            got = sample_next_token(logits, *filters, torch.Generator().manual_seed(seed))
+            seeded = torch.Generator().manual_seed(seed)
+            noise = torch.empty(3, 300).exponential_(1, generator=seeded)
+            assert torch.equal(got, expected)
+            assert torch.equal(sample_next_token(logits, *filters, noise=noise), expected)
+
+
+SETTINGS = [dict(temperature=0), dict(temperature=0, suppress_ids=[5, 7]),
+            dict(temperature=0.9, top_k=20, top_p=0.9, suppress_ids=[3, 4])]
+
+
+@pytest.mark.parametrize("sampling", SETTINGS, ids=["greedy", "greedy, suppressed", "sampled"])
+def test_several_tokens_per_call_give_the_same_tokens(random_model, sampling):
+    """Decoding tokens_per_call tokens per call of the decode step, past block_size (rebuilds):
+    the tokens of one a call, and within block_size those of decoding without the cache."""
+    model = random_model(position="rope")
+    idx = torch.randint(97, (2, 5), generator=torch.Generator().manual_seed(1))
+    runs = {}
+    for per_call, cache, length in [(1, True, 60), (3, True, 60), (1, False, 27), (4, True, 27)]:
+        model.tokens_per_call = per_call
+        seeded = torch.Generator().manual_seed(5)
+        runs[per_call, cache, length] = model.generate(idx, length, use_cache=cache, **sampling,
+                                                        generator=seeded)
+    assert torch.equal(runs[1, True, 60], runs[3, True, 60])
+    assert torch.equal(runs[1, True, 60][:, :32], runs[1, False, 27])
+    assert torch.equal(runs[1, False, 27], runs[4, True, 27])
+    if "suppress_ids" in sampling:
+        assert not set(sampling["suppress_ids"]) & set(runs[1, True, 60][:, 5:].flatten().tolist())
+
+
+def test_the_compiled_decode_step_samples_as_the_eager_one(random_model, capsys):
+    """torch.compile (inductor, on the CPU) of the decode step with sampling inside: the tokens of
+    the eager step, seeded, past block_size."""
+    from runtime import compile_decoding
+    model = random_model(dtype=torch.float32, position="rope", tie_embeddings=False, bias=False)
+    sampling = SETTINGS[-1]
+    idx = torch.randint(97, (1, 5), generator=torch.Generator().manual_seed(1))
+    eager = model.generate(idx, 60, **sampling, generator=torch.Generator().manual_seed(3))
+    compile_decoding(model, "cpu", **sampling)
+    assert "warning" not in capsys.readouterr().err  # compiled, not fallen back to eager
+    compiled = model.generate(idx, 60, **sampling, generator=torch.Generator().manual_seed(3))
+    assert torch.equal(compiled, eager)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_on_a_gpu_the_step_in_cuda_graphs_decodes_as_the_eager_one(random_model):
+    """On a GPU: sampling draws torch.multinomial's there too, and the decode step compiled into a
+    CUDA graph ("reduce-overhead", sampling inside) gives the eager step's tokens, greedy and
+    seeded, several tokens per call or one."""
+    from runtime import compile_decoding
+    logits = torch.randn(3, 300, generator=torch.Generator().manual_seed(0)).cuda() * 3
+    for seed in range(20):
+        for filters in [(1.0, None, None), (0.8, 20, 0.9)]:
+            expected = multinomial_sample(logits, *filters, torch.Generator("cuda").manual_seed(seed))
+            got = sample_next_token(logits, *filters, torch.Generator("cuda").manual_seed(seed))
+            assert torch.equal(got, expected)
+    model = random_model(dtype=torch.float32, position="rope", tie_embeddings=False).cuda()
+    idx = torch.randint(97, (1, 5), generator=torch.Generator().manual_seed(1)).cuda()
+    for per_call, sampling in [(1, SETTINGS[0]), (1, SETTINGS[-1]), (4, SETTINGS[0])]:
+        compiled = copy.deepcopy(model)
+        compile_decoding(compiled, "cuda", tokens_per_call=per_call, **sampling)
+        runs = [m.generate(idx, 60, **sampling, generator=torch.Generator("cuda").manual_seed(3))
+                for m in (model, compiled)]
+        assert torch.equal(runs[0], runs[1]), (per_call, sampling)
+
+
 def test_top_k_and_top_p_never_pick_outside_the_allowed_set():
     logits = torch.tensor([[2.0, 1.0, 0.5, 3.0, -1.0, 0.0, 2.5, -2.0]])
     order = logits[0].argsort(descending=True).tolist()  # 3, 6, 0, 1, 2, 5, 4, 7
@@ -155,6 +248,19 @@ def test_generation_stops_at_end_of_text(loaded):
     ids = tokenizer.encode_document("the")
     first = list(generate.generate_ids(model, ids, 5, temperature=0))[0]
     assert list(generate.generate_ids(model, ids, 5, temperature=0, eot_id=first)) == []
+
+
+def test_tokens_read_back_a_few_at_a_time_stop_at_end_of_text(loaded):
+    """As on a GPU, the ids read back check_every at a time: the same ids, up to end-of-text."""
+    model, tokenizer = loaded
+    ids = tokenizer.encode_document("the river")
+    kw = dict(max_new_tokens=30, temperature=1.0, seed=4)
+    alone = list(generate.generate_ids(model, ids, **kw))
+    assert list(generate.generate_ids(model, ids, **kw, check_every=8)) == alone
+    stop = alone[10]
+    for every in (1, 3, 8):
+        got = list(generate.generate_ids(model, ids, **kw, eot_id=stop, check_every=every))
+        assert got == alone[:alone.index(stop)]
 
 
 # ----------------------------------------------------------------------------- streaming text
@@ -233,11 +339,11 @@ def test_the_data_s_unknown_word_is_never_sampled(loaded, tiny_ckpt, tmp_path, r
     model, tokenizer = loaded
     folder = tmp_path / "model"
     shutil.copytree(tiny_ckpt, folder)
-    assert sample.unknown_word_ids(tokenizer, folder, allow=False) is None  # its data names no marker
+    assert unknown_word(folder) is None  # its data names no marker
     meta = json.loads((folder / "meta.json").read_text())
     (folder / "meta.json").write_text(json.dumps({**meta, "unknown_word": "the"}))
-    banned = sample.unknown_word_ids(tokenizer, folder, allow=False)
-    assert banned == generate.word_starts(tokenizer, "the") and sample.unknown_word_ids(tokenizer, folder, True) is None
+    assert unknown_word(folder) == "the"
+    banned = generate.word_starts(tokenizer, "the")
     ids = tokenizer.encode_document("river")
     free = list(generate.generate_ids(model, ids, 300, temperature=1.0, seed=0))
     kept_out = list(generate.generate_ids(model, ids, 300, temperature=1.0, seed=0, suppress_ids=banned))

@@ -5,6 +5,7 @@ that compare its numbers with the model's run in bfloat16 too (emulated where th
 the same dtype."""
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -22,7 +23,7 @@ from werkzeug.serving import make_server
 from checkpoint import CHECKPOINT_NAME, save_checkpoint
 from cli import UserError, run_main
 from data import load_tokenizer
-from generate import StopStrings, chat_to_prompt, format_prompt
+from generate import StopStrings, chat_to_prompt, format_prompt, word_starts
 from runtime import load_for_inference
 from serve import TOKEN_ENV, create_app, main
 
@@ -572,3 +573,21 @@ def test_small_load(server):
         statuses = list(pool.map(one, kinds))
     assert len(statuses) == 40 and all(s < 500 for s in statuses)
     assert statuses.count(200) == 32
+
+
+def test_the_data_s_unknown_word_is_never_sampled_unless_allowed(tiny_ckpt, tmp_path):
+    """As sample.py: a model whose meta.json names a marker for rare words (<unk>) never starts it,
+    unless --allow_unk=True (the engine keeps suppress_ids out: tests/test_engine.py)."""
+    folder = tmp_path / "model"
+    shutil.copytree(tiny_ckpt, folder)
+    app = make_app(folder)
+    assert app.engine.suppress_ids is None  # its data names no marker
+    app.engine.close()
+    meta = json.loads((folder / "meta.json").read_text())
+    (folder / "meta.json").write_text(json.dumps({**meta, "unknown_word": "<unk>"}))
+    for allow, expected in ((False, word_starts(load_tokenizer(folder), "<unk>")), (True, None)):
+        app = make_app(folder, allow_unk=allow)
+        body = {"prompt": "The history of", "max_tokens": 5, "temperature": 1.0, "seed": 0}
+        assert app.test_client().post("/v1/completions", json=body).status_code == 200
+        app.engine.close()
+        assert app.engine.suppress_ids == expected

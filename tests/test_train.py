@@ -1,4 +1,5 @@
 """train.py end to end on a tiny corpus: loss goes down, resume is exact, DDP matches one process, errors are clear."""
+import contextlib
 import json
 import math
 import os
@@ -13,6 +14,7 @@ import torch
 
 from checkpoint import load_model
 from cli import UserError, read_config_file
+from data import load_split
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["--eval_iters=2", "--log_interval=1", "--batch_size=4", "--block_size=32", "--hidden_size=32",
@@ -33,6 +35,10 @@ def train(run_train):
 
 def weights(out_dir):
     return torch.load(Path(out_dir) / "ckpt.pt", weights_only=True)["model"]
+
+
+def checkpoint(out_dir):
+    return torch.load(Path(out_dir) / "ckpt.pt", weights_only=True)
 
 
 def log_rows(out_dir, key):
@@ -63,7 +69,8 @@ def test_resume_is_exact(data_dir, tmp_path, train):
 
 
 def test_resume_is_exact_with_muon_rope_and_embedding_dropout(data_dir, tmp_path, train):
-    args = ["--optimizer=muon", "--position=rope", "--qk_norm=True", "--embedding_dropout=0.1", "--dropout=0.1"]
+    args = ["--optimizer=muon", "--position=rope", "--qk_norm=True", "--embedding_dropout=0.1",
+            "--dropout=0.1", "--muon_weight_decay=0.1"]
     straight, halves = tmp_path / "straight", tmp_path / "halves"
     train(data_dir, straight, "--max_iters=12", "--eval_interval=6", *args)
     train(data_dir, halves, "--max_iters=6", "--eval_interval=6", *args)
@@ -107,11 +114,12 @@ def test_two_gloo_processes_match_one(data_dir, tmp_path, train):
     assert len(one) == 6 and one == pytest.approx(two, abs=1e-4)
 
 
-def test_ctrl_c_saves_and_exits_cleanly(data_dir, tmp_path, signal_training):
+def test_ctrl_c_saves_and_exits_130_so_that_a_script_running_it_stops(data_dir, tmp_path,
+                                                                        signal_training):
     out = tmp_path / "out"
     returncode, stdout, stderr = signal_training(signal.SIGINT, f"--data_dir={data_dir}", f"--out_dir={out}", *TINY,
                                                  "--max_iters=100000", "--eval_interval=100000")
-    assert returncode == 0, stderr
+    assert returncode == 130, stderr  # (run.sh, under set -e, stops there: no evaluation follows)
     assert "saved checkpoint" in stdout and "Traceback" not in stderr
     assert torch.load(out / "ckpt.pt", weights_only=True)["iter_num"] >= 3
 
@@ -200,3 +208,113 @@ def test_the_log_of_a_resumed_run_has_each_row_once(data_dir, tmp_path, train):
     evals = [row["iter"] for row in rows if "val_loss" in row]
     steps = [row["iter"] for row in rows if "train_loss" in row]
     assert evals == [0, 2, 4, 6, 8] and steps == list(range(1, 9))
+
+
+def test_the_model_saved_is_the_average_of_the_weights_and_resumes_exactly(data_dir, tmp_path,
+                                                                            train):
+    """With ema_decay, ckpt.pt's model (what evaluate.py and sample.py read) is the average of the
+    weights after each step, w_i weighted by decay^(t-i); the trained weights go on beside it, and
+    a run resumed at every step ends where one straight run does."""
+    args = ["--eval_interval=1", "--ema_decay=0.5", "--optimizer=muon", "--dropout=0.1"]
+    trained = []
+    for step in (1, 2, 3):  # one step at a time, resumed each time
+        resume = ["--init_from=resume"] if step > 1 else []
+        train(data_dir, tmp_path / "steps", f"--max_iters={step}", *args, *resume)
+        trained.append(checkpoint(tmp_path / "steps")["trained_model"])
+    train(data_dir, tmp_path / "straight", "--max_iters=3", *args)
+    steps, straight = checkpoint(tmp_path / "steps"), checkpoint(tmp_path / "straight")
+    for k, w3 in trained[-1].items():
+        expected = (trained[0][k] + 2 * trained[1][k] + 4 * w3) / 7
+        torch.testing.assert_close(steps["model"][k], expected, rtol=1e-5, atol=1e-7)
+        assert torch.equal(steps["model"][k], straight["model"][k])
+        assert torch.equal(w3, straight["trained_model"][k])
+    name = "blocks.0.mlp.up_proj.weight"
+    assert not torch.equal(steps["model"][name], trained[-1][name])
+    # the folder's model is the average, and the evaluation logged was the average's
+    import train as train_module
+    model, _, _ = load_model(str(tmp_path / "straight"))
+    assert all(torch.equal(v, straight["model"][k]) for k, v in model.state_dict().items())
+    config = train_module.TrainConfig(**straight["train_config"])
+    val, amp = {"val": load_split(data_dir, "val")}, contextlib.nullcontext()
+    loss = train_module.estimate_loss(model, val, config, amp, "cpu")["val"]
+    logged = log_rows(tmp_path / "straight", "val_loss")[-1]["val_loss"]
+    assert loss == pytest.approx(logged, abs=1e-6)
+    model.load_state_dict(straight["trained_model"])
+    assert train_module.estimate_loss(model, val, config, amp, "cpu")["val"] != loss
+
+
+@pytest.mark.parametrize("rates", [["--dropout=0.3", "--attention_dropout=0",
+                                    "--residual_dropout=0"],
+                                   ["--dropout=0", "--attention_dropout=0.3"],
+                                   ["--dropout=0", "--residual_dropout=0.3"],
+                                   ["--dropout=0", "--head_dropout=0.3"]])
+def test_a_dropout_of_its_own_place_trains_and_resumes_exactly(rates, data_dir, tmp_path, train):
+    """Dropout on the embeddings only, on attention weights only, on the residual branches only,
+    before the output layer only: each drops something, is saved as the model's, resumes exactly."""
+    args = [*rates, "--eval_interval=3"]
+    train(data_dir, tmp_path / "straight", "--max_iters=6", *args)
+    train(data_dir, tmp_path / "halves", "--max_iters=3", *args)
+    train(data_dir, tmp_path / "halves", "--max_iters=6", "--init_from=resume", *args)
+    train(data_dir, tmp_path / "none", "--max_iters=6", "--dropout=0", "--eval_interval=3")
+    a, b, none = (weights(tmp_path / run) for run in ("straight", "halves", "none"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert not all(torch.equal(a[k], none[k]) for k in a)  # it drops something
+    config = checkpoint(tmp_path / "straight")["model_config"]
+    assert all(config[rate[2:].split("=")[0]] == float(rate.split("=")[1]) for rate in rates)
+
+
+def test_the_steps_between_log_lines_never_wait_for_the_device(data_dir, tmp_path, train,
+                                                               monkeypatch):
+    """No host sync outside log steps and evaluations: the project's code reads a tensor's value
+    (.item(), float(), int(), bool(), .tolist()) once per log line, never per step, so that on a
+    GPU the steps between are queued without a wait."""
+    reads = []
+    for name in ("item", "tolist", "__float__", "__int__", "__bool__"):
+        original = getattr(torch.Tensor, name)
+
+        def counted(tensor, *args, _original=original, **kwargs):
+            caller = Path(sys._getframe(1).f_code.co_filename)
+            if caller.parent == ROOT:  # the project's own files
+                reads.append(caller.name)
+            return _original(tensor, *args, **kwargs)
+        monkeypatch.setattr(torch.Tensor, name, counted)
+    counts = []
+    for steps in (4, 12):  # an evaluation at 0 and at the end, a log line every 4 steps
+        reads.clear()
+        train(data_dir, tmp_path / f"out{steps}", f"--max_iters={steps}", "--log_interval=4",
+              "--eval_interval=100", "--optimizer=muon", "--ema_decay=0.9", "--dropout=0.1")
+        counts.append(len(reads))
+    assert counts[1] - counts[0] == 2  # 8 more steps: 2 more log lines, one read each
+
+
+def test_muons_newton_schulz_is_compiled_with_the_model(data_dir, tmp_path, train, monkeypatch):
+    """With compile on, train.py compiles Newton-Schulz too (warmed up on each stack's shape, so
+    that a failure falls back to eager at once), and Muon's steps run the compiled function."""
+    import runtime
+    compiled, calls = {}, []
+
+    def fake_compile(fn, warm_up, **options):  # what compile_or_eager does, without compiling
+        if isinstance(fn, torch.nn.Module):
+            warm_up(fn)
+            return fn
+
+        def wrapped(*args, **kwargs):
+            calls.append(fn.__name__)
+            return fn(*args, **kwargs)
+        warm_up(wrapped)
+        compiled[fn.__name__] = options
+        return wrapped
+    monkeypatch.setattr(runtime, "compile_or_eager", fake_compile)
+    train(data_dir, tmp_path / "out", "--max_iters=3", "--eval_interval=100", "--optimizer=muon",
+          "--compile=True")
+    assert compiled["orthogonalize"] == {"dynamic": False}
+    shapes = 4  # every block's qkv, out, up and down projections: one stack each
+    assert calls.count("orthogonalize") == shapes + 3 * shapes  # the warm-up, then 3 steps
+
+
+def test_a_schedule_that_decays_past_max_iters_says_so(data_dir, tmp_path, train, capsys):
+    """TINY decays until step 20: a 3-step run ends near its peak learning rate, and says why."""
+    train(data_dir, tmp_path / "short", "--max_iters=3", "--eval_interval=100")
+    assert "note: lr_decay_iters=20 is past max_iters=3" in capsys.readouterr().out
+    train(data_dir, tmp_path / "full", "--max_iters=3", "--lr_decay_iters=3", "--eval_interval=100")
+    assert "note:" not in capsys.readouterr().out
