@@ -36,7 +36,6 @@ import csv
 import hashlib
 import io
 import json
-import os
 import sys
 from collections import defaultdict
 from dataclasses import dataclass
@@ -46,9 +45,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from checkpoint import record_result
 from cli import UserError, parse_config, run_main, setting
 from data import load_meta, load_split, load_tokenizer
-from files import Progress, read_utf8, write_json
+from files import Progress, read_utf8
 from runtime import load_for_inference
 
 # CrowS-Pairs as published (CC BY-SA 4.0), at one commit of its repository
@@ -326,34 +326,6 @@ def audit_crows_pairs(model, tokenizer, config):
 # ----------------------------------------------------------------------------- the results file
 
 
-def checkpoint_sha256(folder):
-    """The sha256 of folder/ckpt.pt: the weights a result was measured on (None without one)."""
-    path = Path(folder) / "ckpt.pt"
-    if not path.is_file():
-        return None
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def record(model_dir, key, result):
-    """Merge result into model_dir/audit.json under key, atomically, with the sha256 of the
-    checkpoint; its path, or None where the model is not a folder (a GPT-2 name). A text file's
-    lines are kept by number, never by their text."""
-    if not os.path.isdir(model_dir):
-        return None
-    path = Path(model_dir) / "audit.json"
-    try:
-        results = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
-    except (OSError, ValueError):  # a damaged file: nothing in it to keep
-        results = {}
-    results = results if isinstance(results, dict) else {}
-    kept = {name: value for name, value in result.items() if name != "lines"}
-    results[key] = kept | {"checkpoint_sha256": checkpoint_sha256(model_dir)}
-    return write_json(path, results)
-
 # ----------------------------------------------------------------------------- command line
 
 
@@ -379,12 +351,8 @@ def main():
         check_window(model, config)
         result, key = audit_splits(model, tokenizer, checkpoint, config), "memorization"
     result = {"model": config.model, **result}
-    try:
-        saved = record(config.model, key, result)
-    except OSError as e:  # a read-only folder or a full disk costs the file, not the measurement
-        saved = None
-        print(f"warning: could not write {Path(config.model) / 'audit.json'} ({e.strerror or e})",
-              file=sys.stderr)
+    # a text file's lines are recorded by number only (extracted_lines), never by their text
+    saved = record_result(config.model, key, {k: v for k, v in result.items() if k != "lines"})
     if config.json:
         print(json.dumps(result, indent=2, ensure_ascii=False))
     else:

@@ -18,11 +18,12 @@ import json
 import os
 import re
 import shutil
+import sys
 
 import torch
 
 from cli import UserError, parse_config
-from files import atomic_write, check_writable, write_json
+from files import atomic_write, check_writable, sha256_of, write_json
 from model import GPT, GPTConfig
 from tokenizer import BPETokenizer
 
@@ -61,6 +62,36 @@ def save_checkpoint(checkpoint, out_dir):
         free = shutil.disk_usage(out_dir).free / 1e6
         message = f"cannot write the checkpoint ({reason}; {free:,.1f} MB free there)"
         raise OSError(errno.EIO, message, path) from None
+
+
+def checkpoint_sha256(folder):
+    """The sha256 of folder/ckpt.pt, the weights a result was measured on (audit.py records it
+    beside each result; the export's model card reports only the results of these weights); None
+    without one."""
+    path = os.path.join(folder, CHECKPOINT_NAME)
+    return sha256_of(path) if os.path.isfile(path) else None
+
+
+def record_result(folder, key, result):
+    """Merge a result measured on a model folder's weights into its audit.json under key (audit.py's
+    checks, evaluate.py's scores), atomically, with the checkpoint's sha256: export.py's model card
+    reports only its own weights' results. Returns the file's path; None where the model is not a
+    folder (a GPT-2 name), or it cannot be written (a warning: the measurement is not lost)."""
+    if not os.path.isdir(folder):
+        return None
+    path = os.path.join(folder, "audit.json")
+    try:
+        with open(path, encoding="utf-8") as f:
+            results = json.load(f)
+    except (OSError, ValueError):  # none yet, or a damaged file: nothing in it to keep
+        results = {}
+    results = results if isinstance(results, dict) else {}
+    results[key] = result | {"checkpoint_sha256": checkpoint_sha256(folder)}
+    try:
+        return write_json(path, results)
+    except OSError as e:  # a read-only folder, a full disk
+        print(f"warning: could not write {path} ({e.strerror or e})", file=sys.stderr)
+        return None
 
 
 def read_checkpoint(out_dir, map_location="cpu"):

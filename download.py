@@ -6,7 +6,6 @@ show their progress; a file that fails its check never lands under its name.
              sha256="ef7e...")
 """
 
-import hashlib
 import os
 import sys
 from pathlib import Path
@@ -14,16 +13,7 @@ from pathlib import Path
 import requests
 
 from cli import UserError
-from files import Progress
-
-
-def sha256_of(path):
-    """The sha256 of a file, read in 1 MB blocks."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
+from files import Progress, sha256_of
 
 
 def _fetch(url, part, desc):

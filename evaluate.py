@@ -21,17 +21,20 @@ more context, a lower perplexity, and block_size / stride times the work.
 The first token of a text has no context: it is scored after an end-of-text token, which is how every document
 starts in the token files (a tokenizer without one leaves the first token unscored). In a split, the end-of-text
 tokens between documents are context only, never scored, so the score covers exactly the bytes of the text.
+A whole split's result goes into the model folder's audit.json, where export.py's model card finds it.
 """
 
 import contextlib
 import json
 import math
+import sys
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
+from checkpoint import record_result
 from cli import UserError, parse_config, run_main, setting
 from data import count_words, load_meta, load_split, load_tokenizer
 from files import Progress, read_utf8
@@ -288,7 +291,12 @@ def main():
                                 config.batch_size, config.max_tokens, dynamic=dynamic)
         source = f"{data_dir} {config.split} split" + (f", first {config.max_tokens:,} tokens" if config.max_tokens
                                                         else "")
-    print_result(config, result, source, block, stride, tokenizer.eot_id is not None)
+    result = print_result(config, result, source, block, stride, tokenizer.eot_id is not None)
+    if not config.text_file and not config.max_tokens:  # a whole split: a figure for the model card
+        key = f"evaluate_{config.split}" + ("_dynamic" if config.dynamic else "")
+        saved = record_result(config.model, key, result)
+        if saved is not None:
+            print(f"recorded in {saved}", file=sys.stderr)
 
 
 def training_data(config, checkpoint, tokenizer):
@@ -320,7 +328,7 @@ def print_result(config, result, source, block, stride, has_eot):
                    "dynamic_decay": config.dynamic_decay, "dynamic_rms": config.dynamic_rms}
     if config.json:
         print(json.dumps(result, indent=2))
-        return
+        return result
     print(f"{config.model} on {source}")
     print(f"  {result['tokens']:,} tokens, {result['bytes']:,} bytes, {result['words']:,} words "
           f"({result['word_convention']}: {CONVENTIONS[result['word_convention']]})")
@@ -328,6 +336,7 @@ def print_result(config, result, source, block, stride, has_eot):
     print(f"  perplexity       {result['perplexity']:10.3f}   (per token; loss {result['loss']:.4f} nats)")
     print(f"  bits per byte    {result['bits_per_byte']:10.4f}")
     print(f"  word perplexity  {result['word_perplexity']:10.3f}")
+    return result
 
 
 if __name__ == "__main__":

@@ -28,7 +28,6 @@ and moved into place once all are there: an export that fails (a full disk) leav
 """
 
 import errno
-import hashlib
 import json
 import math
 import os
@@ -42,7 +41,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import save_file
 
-from checkpoint import load_model, unknown_word
+from checkpoint import checkpoint_sha256, load_model, unknown_word
 from cli import UserError, parse_config, run_main, setting
 from files import atomic_write, check_writable, folder_lock, write_json
 from generate import word_starts
@@ -214,18 +213,6 @@ def card_settings(model_dir, license, language, datasets):
     return settings
 
 
-def checkpoint_sha256(folder):
-    """The sha256 of folder/ckpt.pt, which audit.py records with each result (None without one)."""
-    path = Path(folder) / "ckpt.pt"
-    if not path.is_file():
-        return None
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def validation_estimate(model_dir, checkpoint):
     """(step, val loss) that training measured on the checkpoint's weights: the row of its log at
     its step, else its best val loss; None where neither is known."""
@@ -256,6 +243,13 @@ def audit_results(model_dir):
     return kept, sorted(set(results) - set(kept))
 
 
+def test_scores(audits):
+    """[(key, how it was scored)] of the whole test split's scores that evaluate.py recorded."""
+    kinds = (("evaluate_test", "static"), ("evaluate_test_dynamic", "dynamic evaluation"))
+    return [(key, how) for key, how in kinds
+            if key in audits and audits[key].get("quantize", "none") == "none"]
+
+
 def yaml_list(name, items):
     """A YAML list of strings, each written as a JSON string (YAML reads it as is); '' if none."""
     return f"{name}:\n" + "".join(f"- {json.dumps(item)}\n" for item in items) if items else ""
@@ -263,12 +257,15 @@ def yaml_list(name, items):
 
 def card_metadata(name, settings, dataset, estimate, audits):
     """The card's YAML header: what the Hub indexes (license, language, datasets, and a model-index
-    of the val perplexity and the CrowS-Pairs result where they were measured)."""
-    results = []
+    of the val perplexity, the test word perplexity that evaluate.py recorded and the CrowS-Pairs
+    result, where they were measured)."""
+    results, dataset_type = [], (settings["datasets"] or [dataset])[0]
     if estimate is not None:
-        results.append(("Text Generation", (settings["datasets"] or [dataset])[0],
-                        f"{dataset} (val split)", "validation", "perplexity",
-                        math.exp(estimate[1]), "val perplexity (estimated during training)"))
+        results.append(("Text Generation", dataset_type, f"{dataset} (val split)", "validation",
+                        "perplexity", math.exp(estimate[1]), "val perplexity (estimated during training)"))
+    for key, how in test_scores(audits):
+        results.append(("Text Generation", dataset_type, f"{dataset} (test split)", "test",
+                        "perplexity", audits[key]["word_perplexity"], f"test word perplexity, {how}"))
     if "crows_pairs" in audits:
         results.append(("Stereotype bias", "nyu-mll/crows_pairs", "CrowS-Pairs", "test",
                         "pct_stereotype", audits["crows_pairs"]["pct_stereotype"],
@@ -424,8 +421,15 @@ def model_card(model_dir, name, model, tokenizer, checkpoint, neox, settings):
         evaluation = (f"- Val perplexity {math.exp(estimate[1]):,.2f} (loss {estimate[1]:.4f} nats "
                       f"per token), estimated during training at step {estimate[0]:,} on {batches} "
                       f"batches of the val split of `{dataset}`.\n")
-    evaluation += ("- Test perplexity, bits per byte and word perplexity: not measured here; "
-                   f"`python evaluate.py --model={model_dir} --split=test` measures them.\n")
+    for key, how in test_scores(audits):
+        score = audits[key]
+        evaluation += (f"- Test split of `{dataset}` ({how}, evaluate.py): perplexity "
+                       f"{score['perplexity']:,.3f} per token, {score['bits_per_byte']:.4f} bits per "
+                       f"byte, word perplexity {score['word_perplexity']:,.3f} "
+                       f"({score['words']:,} words).\n")
+    if not test_scores(audits):
+        evaluation += ("- Test perplexity, bits per byte and word perplexity: not measured here; "
+                       f"`python evaluate.py --model={model_dir} --split=test` measures them.\n")
     risks = memorization_lines(audits, model_dir)
     if stale:
         risks.append(f"- audit.json also holds results ({', '.join(stale)}) measured on other "

@@ -2,7 +2,7 @@
 Files in and out, and long work on them: the text files a user names (read as UTF-8, or one line
 that says what is wrong), the files a script writes (atomically: a crash leaves the old file or the
 new one, never half of one), the folder it writes into (checked before any work, locked while it
-works), and progress lines.
+works), progress lines, and a file's sha256.
 
     text = read_utf8("prompt.txt", "the prompt file")  # or UserError("... is not UTF-8 text ...")
     write_json("out/config.json", settings)           # whole, or not at all
@@ -11,6 +11,7 @@ works), and progress lines.
 """
 
 import contextlib
+import hashlib
 import json
 import os
 import sys
@@ -166,3 +167,12 @@ class Progress:
         self.update(done, force=True)
         if self.tty:
             print(file=sys.stderr)
+
+
+def sha256_of(path):
+    """The sha256 of a file, read in 1 MB blocks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# The whole pipeline on a fresh machine, on 2 CPU cores in about 15 minutes: install, download + tokenize WikiText-2,
-# train config/wikitext_tiny.py, evaluate it on the test split, write a sample.
+# The whole pipeline on a fresh machine, on 2 CPU cores in about 11 minutes: install,
+# download + tokenize WikiText-2, train config/wikitext_tiny.py, evaluate it on the test split, write a sample.
 #   bash run.sh                                       # downloads WikiText-2 (the tokenized release)
 #   bash run.sh --source=path/to/wikitext-2           # or reads wiki.{train,valid,test}.tokens from a local folder
 # Arguments go to prepare.py. Run it again and it goes on where it stopped: data already prepared is kept, a run

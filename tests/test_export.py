@@ -302,3 +302,33 @@ def test_the_export_never_starts_the_data_s_unknown_word(model_copy, tmp_path, m
     kept_out = model.generate(ids, max_new_tokens=20, do_sample=False)[0, ids.size(1):].tolist()
     free = model.generate(ids, max_new_tokens=20, do_sample=False, suppress_tokens=None)[0, ids.size(1):].tolist()
     assert set(banned) & set(free) and not set(banned) & set(kept_out)
+
+
+def test_the_model_card_reports_the_test_scores_evaluate_py_recorded(model_copy, tiny_data,
+                                                                     tmp_path, run_in_process):
+    """evaluate.py records a whole split's score beside the weights (audit.json); the card reports
+    the test split's, static and dynamic, in its text and its model-index, and leaves out a
+    score of a split's first tokens only (not a figure for the card)."""
+    import evaluate
+    scores = {}
+    for scoring in ([], ["--dynamic", "--dynamic_segment=16"]):
+        status, out, err = run_in_process(evaluate, f"--model={model_copy}", f"--data_dir={tiny_data}",
+                                          "--split=test", "--device=cpu", "--dtype=float32",
+                                          "--json", *scoring)
+        assert status == 0 and "recorded in" in err, err
+        scores[bool(scoring)] = json.loads(out)
+    status, _, err = run_in_process(evaluate, f"--model={model_copy}", f"--data_dir={tiny_data}",
+                                    "--split=val", "--max_tokens=50", "--device=cpu")
+    assert status == 0 and "recorded in" not in err, err
+    recorded = json.loads((model_copy / "audit.json").read_text())
+    assert set(recorded) == {"evaluate_test", "evaluate_test_dynamic"}
+    status, _, err = run_in_process(export, f"--model={model_copy}", f"--to={tmp_path / 'hf'}")
+    assert status == 0, err
+    card = model_card(tmp_path / "hf")
+    tests = [r for r in card.data.eval_results if r.dataset_split == "test"]
+    assert [r.metric_value for r in tests] == [round(scores[False]["word_perplexity"], 4),
+                                               round(scores[True]["word_perplexity"], 4)]
+    assert scores[True]["word_perplexity"] != scores[False]["word_perplexity"]
+    for score in scores.values():
+        assert f"word perplexity {score['word_perplexity']:,.3f} ({score['words']:,} words)" in card.text
+    assert "Test perplexity, bits per byte and word perplexity: not measured" not in card.text
