@@ -18,8 +18,15 @@ prompt's tokens' in sequence.scored_prompt() (None for the first, which has no c
 max_new_tokens=0 then just scores the prompt.
 
 Waiting sequences run first come, first served, by rank: a request of many choices gives its i-th
-rank i, so that its later choices wait behind other requests' first ones. Between two steps, at most
-PROMPTS_PER_STEP prompts run: a burst of new requests delays the running ones by a few prompts only.
+rank i, so that its later choices wait behind other requests' first ones. It submits them with
+after=its first choice's Sequence: they join the line once that one has decoded FOLLOWERS_AFTER (2)
+tokens, or left. By then a stream has sent its first event, and its reader, woken by the first
+token (unless it holds half a character), has seen a client that hung up on it and closed every
+choice: a client gone at once costs one prompt, not n. (A count of steps, not the reader's pace:
+the batches, and so the numbers, are the same from run to run.) Choices of one prompt run it once:
+the others copy its positions from an active row that holds it, a copy in the KV cache instead of
+the model over the prompt again. Between two steps, at most PROMPTS_PER_STEP prompts run (copies
+not counted): a burst of new requests delays the running ones by a few prompts only.
 
 Decoding one token for 32 sequences reads the weights once, as for one sequence: on a small model
 the step costs little more than a single sequence's step, so the server's throughput grows with the
@@ -38,6 +45,7 @@ import torch
 from model import sample_next_token
 
 PROMPTS_PER_STEP = 4
+FOLLOWERS_AFTER = 2
 
 
 def scores(logits, tokens, k):
@@ -67,10 +75,15 @@ class Sequence:
         self.generator = None if seed is None else torch.Generator(device=device).manual_seed(seed)
         # length: the positions of this sequence in the KV cache
         self.generated, self.length, self.logits = 0, 0, None
+        # once active: (the k of its prompt's scores or None, its prompt), while its row holds it
+        self.prompt, self.prompt_logits = None, None
         self.finish_reason, self.cancelled, self.error = None, False, None
         # new ids, then None when done (or an exception if the engine failed)
-        self.tokens = queue.Queue()
+        self.tokens = queue.SimpleQueue()
         self.prompt_ran = threading.Event()  # set once the engine has run the prompt (or failed to)
+        # the entries of its request's later choices (BatchEngine.submit's after), held until it
+        # has decoded FOLLOWERS_AFTER tokens or left the engine; None once let into the line
+        self.followers, self.lock = [], threading.Lock()
 
     def __iter__(self):
         try:
@@ -83,6 +96,20 @@ class Sequence:
 
     def close(self):
         self.cancelled = True
+
+    def hold(self, entry):
+        """Keep a later choice's entry for the engine's line until take_followers; False if that
+        has happened already."""
+        with self.lock:
+            if self.followers is not None:
+                self.followers.append(entry)
+            return self.followers is not None
+
+    def take_followers(self):
+        """The entries held, handed over once: from now on hold keeps none."""
+        with self.lock:
+            followers, self.followers = self.followers, None
+        return followers or []
 
     def scored_prompt(self):
         """prompt_scores (with score_prompt), once the engine has run the prompt (this waits)."""
@@ -100,7 +127,7 @@ class BatchEngine:
     def __init__(self, model, max_batch_size=32, compile=False, suppress_ids=None):
         self.model, self.max_batch_size, self.suppress_ids = model, max_batch_size, suppress_ids
         self.device = model.token_emb.weight.device
-        self.waiting = queue.PriorityQueue()  # (rank, arrival, sequence)
+        self.waiting = queue.PriorityQueue()  # (rank, arrival, sequence or [such entries])
         self.arrivals = itertools.count()
         self.active = []  # self.active[i] owns row i of the KV cache
         self.peak_batch = 0  # the most sequences decoded together so far
@@ -117,18 +144,19 @@ class BatchEngine:
         ready.wait()
 
     def submit(self, ids, max_new_tokens, temperature=0.8, top_k=None, top_p=None, seed=None,
-               stop_id=None, logprobs=None, score_prompt=False, rank=0):
+               stop_id=None, logprobs=None, score_prompt=False, rank=0, after=None):
         """Queue a prompt (token ids); returns its Sequence. Greedy when temperature is 0; top_k
         0/None and top_p None/1.0 switch those filters off; a seed makes the sample reproducible,
-        whatever else is in the batch. logprobs (the number of alternatives), score_prompt and rank:
-        see the module's docstring."""
+        whatever else is in the batch. logprobs (the number of alternatives), score_prompt, rank
+        and after (the Sequence of the request's first choice): see the module's docstring."""
         sequence = Sequence(ids, max_new_tokens, temperature, top_k, top_p, seed, stop_id,
                             self.device, logprobs, score_prompt)
+        entry = (rank, next(self.arrivals), sequence)
         if max_new_tokens < 1 and not score_prompt:
-            sequence.finish_reason = "length"
+            sequence.finish_reason, sequence.followers = "length", None
             sequence.tokens.put(None)
-        else:
-            self.waiting.put((rank, next(self.arrivals), sequence))
+        elif after is None or not after.hold(entry):
+            self.waiting.put(entry)
         return sequence
 
     def close(self):
@@ -157,11 +185,13 @@ class BatchEngine:
             except Exception as e:  # tell every client of the batch, then serve the next ones
                 for sequence in self.active:
                     sequence.tokens.put(e)
+                    self._let_followers_in(sequence)
                 self.active = []
 
     def _admit(self):
         """Move waiting sequences into free rows, running each one's prompt (PROMPTS_PER_STEP at
-        most); waits while nothing is active. Returns False when told to stop."""
+        most: a prompt that an active row holds already is copied from it, not run); waits while
+        nothing is active. Returns False when told to stop."""
         prompts = 0
         while len(self.active) < self.max_batch_size and prompts < PROMPTS_PER_STEP:
             try:
@@ -170,33 +200,67 @@ class BatchEngine:
                 break
             if sequence is None:
                 return False
-            if sequence.cancelled:
+            if isinstance(sequence, list):  # a request's later choices, let in (Sequence.hold)
+                for entry in sequence:
+                    if not entry[-1].cancelled:
+                        self.waiting.put(entry)
                 continue
-            prompts += 1
+            if sequence.cancelled:
+                self._let_followers_in(sequence)
+                continue
             context = sequence.ids[-self.model.config.block_size:]  # a long prompt keeps its end
+            scored = (sequence.logprobs or 0) if sequence.score_prompt else None
+            twin = next((other for other in self.active if other.prompt == (scored, context)), None)
+            prompts += twin is None
             try:
-                self._use_rows(len(self.active), len(self.active) + 1)
-                logits = self.model.prefill(self._tensor([context]),
-                                            every_position=sequence.score_prompt)[0]
-                if sequence.score_prompt:
-                    k = sequence.logprobs or 0
-                    sequence.prompt_scores = [None] + scores(logits[:-1], context[1:], k)
-                    logits = logits[-1]
-                sequence.logits = logits
+                if twin is None:
+                    self._run_prompt(sequence, context)
+                else:
+                    self._copy_prompt(twin, sequence, len(context))
             except Exception as e:  # this request fails alone
                 sequence.error = e
                 sequence.tokens.put(e)
+                self._let_followers_in(sequence)
                 continue
             finally:
                 sequence.prompt_ran.set()
             if sequence.max_new_tokens < 1:  # only the prompt's scores were asked for
                 sequence.finish_reason = "length"
                 sequence.tokens.put(None)
+                self._let_followers_in(sequence)
                 continue
-            sequence.length = len(context)
+            sequence.length, sequence.prompt = len(context), (scored, context)
             self.active.append(sequence)
             self.peak_batch = max(self.peak_batch, len(self.active))
         return True
+
+    def _let_followers_in(self, sequence):
+        """Put the later choices held behind a sequence into the line, as one entry: _admit queues
+        those still wanted when it reaches it (a request that failed, or whose client left, has
+        closed them by then)."""
+        if followers := sequence.take_followers():
+            self.waiting.put((*followers[0][:2], followers))
+
+    def _run_prompt(self, sequence, context):
+        """Run a prompt into the next free row: its next-token logits (and its scores)."""
+        self._use_rows(len(self.active), len(self.active) + 1)
+        logits = self.model.prefill(self._tensor([context]),
+                                    every_position=sequence.score_prompt)[0]
+        if sequence.score_prompt:
+            k = sequence.logprobs or 0
+            sequence.prompt_scores = [None] + scores(logits[:-1], context[1:], k)
+            # kept while the sequence is active: the last position's, not the whole prompt's
+            logits = logits[-1].clone()
+        sequence.logits = sequence.prompt_logits = logits
+
+    def _copy_prompt(self, twin, sequence, length):
+        """What _run_prompt would give, from an active sequence that ran the same prompt (the n
+        choices of a request, say): its row's first `length` positions into the next free row."""
+        source, row = self.active.index(twin), len(self.active)
+        for cache in self.caches:
+            cache[:, row, :, :length] = cache[:, source, :, :length]
+        sequence.prompt_scores, sequence.prompt_logits = twin.prompt_scores, twin.prompt_logits
+        sequence.logits = twin.prompt_logits
 
     def _step(self):
         """Sample every active sequence's next token, drop the finished ones, then decode the rest
@@ -213,6 +277,8 @@ class BatchEngine:
             sequence.ids.append(token)
             sequence.generated += 1
             sequence.tokens.put(token)
+            if sequence.generated == FOLLOWERS_AFTER:
+                self._let_followers_in(sequence)
             if sequence.generated == sequence.max_new_tokens:
                 sequence.finish_reason = "length"
         self._remove_finished()
@@ -225,7 +291,8 @@ class BatchEngine:
                 if prefix:
                     self._use_rows(row, row + 1)
                     self.model.prefill(self._tensor([prefix]))
-                sequence.length = len(prefix)
+                # (the row no longer holds the prompt: nothing to copy from it)
+                sequence.length, sequence.prompt = len(prefix), None
         # compiled: padded up to the next batch size with free rows (their position 0 is rewritten
         # by the prompt of the sequence that takes the row)
         size = next((n for n in self.batch_sizes or [] if n >= len(self.active)), len(self.active))
@@ -274,6 +341,7 @@ class BatchEngine:
                 row += 1
                 continue
             sequence.tokens.put(None)
+            self._let_followers_in(sequence)
             last = len(self.active) - 1
             if row != last:
                 for cache in self.caches:

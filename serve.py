@@ -437,16 +437,16 @@ def create_app(config=None, **settings):
         def usage():
             new = sum(completion.sequence.generated for completion in completions)
             return {"prompt_tokens": prompt_tokens, "completion_tokens": new, "total_tokens": prompt_tokens + new}
-
         if client_gone(request.environ):  # the client has gone already: no work
             return Response(status=499)
         try:
-            # with a seed, choice i of every prompt draws from seed + i; rank: see engine.py
+            # with a seed, choice i of every prompt draws from seed + i; rank, after: see engine.py
             for rank, ((text, ids), i) in enumerate(itertools.product(prompts, range(req.n))):
                 seed = None if req.seed is None else (req.seed + i) % 2**63
                 completions.append(Completion(engine, tokenizer, text, ids, req.stop, logprobs, echo, seed=seed,
                                               rank=rank, max_new_tokens=req.max_tokens, top_k=req.top_k,
-                                              temperature=req.temperature, top_p=req.top_p))
+                                              temperature=req.temperature, top_p=req.top_p,
+                                              after=completions[0].sequence if rank else None))
             if req.stream:
                 events = stream_events(completions, header, chat, app.logger, request.environ,
                                        usage if (req.stream_options or {}).get("include_usage") else None)

@@ -10,10 +10,13 @@ Ten failing requests are sent at once, and with them the normal request (50 toke
 Each round times the normal request alone, alone again (what two timings differ by on this
 machine), beside each kind alone and beside the ten, in an order that turns from round to round.
 The medians over `repeats` rounds are printed, with the median of each round's ratio to its own
-`alone`, then what the engine still holds (it should hold nothing).
+`alone`, then what the engine still holds (it should hold nothing). With --refused_only=True every
+failing request is one refused at once (n=17), read whole: what as many requests cost the server
+before any generation (werkzeug's thread, parsing, the answer), the floor for the others.
 
     python bench/bench_hostile.py                       # a tiny model trained on the spot (~20 s)
     python bench/bench_hostile.py --model=out-wikitext-tiny
+    python bench/bench_hostile.py --refused_only=True   # the floor: ten requests refused
 """
 
 import json
@@ -39,6 +42,7 @@ class BenchHostileConfig:
     model: str = ""              # the model to serve; empty: train a tiny one in a temp folder
     repeats: int = 30            # rounds, each timing the normal request in every phase
     threads: int = 1             # torch threads in the server
+    refused_only: bool = False   # every failing request a refused one: the floor (see above)
 
 
 NORMAL = {"prompt": "The", "max_tokens": 50, "temperature": 0}
@@ -70,10 +74,10 @@ def post(port, body, read):
     return int(answer.split(b" ", 2)[1])
 
 
-def timed(url, port, phase, statuses):
+def timed(url, port, phase, statuses, kinds=KINDS):
     """Seconds of the normal request in a phase (the failing requests it names sent with it, a
     thread each, their statuses added to `statuses`), and its answer."""
-    jobs = [job for kind, kind_jobs in KINDS.items() if phase in (kind, "ten") for job in kind_jobs]
+    jobs = [job for kind, kind_jobs in kinds.items() if phase in (kind, "ten") for job in kind_jobs]
     threads = [threading.Thread(target=lambda job=job: statuses.add(post(port, *job)))
                for job in jobs]
     for thread in threads:
@@ -100,6 +104,9 @@ def held(url, wait=10.0):
 
 def main():
     config = cli.parse_config(BenchHostileConfig)
+    refused = (b'{"prompt": "The", "n": 17}', "all")
+    kinds = {kind: [refused] * len(jobs) for kind, jobs in KINDS.items()}
+    kinds = kinds if config.refused_only else KINDS
     with tempfile.TemporaryDirectory(prefix="bench_hostile_") as tmp:
         model = config.model or train_tiny(tmp)[0]
         with open(Path(tmp) / "server.log", "w") as log:
@@ -112,7 +119,7 @@ def main():
                 for i in range(config.repeats):
                     seconds = {}
                     for phase in phases[i % len(phases):] + phases[:i % len(phases)]:
-                        seconds[phase], text = timed(url, port, phase, statuses)
+                        seconds[phase], text = timed(url, port, phase, statuses, kinds)
                         texts.add(text)
                     rounds.append(seconds)
                 left = held(url)
@@ -121,7 +128,8 @@ def main():
                 process.wait(timeout=30)
     assert len(texts) == 1, "the normal request's answer changed beside the failing ones"
     print(f"normal request: {NORMAL}; {config.repeats} rounds; {config.threads} torch thread(s) in "
-          f"the server; the failing requests got {sorted(statuses)} (0: the client read nothing)\n")
+          f"the server; the failing requests got {sorted(statuses)} (0: the client read nothing)"
+          f"{'; every one refused at once (--refused_only)' if config.refused_only else ''}\n")
     print("| phase | normal request, median ms | median ratio to alone |")
     print("|---|---:|---:|")
     for phase, name in PHASES.items():

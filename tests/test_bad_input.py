@@ -1034,6 +1034,41 @@ def test_n3_a_request_that_ends_early_leaves_nothing_generating(long_app, monkey
         assert r.status_code == 500 and held(engine) == 0
 
 
+def test_n3_a_stream_left_at_once_runs_one_prompt_of_its_64(long_app, monkeypatch):
+    """A streamed request of 64 choices whose client hangs up on its first event: only its first
+    choice's prompt runs (that event echoes its scores), the other 63 never start, and the engine
+    holds nothing afterwards."""
+    import socket
+    import threading
+
+    from werkzeug.serving import make_server
+    engine, run = long_app.engine, []
+    real_prefill, real_decode = engine.model.prefill, engine.decode
+
+    def prefill(idx, **kw):  # (a prompt, not a row rebuilt when full)
+        if "every_position" in kw:
+            run.append(idx[0].tolist())
+        return real_prefill(idx, **kw)
+
+    monkeypatch.setattr(engine.model, "prefill", prefill)
+    # a busy engine: the hang-up reaches the server before the first choice's first token
+    monkeypatch.setattr(engine, "decode", lambda *a: time.sleep(0.2) or real_decode(*a))
+    httpd = make_server("127.0.0.1", 0, long_app, threaded=True)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    try:
+        with socket.create_connection(("127.0.0.1", httpd.server_port)) as s:
+            # greedy: its first token is a whole character, an event (one that waits for more bytes
+            # is seen later)
+            data = json.dumps({**N3, "temperature": 0}).encode()
+            s.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: "
+                      b"application/json\r\nContent-Length: %d\r\n\r\n%s" % (len(data), data))
+            assert s.recv(65536).startswith(b"HTTP/1.1 200")
+        assert held(engine) == 0
+    finally:
+        httpd.shutdown()
+    assert len(run) == 1
+
+
 def test_n23_allowed_hosts_with_a_port_are_answered(tiny_ckpt, run_in_process):
     app = serve.create_app(str(tiny_ckpt), device="cpu", allowed_hosts="my.example:8000, Other.Example")
     client = app.test_client()

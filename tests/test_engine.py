@@ -7,7 +7,7 @@ import threading
 import pytest
 import torch
 
-from engine import BatchEngine
+from engine import FOLLOWERS_AFTER, BatchEngine
 from generate import generate_ids
 
 
@@ -227,3 +227,72 @@ def test_an_error_reaches_the_client_and_the_engine_goes_on(model, monkeypatch):
     monkeypatch.setattr(engine, "decode", real)
     assert len(list(engine.submit(prompts()[0], 5, temperature=0))) == 5
     engine.close()
+
+
+def prompts_run(model, monkeypatch):
+    """The prompts the model runs from now on (not the rows it rebuilds when full), in order."""
+    real, run = model.prefill, []
+    monkeypatch.setattr(model, "prefill", lambda idx, **kw: run.append(idx[0].tolist())
+                        or real(idx, **kw) if "every_position" in kw else real(idx, **kw))
+    return run
+
+
+def test_a_request_s_later_choices_start_once_its_first_has_decoded_two_tokens(model, monkeypatch):
+    """Choices submitted after a request's first one join the line once it has decoded
+    FOLLOWERS_AFTER tokens (a stream's reader has seen a client gone at once by then): no prompt of
+    theirs runs before, whatever the pace of its reader."""
+    engine, real, first_had = BatchEngine(model, 8), model.prefill, []
+
+    def prefill(idx, **kw):  # the first choice's tokens when a later one's prompt runs
+        if "every_position" in kw and idx[0].tolist() != prompts()[0]:
+            first_had.append(first.generated)
+        return real(idx, **kw)
+
+    monkeypatch.setattr(model, "prefill", prefill)
+    first = engine.submit(prompts()[0], 6, temperature=0)
+    later = [engine.submit(prompts()[i], 4, temperature=0, rank=i, after=first) for i in (1, 2, 3)]
+    assert [len(list(sequence)) for sequence in [first, *later]] == [6, 4, 4, 4]
+    engine.close()
+    assert first_had == [FOLLOWERS_AFTER] * 3
+
+
+def test_later_choices_closed_before_they_start_never_run(model, monkeypatch):
+    """A request that ends (its client gone, an error) before its first choice has its tokens
+    closes its choices: the later ones, held, never reach a row, and the engine holds nothing."""
+    engine = BatchEngine(model, 1)  # one row: the request waits behind `busy`
+    busy = engine.submit(prompts()[0], 10**9, temperature=0)
+    tokens = iter(busy)
+    next(tokens)
+    run = prompts_run(model, monkeypatch)
+    first = engine.submit(prompts()[1], 10**9, temperature=0)
+    later = [engine.submit(prompts()[i], 10**9, temperature=0, rank=i, after=first)
+             for i in (1, 2, 3)]
+    for sequence in [first, *later]:  # as serve.py closes an answer's choices
+        sequence.close()
+    busy.close()
+    assert len(list(engine.submit(prompts()[4], 3, temperature=0))) == 3
+    engine.close()
+    assert run == [prompts()[4]] and engine.waiting.qsize() == 0 and not engine.active
+
+
+def test_choices_of_one_prompt_run_it_once_and_get_what_they_get_alone(model, monkeypatch):
+    """n choices of one prompt, scored (echo with logprobs): the prompt runs once, the others copy
+    its positions from its row (here not row 0); each gets the tokens and prompt scores it gets
+    alone."""
+    kw = dict(max_new_tokens=20, temperature=1.0, score_prompt=True, logprobs=2)
+    one_row, alone = BatchEngine(model, 1), []
+    for i in range(4):
+        sequence = one_row.submit(prompts()[3], seed=i, **kw)
+        alone.append((list(sequence), sequence.scored_prompt()))
+    one_row.close()
+    engine = BatchEngine(model, 8)
+    busy = engine.submit(prompts()[0], 10**9, temperature=0)
+    tokens = iter(busy)
+    next(tokens)
+    run = prompts_run(model, monkeypatch)
+    first = engine.submit(prompts()[3], seed=0, **kw)
+    later = [engine.submit(prompts()[3], seed=i, rank=i, after=first, **kw) for i in (1, 2, 3)]
+    got = [(list(sequence), sequence.scored_prompt()) for sequence in [first, *later]]
+    busy.close()
+    engine.close()
+    assert got == alone and run == [prompts()[3]] and engine.peak_batch == 5

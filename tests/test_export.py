@@ -188,7 +188,10 @@ def model_card(folder):
 
 @pytest.fixture
 def model_copy(tiny_ckpt, tmp_path):
-    return Path(shutil.copytree(tiny_ckpt, tmp_path / "model"))
+    """tiny_ckpt's folder, without the scores other tests' evaluations recorded in it."""
+    folder = Path(shutil.copytree(tiny_ckpt, tmp_path / "model"))
+    (folder / "audit.json").unlink(missing_ok=True)
+    return folder
 
 
 def test_the_model_card_says_what_was_measured_and_what_was_not(model_copy, tmp_path,
