@@ -5,7 +5,7 @@
 data_dir = "data/wikitext-2"
 out_dir = "out-wikitext-tiny"
 device = "cpu"
-dtype = "float32"        # the same figure on every CPU (bfloat16 ends a little differently)
+dtype = "float32"        # also on CPUs with bfloat16 (where auto picks it): the README's recipe
 
 # 4 layers of 256: ~7M parameters, about 4M of them the 8192-token embedding table and output layer
 num_hidden_layers = 4
