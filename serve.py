@@ -34,7 +34,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit
 
-from flask import Flask, Response, jsonify, request
+from flask import Flask, Response, current_app, jsonify, request
 from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 from werkzeug.serving import WSGIRequestHandler
 
@@ -391,7 +391,45 @@ def answer_errors_in_json(app):
         app.logger.exception("internal error")
         return error_response(500, "internal error")
 
+
 # ----------------------------------------------------------------------------- the app
+
+def answer(engine, tokenizer, name, prompts, req, chat):
+    """Submit a choice per prompt and n to the engine, answer as the model `name`, whole or streamed;
+    however the answer ends (sent, failed, its client gone), its choices are closed: let go."""
+    completions, prompt_tokens = [], sum(len(ids) for _, ids in prompts)
+    close_all = lambda: [choice.sequence.close() for choice in completions]  # noqa: E731
+    logprobs, echo = (None, False) if chat else (req.logprobs, req.echo)
+    header = {"id": f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}", "created": int(time.time()),
+              "model": name}
+    def usage():
+        new = sum(completion.sequence.generated for completion in completions)
+        return {"prompt_tokens": prompt_tokens, "completion_tokens": new, "total_tokens": prompt_tokens + new}
+    if client_gone(request.environ):  # the client has gone already: no work
+        return Response(status=499)
+    try:
+        # with a seed, choice i of every prompt draws from seed + i; rank, after: see engine.py
+        for rank, ((text, ids), i) in enumerate(itertools.product(prompts, range(req.n))):
+            seed = None if req.seed is None else (req.seed + i) % 2**63
+            completions.append(Completion(engine, tokenizer, text, ids, req.stop, logprobs, echo, seed=seed,
+                                          rank=rank, max_new_tokens=req.max_tokens, top_k=req.top_k,
+                                          temperature=req.temperature, top_p=req.top_p,
+                                          after=completions[0].sequence if rank else None))
+        if req.stream:
+            events = stream_events(completions, header, chat, current_app.logger, request.environ,
+                                   usage if (req.stream_options or {}).get("include_usage") else None)
+            response = Response(events, mimetype="text/event-stream", headers={
+                "Cache-Control": "no-cache", "X-Accel-Buffering": "no"})  # proxies: no holding back
+        elif (choices := whole_choices(completions, chat, request.environ)) is None:
+            response = Response(status=499)  # nobody reads it: the status is for the log
+        else:
+            kind = "chat.completion" if chat else "text_completion"
+            response = jsonify(**header, object=kind, choices=choices, usage=usage())
+    except BaseException:
+        close_all()
+        raise
+    response.call_on_close(close_all)
+    return response
 
 
 def create_app(config=None, **settings):
@@ -424,44 +462,6 @@ def create_app(config=None, **settings):
     name = os.path.basename(os.path.abspath(config.model))
     card = {"id": name, "object": "model", "owned_by": "local",
             "created": int(os.path.getmtime(config.model)) if os.path.exists(config.model) else 0}
-
-    def answer(prompts, req, chat):
-        """Submit a choice per prompt and n, then answer, whole or streamed. However the answer ends
-        (sent, failed, its client gone), every choice is closed: the engine lets them go."""
-        completions, prompt_tokens = [], sum(len(ids) for _, ids in prompts)
-        close_all = lambda: [choice.sequence.close() for choice in completions]  # noqa: E731
-        logprobs, echo = (None, False) if chat else (req.logprobs, req.echo)
-        header = {"id": f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}", "created": int(time.time()),
-                  "model": name}
-
-        def usage():
-            new = sum(completion.sequence.generated for completion in completions)
-            return {"prompt_tokens": prompt_tokens, "completion_tokens": new, "total_tokens": prompt_tokens + new}
-        if client_gone(request.environ):  # the client has gone already: no work
-            return Response(status=499)
-        try:
-            # with a seed, choice i of every prompt draws from seed + i; rank, after: see engine.py
-            for rank, ((text, ids), i) in enumerate(itertools.product(prompts, range(req.n))):
-                seed = None if req.seed is None else (req.seed + i) % 2**63
-                completions.append(Completion(engine, tokenizer, text, ids, req.stop, logprobs, echo, seed=seed,
-                                              rank=rank, max_new_tokens=req.max_tokens, top_k=req.top_k,
-                                              temperature=req.temperature, top_p=req.top_p,
-                                              after=completions[0].sequence if rank else None))
-            if req.stream:
-                events = stream_events(completions, header, chat, app.logger, request.environ,
-                                       usage if (req.stream_options or {}).get("include_usage") else None)
-                response = Response(events, mimetype="text/event-stream", headers={
-                    "Cache-Control": "no-cache", "X-Accel-Buffering": "no"})  # proxies: no holding back
-            elif (choices := whole_choices(completions, chat, request.environ)) is None:
-                response = Response(status=499)  # nobody reads it: the status is for the log
-            else:
-                kind = "chat.completion" if chat else "text_completion"
-                response = jsonify(**header, object=kind, choices=choices, usage=usage())
-        except BaseException:
-            close_all()
-            raise
-        response.call_on_close(close_all)
-        return response
 
     @app.get("/")
     def page_to_try_the_model():
@@ -502,7 +502,7 @@ def create_app(config=None, **settings):
                            f"whole", "prompt")
         if req.max_tokens is None:
             req.max_tokens = min(16, config.max_tokens_limit)  # OpenAI's default
-        return answer(prompts, req, chat=False)
+        return answer(engine, tokenizer, name, prompts, req, chat=False)
 
     @app.post("/v1/chat/completions")
     def chat_completions():
@@ -519,7 +519,7 @@ def create_app(config=None, **settings):
                            f"beyond the server's limit of {config.max_prompt_chars}", "messages")
         # the newer name wins; chat's default is the server's limit
         req.max_tokens = req.max_completion_tokens or req.max_tokens or config.max_tokens_limit
-        return answer([(prompt, tokenizer.encode_document(prompt))], req, chat=True)
+        return answer(engine, tokenizer, name, [(prompt, tokenizer.encode_document(prompt))], req, True)
 
     @app.post("/v1/classify")
     def classify_text():

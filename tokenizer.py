@@ -592,6 +592,12 @@ def main():
           f"{', '.join(os.path.join(config.out, f) for f in files)}")
 
 
-if __name__ == "__main__":
+def run_main(main):
+    """cli.run_main (a mistake: one `error:` line), imported once the command line runs: the module
+    itself imports no project file."""
     from cli import run_main
+    run_main(main)
+
+
+if __name__ == "__main__":
     run_main(main)

@@ -7,9 +7,9 @@ the loop uses, then main(): the set-up (resume_run: which run goes on), then the
     python train.py config/wikitext_small.py --init_from=resume  # go on exactly where it stopped
     torchrun --standalone --nproc_per_node=8 train.py config/gpt2_124m.py   # several GPUs (DDP)
 
-Settings: the defaults below, then a config file (plain `name = value` lines), then --name=value
-flags. out_dir gets ckpt.pt, log.jsonl, loss.png, config.json, meta.json and the tokenizer: the
-folder alone is enough to sample. Nothing is written into it before the first checkpoint.
+Settings: the defaults below, then a config file (`name = value` lines), then --name=value flags.
+out_dir gets ckpt.pt, log.jsonl, loss.png, config.json, meta.json and the tokenizer: enough to
+sample. Nothing is written into it before the first checkpoint.
 """
 
 import contextlib
@@ -32,8 +32,8 @@ from data import load_training_data
 from files import duration, folder_lock
 from model import GPT, GPTConfig
 from muon import Average, muon_with_adamw, orthogonalize
-from runtime import (autocast, check_training_fits, compile_or_eager, estimate_mfu,
-                     keep_freed_memory, peak_flops, pick_dtype, start_processes)
+from runtime import (check_training_fits, compile_or_eager, estimate_mfu, peak_flops,
+                     start_processes, training_precision)
 
 
 @dataclass
@@ -160,6 +160,21 @@ def estimate_loss(model, splits, config, amp, device, stop=()):
     return losses if len(stop) == signals else None
 
 
+def evaluate(model, splits, config, amp, device, stop, iter_num, dtype, loss_sum):
+    """estimate_loss, checked finite and printed: "eval 310: train loss 5.1616, val loss 4.8528, val
+    perplexity 128.10"; "eval 310: stopped" (None, the train loss since the last log checked) when
+    a stop signal cut it short."""
+    losses = estimate_loss(model, splits, config, amp, device, stop)
+    check_finite(losses or {"train": loss_sum.item()}, iter_num, config, dtype)
+    if losses is None:
+        print(f"eval {iter_num}: stopped", flush=True)
+        return None
+    perplexity = math.exp(losses["val"]) if losses["val"] < 700 else math.inf
+    print(f"eval {iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}, "
+          f"val perplexity {perplexity:.2f}", flush=True)
+    return losses
+
+
 def check_finite(losses, iter_num, config, ptdtype):
     """Stop a run whose loss is no longer a number, before it saves: its checkpoint stays good."""
     for name, loss in losses.items():
@@ -188,8 +203,6 @@ def stop_on_signals():
     return requested
 
 
-# ----------------------------------------------------------------------------- the run
-
 def compile_training(raw_model, optimizer, config, splits, amp, device):
     """The model and Muon's Newton-Schulz compiled now, where a failure falls back to eager."""
     def compile_step(compiled):  # one forward and backward pass: it compiles (or fails) now
@@ -205,9 +218,9 @@ def compile_training(raw_model, optimizer, config, splits, amp, device):
     return model
 
 
-def start_logging(config, raw_model, device, dtype, use_compile, world_size, master):
-    """(wandb or None, the device's peak FLOP/s or 0): the run's settings and shape printed (by
-    the master process) and, with wandb_log, its wandb run started."""
+def start_logging(config, raw_model, device, dtype, use_compile, world_size, master, log_rows):
+    """(log, the device's peak FLOP/s or 0): the run's settings printed, wandb started (wandb_log);
+    log(row) adds a row to the run's log and wandb's (on the master process, as the prints)."""
     wandb, micro_steps = None, config.gradient_accumulation_steps
     if master:
         print("config:", json.dumps(asdict(config)))
@@ -230,7 +243,13 @@ def start_logging(config, raw_model, device, dtype, use_compile, world_size, mas
     if master and device.startswith("cuda") and not device_peak_flops:
         name = torch.cuda.get_device_name(device)
         print(f"MFU: set --peak_flops (the dense bf16 FLOP/s of {name}) to see it")
-    return wandb, device_peak_flops
+
+    def log(row):
+        if master:
+            log_rows.append(row)
+            if wandb is not None:
+                wandb.log(row, step=row["iter"])
+    return log, device_peak_flops
 
 
 def train_step(model, optimizer, scaler, x, y, loss_sum, config, amp, ddp):
@@ -254,6 +273,15 @@ def train_step(model, optimizer, scaler, x, y, loss_sum, config, amp, ddp):
     optimizer.zero_grad(set_to_none=True)
 
 
+def read_loss(loss_sum, steps, ddp):
+    """The mean loss of the last `steps` steps, all processes', read from the device (a wait)."""
+    if ddp:
+        dist.all_reduce(loss_sum, op=dist.ReduceOp.AVG)
+    loss = loss_sum.item() / steps
+    loss_sum.zero_()
+    return loss
+
+
 def main():
     config, state, notices = resume_run(parse_config(TrainConfig))
     ddp, rank, world_size, device = start_processes(config.device)
@@ -264,32 +292,21 @@ def main():
     if iter_num == config.max_iters:  # a finished run: nothing to do
         return
 
-    # precision: matmuls in low precision (auto: bf16 where the hardware has it, on CPUs too),
-    # weights and reductions in fp32; fp16 gradients underflow unless scaled
     device_type = device.split(":")[0]
-    ptdtype = pick_dtype(config.dtype, device)
-    amp = autocast(device, ptdtype)
-    scaler = torch.amp.GradScaler(device_type, enabled=ptdtype == torch.float16)
+    ptdtype, amp, scaler = training_precision(config.dtype, device)
     torch.manual_seed(config.seed)
-    if device_type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = True  # fp32 matmuls on tensor cores
-        torch.backends.cudnn.allow_tf32 = True
-    if device_type == "cpu":
-        keep_freed_memory()  # activations reuse the last step's memory: 10-15% of a CPU step
 
     # data: every process draws the same global batch and keeps its own slice of it, so the data
     # seen per step does not depend on how many processes share the work
     meta, tokenizer, splits = load_training_data(config.data_dir, config.block_size)
-    if config.gradient_accumulation_steps % world_size != 0:
-        raise UserError(f"gradient_accumulation_steps={config.gradient_accumulation_steps} must be "
-                        f"a multiple of the number of processes ({world_size})")
+    if config.gradient_accumulation_steps % world_size:
+        raise UserError(f"gradient_accumulation_steps must be a multiple of the {world_size} processes")
     micro_steps = config.gradient_accumulation_steps // world_size
     my_rows = slice(rank * micro_steps, (rank + 1) * micro_steps)
     tokens_per_iter = config.gradient_accumulation_steps * config.batch_size * config.block_size
     train_gen = torch.Generator().manual_seed(config.seed)
 
-    # the model (raw_model: the plain module), its optimizer, and with ema_decay the average of its
-    # weights, which evaluations use and checkpoints hold as the model; compiled; a resumed state
+    # the model (raw_model: the plain module), its optimizer, the weights' average (ema_decay)
     raw_model, optimizer = build_model(config, meta["vocab_size"], state, device)
     averaged = Average(raw_model, config.ema_decay) if config.ema_decay > 0 else None
     use_compile = config.compile == "True" or (config.compile == "auto" and device_type == "cuda")
@@ -300,14 +317,8 @@ def main():
     if resumed:  # loaded last: set-up work (compile warm-up) cannot shift the random streams
         restore_training(state, raw_model, optimizer, scaler, train_gen, config.out_dir, averaged)
 
-    wandb, device_peak_flops = start_logging(config, raw_model, device, ptdtype, use_compile,
-                                             world_size, master)
-
-    def log(row):
-        if master:
-            log_rows.append(row)
-            if wandb is not None:
-                wandb.log(row, step=row["iter"])
+    log, device_peak_flops = start_logging(config, raw_model, device, ptdtype, use_compile,
+                                           world_size, master, log_rows)
 
     # the training loop; one run per out_dir at a time: a second is refused, naming this one's PID
     stop_requested = stop_on_signals()
@@ -327,17 +338,10 @@ def main():
             # resumed run starts where its checkpoint's evaluation was logged)
             at_eval = iter_num % config.eval_interval == 0 or iter_num == config.max_iters or stop_requested
             if master and at_eval and (iter_num > start_iter or not resumed):
-                evaluated = averaged.model if averaged else model
-                losses = estimate_loss(evaluated, splits, config, amp, device, stop_requested)
-                # (stopped during the evaluation: the training loss since the last log line tells)
-                check_finite(losses or {"train": loss_sum.item()}, iter_num, config, ptdtype)
+                losses = evaluate(averaged.model if averaged else model, splits, config, amp, device,
+                                  stop_requested, iter_num, ptdtype, loss_sum)
                 improved = losses is not None and losses["val"] < best_val_loss
-                if losses is None:  # stopped during the evaluation: saved without it, as a stop is
-                    print(f"eval {iter_num}: stopped", flush=True)
-                else:
-                    perplexity = math.exp(losses["val"]) if losses["val"] < 700 else math.inf
-                    print(f"eval {iter_num}: train loss {losses['train']:.4f}, val loss "
-                          f"{losses['val']:.4f}, val perplexity {perplexity:.2f}", flush=True)
+                if losses is not None:  # (stopped during it: saved without it, as a stop is)
                     best_val_loss = min(best_val_loss, losses["val"])
                     log({"iter": iter_num, "train_loss_eval": losses["train"], "val_loss": losses["val"], "lr": lr})
                 keep = improved or config.always_save_checkpoint  # else only the log moves on
@@ -364,10 +368,7 @@ def main():
             # steps between queue up without waiting); between them where it is, every ~10 s
             logged = iter_num % config.log_interval == 0 or iter_num == config.max_iters
             if logged:
-                if ddp:
-                    dist.all_reduce(loss_sum, op=dist.ReduceOp.AVG)  # the whole global batch's
-                train_loss = loss_sum.item() / (iter_num - last_log_iter)
-                loss_sum.zero_()
+                train_loss = read_loss(loss_sum, iter_num - last_log_iter, ddp)
             took = time.time() - step_start
             step_seconds += took
             dt = step_seconds / (iter_num - last_log_iter)
@@ -387,8 +388,7 @@ def main():
                       f"eta {duration((config.max_iters - iter_num) * dt)}", flush=True)
 
         if master:
-            print(f"done: {iter_num} iterations in {time.time() - run_start:.0f}s, best val loss "
-                  f"{best_val_loss:.4f}")
+            print(f"done: {iter_num} iterations in {time.time() - run_start:.0f}s, best val loss {best_val_loss:.4f}")
     if ddp:
         dist.barrier()  # no process tears the group down while another still writes a checkpoint
         dist.destroy_process_group()
