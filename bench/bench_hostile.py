@@ -14,8 +14,13 @@ The medians over `repeats` rounds are printed, with the median of each round's r
 failing request is one refused at once (n=17), read whole: what as many requests cost the server
 before any generation (werkzeug's thread, parsing, the answer), the floor for the others.
 
+The model sets the scale: every request is read and answered in a Python thread that shares the
+engine's interpreter (about 2 ms of CPU each on the 2-core machine of docs/RESULTS.md), so beside
+the 35k-parameter model trained on the spot (about 1 ms a token) the failing requests weigh far
+more than beside the quick start's model (about 4 ms a token).
+
     python bench/bench_hostile.py                       # a tiny model trained on the spot (~20 s)
-    python bench/bench_hostile.py --model=out-wikitext-tiny
+    python bench/bench_hostile.py --model=out-wikitext-tiny   # the quick start's model
     python bench/bench_hostile.py --refused_only=True   # the floor: ten requests refused
 """
 
