@@ -248,6 +248,17 @@ def read_prompts(value, tokenizer, max_chars):
         raise ApiError(f"prompt must hold 1 to {MAX_CHOICES} prompts, got {len(value)}", "prompt")
     return [one(item, f"[{i}]") for i, item in enumerate(value)]
 
+
+def check_choices(prompts, req, block_size):
+    """What a completion's prompts must meet beyond their field: MAX_CHOICES choices at most (prompts
+    x n), and a prompt scored for its echo (echo with logprobs) within the model's context."""
+    if len(prompts) * req.n > MAX_CHOICES:
+        raise ApiError(f"n={req.n} choices for each of {len(prompts)} prompts make "
+                       f"{len(prompts) * req.n}, beyond the limit of {MAX_CHOICES}", "n")
+    if req.echo and req.logprobs is not None and any(len(ids) > block_size for _, ids in prompts):
+        raise ApiError(f"prompt is longer than the model's context of {block_size} tokens: it cannot be "
+                       f"scored whole", "prompt")
+
 # ----------------------------------------------------------------------------- generating
 
 
@@ -326,6 +337,8 @@ def guard(app, token, allowed_origins, allowed_hosts):
     403 unless allowed, and so does a Host that is not localhost, an IP or an allowed name (a page
     that rebinds its own name to 127.0.0.1 is same-origin to the browser, but its requests carry
     that name); an allowed origin gets CORS headers. With a token, only requests that carry it."""
+    if not (token.isascii() and token.isprintable() and token.strip() == token):
+        raise UserError(f"{TOKEN_ENV} must be printable ASCII without spaces at its ends: an HTTP header carries it")
     origins = {o.strip().rstrip("/") for o in allowed_origins.split(",") if o.strip()}
     hosts = {"localhost"}
     for entry in filter(None, (h.strip().lower() for h in allowed_hosts.split(","))):
@@ -432,21 +445,25 @@ def answer(engine, tokenizer, name, prompts, req, chat):
     return response
 
 
+def serve_config(config, settings):
+    """create_app's arguments as a checked ServeConfig: a ServeConfig, or a model's name and
+    ServeConfig fields by name, checked as flags are (and renamed ones taken: RENAMED)."""
+    if not isinstance(config, ServeConfig):
+        settings = {"model": config, **settings} if config else settings
+        config = parse_config(ServeConfig, [f"--{k}={v}" for k, v in settings.items()], RENAMED)
+    return check_settings(config)
+
+
 def create_app(config=None, **settings):
     """The Flask app, with the model(s) loaded and the batching engine started. config: a
     ServeConfig or a model's name; settings: ServeConfig fields by name, checked as flags are.
     Under gunicorn: 'serve:create_app(model="out-wikitext-tiny", classifier="out-spam")'."""
-    if not isinstance(config, ServeConfig):
-        settings = {"model": config, **settings} if config else settings
-        config = parse_config(ServeConfig, [f"--{k}={v}" for k, v in settings.items()], RENAMED)
-    config, token = check_settings(config), os.environ.get(TOKEN_ENV, "")
-    if not (token.isascii() and token.isprintable() and token.strip() == token):
-        raise UserError(f"{TOKEN_ENV} must be printable ASCII without spaces at its ends: an HTTP header carries it")
+    config = serve_config(config, settings)
     if not PAGE.is_file():  # a copy of serve.py without its page
         raise UserError(f"{PAGE.name}, the page at /, is missing: copy it beside serve.py")
     app, page = Flask(__name__), PAGE.read_text(encoding="utf-8")
     app.config["MAX_CONTENT_LENGTH"] = config.max_body_bytes
-    guard(app, token, config.allowed_origins, config.allowed_hosts)
+    guard(app, os.environ.get(TOKEN_ENV, ""), config.allowed_origins, config.allowed_hosts)
     answer_errors_in_json(app)
 
     device = pick_device(config.device)
@@ -493,13 +510,7 @@ def create_app(config=None, **settings):
     def completions():
         req = read_request(CompletionRequest, config.max_body_bytes, config)
         prompts = read_prompts(req.prompt, tokenizer, config.max_prompt_chars)
-        if len(prompts) * req.n > MAX_CHOICES:
-            raise ApiError(f"n={req.n} choices for each of {len(prompts)} prompts make "
-                           f"{len(prompts) * req.n}, beyond the limit of {MAX_CHOICES}", "n")
-        block = model.config.block_size
-        if req.echo and req.logprobs is not None and any(len(ids) > block for _, ids in prompts):
-            raise ApiError(f"prompt is longer than the model's context of {block} tokens: it cannot be scored "
-                           f"whole", "prompt")
+        check_choices(prompts, req, model.config.block_size)
         if req.max_tokens is None:
             req.max_tokens = min(16, config.max_tokens_limit)  # OpenAI's default
         return answer(engine, tokenizer, name, prompts, req, chat=False)

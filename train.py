@@ -218,9 +218,9 @@ def compile_training(raw_model, optimizer, config, splits, amp, device):
     return model
 
 
-def start_logging(config, raw_model, device, dtype, use_compile, world_size, master, log_rows):
-    """(log, the device's peak FLOP/s or 0): the run's settings printed, wandb started (wandb_log);
-    log(row) adds a row to the run's log and wandb's (on the master process, as the prints)."""
+def start_logging(config, raw_model, device, dtype, use_compile, world_size, master, log_rows,
+                  iter_num):
+    """The run's settings printed, wandb started (wandb_log); returns its TrainingLog."""
     wandb, micro_steps = None, config.gradient_accumulation_steps
     if master:
         print("config:", json.dumps(asdict(config)))
@@ -243,13 +243,51 @@ def start_logging(config, raw_model, device, dtype, use_compile, world_size, mas
     if master and device.startswith("cuda") and not device_peak_flops:
         name = torch.cuda.get_device_name(device)
         print(f"MFU: set --peak_flops (the dense bf16 FLOP/s of {name}) to see it")
+    return TrainingLog(config, raw_model, device_peak_flops, master, log_rows, wandb, iter_num)
 
-    def log(row):
-        if master:
-            log_rows.append(row)
-            if wandb is not None:
-                wandb.log(row, step=row["iter"])
-    return log, device_peak_flops
+
+class TrainingLog:
+    """log(row) adds a row to the run's log and wandb's; log.step(...) after each step writes a
+    line every log_interval steps, with the loss: "iter 50/620: loss 7.1424, lr 1.99e-03, 681.0
+    ms/iter, 3,007 tok/s, eta 6m28s", and between them the pace alone, every ~10 s. Only the master
+    process keeps rows and prints."""
+
+    def __init__(self, config, raw_model, peak_flops, master, rows, wandb, iter_num):
+        self.config, self.raw_model, self.peak_flops = config, raw_model, peak_flops
+        self.master, self.rows, self.wandb = master, rows, wandb
+        # the steps' time since the last line with the loss (evaluations and saves left out)
+        self.last_iter, self.seconds = iter_num, 0.0
+        self.tokens = config.gradient_accumulation_steps * config.batch_size * config.block_size
+
+    def __call__(self, row):
+        if self.master:
+            self.rows.append(row)
+            if self.wandb is not None:
+                self.wandb.log(row, step=row["iter"])
+
+    def step(self, iter_num, step_start, lr, loss_sum, ddp, ptdtype):
+        """After step iter_num, begun at step_start: the loss is read from the device only on a
+        logged step (the steps between queue up without waiting); that wait counts in its time."""
+        config, steps = self.config, iter_num - self.last_iter
+        logged = iter_num % config.log_interval == 0 or iter_num == config.max_iters
+        train_loss = read_loss(loss_sum, steps, ddp) if logged else None
+        took = time.time() - step_start
+        self.seconds += took
+        dt = self.seconds / steps
+        pace = f"{dt * 1000:.1f} ms/iter"
+        line = pace if self.seconds // 10 > (self.seconds - took) // 10 else None
+        if logged:
+            check_finite({"train": train_loss}, iter_num, config, ptdtype)
+            tokens_per_sec = self.tokens / dt
+            mfu = self.peak_flops and estimate_mfu(self.raw_model, tokens_per_sec, self.peak_flops)
+            line = (f"loss {train_loss:.4f}, lr {lr:.2e}, {pace}, {tokens_per_sec:,.0f} tok/s"
+                    + (f", MFU {mfu * 100:.1f}%" if mfu else ""))
+            self({"iter": iter_num, "train_loss": train_loss, "lr": lr, "ms_per_iter": dt * 1000,
+                  "tokens_per_sec": tokens_per_sec, **({"mfu": mfu} if mfu else {})})
+            self.last_iter, self.seconds = iter_num, 0.0
+        if self.master and line:
+            print(f"iter {iter_num}/{config.max_iters}: {line}, "
+                  f"eta {duration((config.max_iters - iter_num) * dt)}", flush=True)
 
 
 def train_step(model, optimizer, scaler, x, y, loss_sum, config, amp, ddp):
@@ -303,7 +341,6 @@ def main():
         raise UserError(f"gradient_accumulation_steps must be a multiple of the {world_size} processes")
     micro_steps = config.gradient_accumulation_steps // world_size
     my_rows = slice(rank * micro_steps, (rank + 1) * micro_steps)
-    tokens_per_iter = config.gradient_accumulation_steps * config.batch_size * config.block_size
     train_gen = torch.Generator().manual_seed(config.seed)
 
     # the model (raw_model: the plain module), its optimizer, the weights' average (ema_decay)
@@ -317,14 +354,13 @@ def main():
     if resumed:  # loaded last: set-up work (compile warm-up) cannot shift the random streams
         restore_training(state, raw_model, optimizer, scaler, train_gen, config.out_dir, averaged)
 
-    log, device_peak_flops = start_logging(config, raw_model, device, ptdtype, use_compile,
-                                           world_size, master, log_rows)
+    log = start_logging(config, raw_model, device, ptdtype, use_compile, world_size, master, log_rows,
+                        iter_num)
 
     # the training loop; one run per out_dir at a time: a second is refused, naming this one's PID
     stop_requested = stop_on_signals()
-    start_iter, last_log_iter, run_start = iter_num, iter_num, time.time()
+    start_iter, run_start = iter_num, time.time()
     ours = resumed  # out_dir holds this run's checkpoint: its log may go on without a new one
-    step_seconds = 0.0  # the steps' time since the last log line: evaluations and saves left out
     loss_sum = torch.zeros((), device=device)
     data_state, x, y = get_batch(splits["train"], train_gen, config.gradient_accumulation_steps,
                                  config, device, my_rows)
@@ -364,28 +400,8 @@ def main():
             if averaged:
                 averaged.update(raw_model, iter_num)
 
-            # a line every log_interval steps, with the loss: read from the device only then (the
-            # steps between queue up without waiting); between them where it is, every ~10 s
-            logged = iter_num % config.log_interval == 0 or iter_num == config.max_iters
-            if logged:
-                train_loss = read_loss(loss_sum, iter_num - last_log_iter, ddp)
-            took = time.time() - step_start
-            step_seconds += took
-            dt = step_seconds / (iter_num - last_log_iter)
-            pace = f"{dt * 1000:.1f} ms/iter"
-            line = pace if step_seconds // 10 > (step_seconds - took) // 10 else None
-            if logged:
-                check_finite({"train": train_loss}, iter_num, config, ptdtype)
-                tokens_per_sec = tokens_per_iter / dt
-                mfu = estimate_mfu(raw_model, tokens_per_sec, device_peak_flops) if device_peak_flops else None
-                line = (f"loss {train_loss:.4f}, lr {lr:.2e}, {pace}, {tokens_per_sec:,.0f} tok/s"
-                        + (f", MFU {mfu * 100:.1f}%" if mfu is not None else ""))
-                log({"iter": iter_num, "train_loss": train_loss, "lr": lr, "ms_per_iter": dt * 1000,
-                     "tokens_per_sec": tokens_per_sec, **({"mfu": mfu} if mfu is not None else {})})
-                last_log_iter, step_seconds = iter_num, 0.0
-            if master and line:
-                print(f"iter {iter_num}/{config.max_iters}: {line}, "
-                      f"eta {duration((config.max_iters - iter_num) * dt)}", flush=True)
+            # every log_interval steps a line with the loss; between them the pace, every ~10 s
+            log.step(iter_num, step_start, lr, loss_sum, ddp, ptdtype)
 
         if master:
             print(f"done: {iter_num} iterations in {time.time() - run_start:.0f}s, best val loss {best_val_loss:.4f}")

@@ -25,12 +25,13 @@ def prompts(n=8):
     return [torch.randint(97, (length,), generator=g).tolist() for length in (3, 7, 1, 12, 5, 9, 2, 30)][:n]
 
 
-def together(engine, prompts, **kw):
-    """Every prompt submitted at once from its own thread; each one's new tokens."""
+def together(engine, prompts, seeded=False, **kw):
+    """Every prompt submitted at once from its own thread (prompt i with seed=i if seeded); each
+    one's new tokens."""
     results = [None] * len(prompts)
 
     def run(i):
-        results[i] = list(engine.submit(prompts[i], **kw))
+        results[i] = list(engine.submit(prompts[i], **({"seed": i} if seeded else {}), **kw))
 
     threads = [threading.Thread(target=run, args=(i,)) for i in range(len(prompts))]
     for thread in threads:
@@ -76,16 +77,7 @@ def test_seeded_samples_do_not_depend_on_the_batch(model):
     engine = BatchEngine(model, 8)
     kw = dict(max_new_tokens=20, temperature=1.0, top_k=40, top_p=0.9)
     alone = [list(engine.submit(p, seed=i, **kw)) for i, p in enumerate(prompts())]
-    results = [None] * 8
-
-    def run(i):
-        results[i] = list(engine.submit(prompts()[i], seed=i, **kw))
-
-    threads = [threading.Thread(target=run, args=(i,)) for i in range(8)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
+    results = together(engine, prompts(), seeded=True, **kw)
     engine.close()
     assert results == alone and len({tuple(r) for r in results}) > 1
 
@@ -139,16 +131,7 @@ def test_padded_batch_sizes_give_the_same_tokens(model):
     engine = BatchEngine(model, 8)
     unpadded = [list(engine.submit(p, seed=i, **kw)) for i, p in enumerate(prompts())]
     engine.batch_sizes = [1, 2, 4, 8]
-    padded = [None] * 8
-
-    def run(i):
-        padded[i] = list(engine.submit(prompts()[i], seed=i, **kw))
-
-    threads = [threading.Thread(target=run, args=(i,)) for i in range(8)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(timeout=60)
+    padded = together(engine, prompts(), seeded=True, **kw)
     engine.close()
     assert padded == unpadded and engine.peak_batch > 1
 
