@@ -123,21 +123,28 @@ class Optimizers:
 
 
 def muon_with_adamw(model, muon_lr, adamw_lr, weight_decay, betas, device_type="cpu",
-                    muon_weight_decay=0.0):
+                    muon_weight_decay=0.0, embedding_lr=0.0):
     """Muon for the 2-D weights of model.blocks, AdamW for the rest (embeddings, output layer,
     norms, biases; weight_decay on its matrices only). Muon's matrices decay by muon_weight_decay
     (decoupled, at Muon's learning rate; 0, the default, leaves them alone as Muon's authors did).
+    embedding_lr > 0: the token table's own AdamW rate (in a group of its own; the output layer's
+    too where they are tied), as the speedrun recipes give it: each row is one token's and moves
+    only in the steps that token is in.
     Every param group records lr_scale, its learning
     rate over adamw_lr, so that one schedule (group["lr"] = schedule * lr_scale) drives both."""
     in_blocks = {id(p) for p in model.blocks.parameters()}
     params = [p for p in model.parameters() if p.requires_grad]
     matrices = [p for p in params if p.dim() == 2 and id(p) in in_blocks]
-    others = [p for p in params if id(p) not in {id(m) for m in matrices}]
+    table = [model.token_emb.weight] if embedding_lr > 0 else []
+    others = [p for p in params if id(p) not in {id(m) for m in matrices + table}]
     muon = Muon([{"params": matrices, "lr_scale": muon_lr / adamw_lr}], lr=muon_lr,
                 weight_decay=muon_weight_decay)
-    adamw = torch.optim.AdamW([{"params": [p for p in others if p.dim() >= 2], "weight_decay": weight_decay},
-                               {"params": [p for p in others if p.dim() < 2], "weight_decay": 0.0}],
-                              lr=adamw_lr, betas=betas, fused=device_type == "cuda")
+    groups = [{"params": [p for p in others if p.dim() >= 2], "weight_decay": weight_decay},
+              {"params": [p for p in others if p.dim() < 2], "weight_decay": 0.0}]
+    if table:
+        groups.append({"params": table, "weight_decay": weight_decay, "lr": embedding_lr,
+                       "lr_scale": embedding_lr / adamw_lr})
+    adamw = torch.optim.AdamW(groups, lr=adamw_lr, betas=betas, fused=device_type == "cuda")
     return Optimizers(muon, adamw)
 
 

@@ -75,6 +75,8 @@ class TrainConfig:
     learning_rate: float = setting(1e-3, above=0)  # the peak, reached after warmup_iters
     muon_learning_rate: float = setting(0.02, above=0)  # Muon's peak, on the same schedule
     muon_weight_decay: float = setting(0.0, low=0)  # Muon's matrices: p *= 1 - lr * this, each step
+    embedding_learning_rate: float = setting(0.0, low=0)  # muon: the token table's AdamW peak
+                                                          # (0: learning_rate)
     max_iters: int = setting(5000, low=1)     # optimizer steps in all
     weight_decay: float = setting(0.1, low=0)  # on matrices only
     beta1: float = setting(0.9, low=0, below=1)  # AdamW's first-moment decay
@@ -112,6 +114,9 @@ def get_batch(data, generator, count, config, device, keep=slice(None)):
 def build_model(config, vocab_size, state, device):
     """The model (the settings' shape; a resumed one keeps its context length) and its optimizer,
     refused before they are made where the shape cannot be built or would not fit in memory."""
+    if config.embedding_learning_rate and config.optimizer != "muon":
+        raise UserError("--embedding_learning_rate is part of Muon's recipe: add --optimizer=muon, "
+                        "or drop it")
     shape = {f.name: getattr(config, f.name) for f in fields(GPTConfig) if f.name != "vocab_size"}
     if "model_config" in state:  # resumed: the model keeps its context length
         shape["block_size"] = state["model_config"]["block_size"]
@@ -126,7 +131,8 @@ def build_model(config, vocab_size, state, device):
     if config.optimizer == "muon":
         return model, muon_with_adamw(model, config.muon_learning_rate, config.learning_rate,
                                       config.weight_decay, betas, device_type,
-                                      muon_weight_decay=config.muon_weight_decay)
+                                      muon_weight_decay=config.muon_weight_decay,
+                                      embedding_lr=config.embedding_learning_rate)
     return model, model.configure_optimizer(config.weight_decay, config.learning_rate, betas, device_type)
 
 

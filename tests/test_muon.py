@@ -131,6 +131,24 @@ def test_muon_weight_decay_is_decoupled_from_the_gradient():
         torch.testing.assert_close(q - p, -0.02 * 0.5 * p0, rtol=1e-4, atol=1e-7)
 
 
+def test_the_embedding_learning_rate_moves_the_token_table_only():
+    """Adam's first step moves a weight by its rate times the sign of its gradient: with every
+    gradient zero but the token table's, the table moves by embedding_lr and nothing else moves."""
+    for embedding_lr, moved in ((0.0, 1e-3), (0.1, 0.1)):
+        model, before = tiny_gpt(), tiny_gpt()
+        optimizer = muon_with_adamw(model, muon_lr=0.02, adamw_lr=1e-3, weight_decay=0.0,
+                                    betas=(0.9, 0.99), embedding_lr=embedding_lr)
+        for p in model.parameters():
+            p.grad = torch.zeros_like(p)
+        model.token_emb.weight.grad.fill_(1.0)
+        optimizer.step()
+        for (name, p), q in zip(model.named_parameters(), before.parameters()):
+            expected = q - moved if name == "token_emb.weight" else q
+            torch.testing.assert_close(p, expected, rtol=0, atol=1e-6)
+    scales = [g.get("lr_scale", 1.0) for g in optimizer.optimizers[1].param_groups]
+    assert scales == [1.0, 1.0, 100.0]  # the schedule's multiple for the table's group
+
+
 def test_muon_weight_decay_survives_a_resume():
     optimizer = zero_gradient_step(tiny_gpt(), muon_weight_decay=0.1)
     fresh = muon_with_adamw(tiny_gpt(), 0.02, 1e-3, 0.0, (0.9, 0.99))

@@ -79,6 +79,9 @@ def test_resume_is_exact_with_muon_rope_and_embedding_dropout(data_dir, tmp_path
     assert all(torch.equal(a[k], b[k]) for k in a)
     with pytest.raises(UserError, match="--optimizer cannot change when resuming"):
         train(data_dir, halves, "--max_iters=14", "--init_from=resume", "--optimizer=adamw")
+    # the token table's own rate is a param group of its own: the optimizer state could not follow
+    with pytest.raises(UserError, match="--embedding_learning_rate cannot change when resuming"):
+        train(data_dir, halves, "--max_iters=14", "--init_from=resume", "--embedding_learning_rate=0.1")
     train(data_dir, halves, "--max_iters=14", "--init_from=resume")  # the run's own settings: Muon, rope, ...
     assert torch.load(halves / "ckpt.pt", weights_only=True)["train_config"]["optimizer"] == "muon"
 
@@ -136,6 +139,7 @@ def test_diverging_loss_stops_with_a_clear_message(data_dir, tmp_path, train):
     (["--dtype=float64"], "--dtype must be"),
     (["--init_from=resume", "--out_dir=/nonexistent"], "no checkpoint"),
     (["--block_size=100000"], "fewer than block_size"),
+    (["--embedding_learning_rate=0.1"], "--embedding_learning_rate is part of Muon's recipe"),
 ])
 def test_bad_input_raises_a_clear_error(data_dir, tmp_path, args, message, train):
     with pytest.raises(UserError, match=message):
