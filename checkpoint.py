@@ -222,7 +222,7 @@ def load_model(name_or_dir, device="cpu", dropout=None, cache_dir="data/cache", 
 # ----------------------------------------------------------------------------- a training run
 
 # What a trained model, its optimizer state and its random streams cannot change when it resumes
-# (its dropouts can, and a shorter context)
+# (its dropouts can, and a shorter context); the token table's own rate is a group of its own
 FIXED_ON_RESUME = {f.name for f in dataclasses.fields(GPTConfig) if "dropout" not in f.name} - {
     "vocab_size", "block_size"} | {"optimizer", "seed", "embedding_learning_rate"}
 # What each command says for itself, in its config file or its flags, resumed or not

@@ -129,14 +129,14 @@ def muon_with_adamw(model, muon_lr, adamw_lr, weight_decay, betas, device_type="
     (decoupled, at Muon's learning rate; 0, the default, leaves them alone as Muon's authors did).
     embedding_lr > 0: the token table's own AdamW rate (in a group of its own; the output layer's
     too where they are tied), as the speedrun recipes give it: each row is one token's and moves
-    only in the steps that token is in.
-    Every param group records lr_scale, its learning
-    rate over adamw_lr, so that one schedule (group["lr"] = schedule * lr_scale) drives both."""
+    only in the steps that token is in. Every param group records lr_scale, its learning rate
+    over adamw_lr, so that one schedule (group["lr"] = schedule * lr_scale) drives both."""
     in_blocks = {id(p) for p in model.blocks.parameters()}
     params = [p for p in model.parameters() if p.requires_grad]
     matrices = [p for p in params if p.dim() == 2 and id(p) in in_blocks]
     table = [model.token_emb.weight] if embedding_lr > 0 else []
-    others = [p for p in params if id(p) not in {id(m) for m in matrices + table}]
+    apart = {id(p) for p in matrices + table}
+    others = [p for p in params if id(p) not in apart]
     muon = Muon([{"params": matrices, "lr_scale": muon_lr / adamw_lr}], lr=muon_lr,
                 weight_decay=muon_weight_decay)
     groups = [{"params": [p for p in others if p.dim() >= 2], "weight_decay": weight_decay},
