@@ -222,18 +222,39 @@ def test_gradient_rms_is_the_root_summed_square_of_each_segments_gradient(random
 
 
 def test_rms_normalised_dynamic_evaluation_divides_each_step_by_the_rms(random_model):
-    """With rms given, a weight steps by lr * grad / (rms + 1e-4): an rms of ones at
-    lr * (1 + 1e-4) is plain SGD at lr, and an rms of 1 for some weights and 3 for others is not."""
+    """With rms given, a weight steps by lr * grad / (rms + its tensor's mean rms): an rms of ones at
+    lr * 2 is plain SGD at lr, and an rms of 1 for some weights and 3 for others is not."""
     ids = np.tile(torch.randint(97, (24,), generator=torch.Generator().manual_seed(4)).numpy(), 4)
     plain = evaluate.score_tokens_dynamic(random_model(block_size=32), ids, segment=8, lr=0.5)
     model = random_model(block_size=32)
     ones = [torch.ones_like(p) for p in model.parameters()]
-    rms = evaluate.score_tokens_dynamic(model, ids, segment=8, lr=0.5 * (1 + 1e-4), rms=ones)
+    rms = evaluate.score_tokens_dynamic(model, ids, segment=8, lr=0.5 * 2, rms=ones)
     assert rms[1] == plain[1] and rms[0] == pytest.approx(plain[0], rel=1e-9)
     model = random_model(block_size=32)
     mixed = [torch.full_like(p, 1.0 if i % 2 else 3.0) for i, p in enumerate(model.parameters())]
     mixed_nll = evaluate.score_tokens_dynamic(model, ids, segment=8, lr=0.5, rms=mixed)[0]
     assert mixed_nll != pytest.approx(plain[0])
+
+
+def test_rms_normalised_dynamic_evaluation_steps_a_row_never_seen_as_its_table_does(random_model):
+    """The rows of the tokens that the train segments never held have rms 0: one segment's step moves them by
+    lr * grad / (the table's mean rms), not by an unbounded lr * grad / 0; a tensor with rms 0 throughout stays."""
+    ids = np.arange(10, 19)  # one segment of 8 targets, tokens 10..18
+    plain = random_model(block_size=32)
+    before = [p.detach().clone() for p in plain.parameters()]
+    evaluate.score_tokens_dynamic(plain, ids, segment=8, lr=0.5)
+    sgd_step = [p.detach() - b for p, b in zip(plain.parameters(), before)]
+    model = random_model(block_size=32)
+    rms = [torch.ones_like(p) for p in model.parameters()]
+    table = [p is model.token_emb.weight for p in model.parameters()].index(True)
+    rms[table][10:19] = 0.0  # these tokens' rows never moved; the table's mean rms is 88 / 97
+    rms[-1] = torch.zeros_like(rms[-1])
+    evaluate.score_tokens_dynamic(model, ids, segment=8, lr=0.5, rms=rms)
+    step = [p.detach() - b for p, b in zip(model.parameters(), before)]
+    assert torch.allclose(step[table][10:19], sgd_step[table][10:19] * 97 / 88)
+    assert sgd_step[table][10:19].abs().max() > 0
+    assert torch.allclose(step[table][:10], sgd_step[table][:10] / (1 + 88 / 97))
+    assert torch.all(step[-1] == 0) and sgd_step[-1].abs().max() > 0
 
 
 def test_cli_dynamic(tiny_ckpt, run_in_process):
