@@ -57,6 +57,15 @@ def start_processes(device="auto"):
     return ddp, rank, world_size, device
 
 
+def end_processes(ddp):
+    """start_processes' other end: the process group taken down once every process is past its
+    last checkpoint write (none tears it down while another still writes)."""
+    if ddp:
+        import torch.distributed as dist
+        dist.barrier()
+        dist.destroy_process_group()
+
+
 def cpu_flags():
     """The CPU's feature flags on Linux ({'avx2', 'avx512_bf16', ...}); empty elsewhere."""
     try:

@@ -249,6 +249,19 @@ def read_prompts(value, tokenizer, max_chars):
     return [one(item, f"[{i}]") for i, item in enumerate(value)]
 
 
+def read_chat_prompt(messages, tokenizer, max_chars):
+    """The chat's messages in the instruction template, as read_prompts gives a prompt: [(text,
+    token ids)]; refused where they are malformed or make more than max_chars characters."""
+    try:
+        prompt = chat_to_prompt(messages)
+    except ValueError as e:
+        raise ApiError(str(e), "messages")
+    if len(prompt) > max_chars:
+        raise ApiError(f"messages make a prompt of {len(prompt)} characters with the template, "
+                       f"beyond the server's limit of {max_chars}", "messages")
+    return [(prompt, tokenizer.encode_document(prompt))]
+
+
 def check_choices(prompts, req, block_size):
     """What a completion's prompts must meet beyond their field: MAX_CHOICES choices at most (prompts
     x n), and a prompt scored for its echo (echo with logprobs) within the model's context."""
@@ -521,16 +534,10 @@ def create_app(config=None, **settings):
         if not has_prompt_format(checkpoint):
             raise ApiError(f"{name} was not instruction-tuned, so it has no chat template: use "
                            f"/v1/completions, or a model finetune_instruct.py trained", "messages")
-        try:
-            prompt = chat_to_prompt(req.messages)
-        except ValueError as e:
-            raise ApiError(str(e), "messages")
-        if len(prompt) > config.max_prompt_chars:
-            raise ApiError(f"messages make a prompt of {len(prompt)} characters with the template, "
-                           f"beyond the server's limit of {config.max_prompt_chars}", "messages")
+        prompts = read_chat_prompt(req.messages, tokenizer, config.max_prompt_chars)
         # the newer name wins; chat's default is the server's limit
         req.max_tokens = req.max_completion_tokens or req.max_tokens or config.max_tokens_limit
-        return answer(engine, tokenizer, name, [(prompt, tokenizer.encode_document(prompt))], req, True)
+        return answer(engine, tokenizer, name, prompts, req, True)
 
     @app.post("/v1/classify")
     def classify_text():

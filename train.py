@@ -33,7 +33,7 @@ from files import duration, folder_lock
 from model import GPT, GPTConfig
 from muon import Average, muon_with_adamw, orthogonalize
 from runtime import (check_training_fits, compile_or_eager, estimate_mfu, peak_flops,
-                     start_processes, training_precision)
+                     end_processes, start_processes, training_precision)
 
 
 @dataclass
@@ -109,6 +109,15 @@ def get_batch(data, generator, count, config, device, keep=slice(None)):
     cuda = device.startswith("cuda")  # pinned memory lets the copy to the GPU overlap with compute
     batch = (batch.pin_memory() if cuda else batch).to(device, non_blocking=cuda)
     return state, batch[..., :-1], batch[..., 1:]
+
+
+def batch_rows(micro_batches, rank, world_size):
+    """This process's share of each step's micro-batches: every process draws the same global
+    batch and keeps its own rows. batch_rows(4, 1, 2) -> slice(2, 4)."""
+    if micro_batches % world_size:
+        raise UserError(f"gradient_accumulation_steps must be a multiple of the {world_size} processes")
+    share = micro_batches // world_size
+    return slice(rank * share, (rank + 1) * share)
 
 
 def build_model(config, vocab_size, state, device):
@@ -224,6 +233,17 @@ def compile_training(raw_model, optimizer, config, splits, amp, device):
     return model
 
 
+def training_module(raw_model, optimizer, config, splits, amp, device, ddp):
+    """(the module the loop calls, compiled or not): raw_model compiled where config.compile says
+    (auto: on CUDA), then wrapped in DDP when several processes train it."""
+    device_type = device.split(":")[0]
+    use_compile = config.compile == "True" or (config.compile == "auto" and device_type == "cuda")
+    model = compile_training(raw_model, optimizer, config, splits, amp, device) if use_compile else raw_model
+    if ddp:
+        model = DDP(model, device_ids=[int(os.environ["LOCAL_RANK"])] if device_type == "cuda" else None)
+    return model, use_compile
+
+
 def start_logging(config, raw_model, device, dtype, use_compile, world_size, master, log_rows,
                   iter_num):
     """The run's settings printed, wandb started (wandb_log); returns its TrainingLog."""
@@ -336,26 +356,18 @@ def main():
     if iter_num == config.max_iters:  # a finished run: nothing to do
         return
 
-    device_type = device.split(":")[0]
     ptdtype, amp, scaler = training_precision(config.dtype, device)
     torch.manual_seed(config.seed)
 
-    # data: every process draws the same global batch and keeps its own slice of it, so the data
-    # seen per step does not depend on how many processes share the work
+    # data: every process draws the same global batch and keeps its own rows of it
     meta, tokenizer, splits = load_training_data(config.data_dir, config.block_size)
-    if config.gradient_accumulation_steps % world_size:
-        raise UserError(f"gradient_accumulation_steps must be a multiple of the {world_size} processes")
-    micro_steps = config.gradient_accumulation_steps // world_size
-    my_rows = slice(rank * micro_steps, (rank + 1) * micro_steps)
+    my_rows = batch_rows(config.gradient_accumulation_steps, rank, world_size)
     train_gen = torch.Generator().manual_seed(config.seed)
 
     # the model (raw_model: the plain module), its optimizer, the weights' average (ema_decay)
     raw_model, optimizer = build_model(config, meta["vocab_size"], state, device)
     averaged = Average(raw_model, config.ema_decay) if config.ema_decay > 0 else None
-    use_compile = config.compile == "True" or (config.compile == "auto" and device_type == "cuda")
-    model = compile_training(raw_model, optimizer, config, splits, amp, device) if use_compile else raw_model
-    if ddp:
-        model = DDP(model, device_ids=[int(os.environ["LOCAL_RANK"])] if device_type == "cuda" else None)
+    model, use_compile = training_module(raw_model, optimizer, config, splits, amp, device, ddp)
     resumed = config.init_from == "resume"
     if resumed:  # loaded last: set-up work (compile warm-up) cannot shift the random streams
         restore_training(state, raw_model, optimizer, scaler, train_gen, config.out_dir, averaged)
@@ -411,9 +423,7 @@ def main():
 
         if master:
             print(f"done: {iter_num} iterations in {time.time() - run_start:.0f}s, best val loss {best_val_loss:.4f}")
-    if ddp:
-        dist.barrier()  # no process tears the group down while another still writes a checkpoint
-        dist.destroy_process_group()
+    end_processes(ddp)
     if stop_requested:  # saved; a script that ran this (run.sh) stops too: 130 for Ctrl-C
         sys.exit(128 + stop_requested[0])
 

@@ -117,6 +117,13 @@ def test_two_gloo_processes_match_one(data_dir, tmp_path, train):
     assert len(one) == 6 and one == pytest.approx(two, abs=1e-4)
 
 
+def test_each_process_keeps_its_own_rows_of_the_global_batch():
+    import train as train_module
+    assert [train_module.batch_rows(4, rank, 2) for rank in (0, 1)] == [slice(0, 2), slice(2, 4)]
+    with pytest.raises(UserError, match="gradient_accumulation_steps must be a multiple of the 3 processes"):
+        train_module.batch_rows(4, 0, 3)
+
+
 def test_ctrl_c_saves_and_exits_130_so_that_a_script_running_it_stops(data_dir, tmp_path,
                                                                         signal_training):
     out = tmp_path / "out"
