@@ -991,7 +991,9 @@ def test_n2_a_streamed_echo_with_logprobs_scores_the_prompt(long_app, prompt, n,
         assert "".join(c["text"] for c in chunks) == choice["text"]
         streamed = [p for c in chunks if c["logprobs"] for p in c["logprobs"]["token_logprobs"]]
         prompt_scores = chunks[0]["logprobs"]["token_logprobs"]  # the echoed prompt's, in its own event
-        assert len(prompt_scores) >= 1 and streamed == choice["logprobs"]["token_logprobs"][:len(streamed)]
+        # (approximately: a row's logits move in the last bits with the rows decoded beside it)
+        assert len(prompt_scores) >= 1
+        assert streamed == pytest.approx(choice["logprobs"]["token_logprobs"][:len(streamed)], abs=1e-5)
 
 
 N3 = {"prompt": ["a", "b", "c", "d"], "n": 16, "max_tokens": 1_000_000, "stream": True, "echo": True, "logprobs": 1}

@@ -2,6 +2,7 @@
 gives), past block_size too; seeds fix samples whatever the batch; rows are freed by finishing or leaving. Each test
 runs in float32 and in bfloat16 (emulated where the CPU lacks it)."""
 
+import contextlib
 import threading
 
 import pytest
@@ -25,20 +26,32 @@ def prompts(n=8):
     return [torch.randint(97, (length,), generator=g).tolist() for length in (3, 7, 1, 12, 5, 9, 2, 30)][:n]
 
 
-def together(engine, prompts, seeded=False, **kw):
-    """Every prompt submitted at once from its own thread (prompt i with seed=i if seeded); each
+@contextlib.contextmanager
+def in_line(engine):
+    """Within the block the engine runs no prompt (the first it takes waits), so what the test submits
+    there waits in line together, however late the test's thread runs; after it, PROMPTS_PER_STEP
+    of them start in one step."""
+    model, go = engine.model, threading.Event()
+    real, patched = model.prefill, "prefill" in vars(model)
+    model.prefill = lambda *a, **kw: go.wait(timeout=60) and real(*a, **kw)
+    try:
+        yield
+    finally:
+        go.set()
+        if patched:
+            model.prefill = real
+        else:
+            del model.prefill
+
+
+def together(engine, prompts, seeded=False, settings=None, **kw):
+    """Every prompt in line at once (prompt i with seed=i if seeded, and settings[i] if given); each
     one's new tokens."""
-    results = [None] * len(prompts)
-
-    def run(i):
-        results[i] = list(engine.submit(prompts[i], **({"seed": i} if seeded else {}), **kw))
-
-    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(prompts))]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(timeout=60)
-    return results
+    settings = settings or [{}] * len(prompts)
+    with in_line(engine):
+        sequences = [engine.submit(p, **({"seed": i} if seeded else {}), **settings[i], **kw)
+                     for i, p in enumerate(prompts)]
+    return [list(sequence) for sequence in sequences]
 
 
 @pytest.mark.parametrize("dtype", list(DTYPES), ids=str)
@@ -90,16 +103,7 @@ def test_a_seed_gives_the_tokens_generate_ids_gives(random_model):
     engine = BatchEngine(model, 8)
     settings = [dict(temperature=1.0), dict(temperature=0), dict(temperature=0.8, top_k=30),
                 dict(temperature=1.2, top_p=0.9), dict(temperature=0.8, top_k=30)]
-    results = [None] * len(settings)
-
-    def run(i):
-        results[i] = list(engine.submit(prompts()[i], 40, seed=i, **settings[i]))
-
-    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(settings))]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(timeout=60)
+    results = together(engine, prompts(len(settings)), seeded=True, settings=settings, max_new_tokens=40)
     engine.close()
     alone = [list(generate_ids(model, p, 40, seed=i, **kw))
              for i, (p, kw) in enumerate(zip(prompts(), settings))]
@@ -189,7 +193,8 @@ def test_a_sequence_that_leaves_frees_its_row(model):
 def test_a_request_s_later_choices_wait_behind_another_s_first(model, monkeypatch):
     engine, real, admitted = BatchEngine(model, 1), model.prefill, []  # one row: one sequence at a time
     busy = engine.submit(prompts()[0], 10**9, temperature=0)
-    next(iter(busy))  # the row is taken: what follows waits
+    tokens = iter(busy)  # (kept: a generator dropped would close busy)
+    next(tokens)  # the row is taken: what follows waits
     monkeypatch.setattr(model, "prefill", lambda idx, **kw: admitted.append(idx[0].tolist()) or real(idx, **kw)
                         if "every_position" in kw else real(idx, **kw))  # a prompt let in, not a row rebuilt
     many = [engine.submit(prompts()[1], 2, temperature=0, rank=i) for i in range(3)]  # one request's 3 choices
@@ -232,8 +237,9 @@ def test_a_request_s_later_choices_start_once_its_first_has_decoded_two_tokens(m
         return real(idx, **kw)
 
     monkeypatch.setattr(model, "prefill", prefill)
-    first = engine.submit(prompts()[0], 6, temperature=0)
-    later = [engine.submit(prompts()[i], 4, temperature=0, rank=i, after=first) for i in (1, 2, 3)]
+    with in_line(engine):
+        first = engine.submit(prompts()[0], 6, temperature=0)
+        later = [engine.submit(prompts()[i], 4, temperature=0, rank=i, after=first) for i in (1, 2, 3)]
     assert [len(list(sequence)) for sequence in [first, *later]] == [6, 4, 4, 4]
     engine.close()
     assert first_had == [FOLLOWERS_AFTER] * 3
@@ -273,8 +279,9 @@ def test_choices_of_one_prompt_run_it_once_and_get_what_they_get_alone(model, mo
     tokens = iter(busy)
     next(tokens)
     run = prompts_run(model, monkeypatch)
-    first = engine.submit(prompts()[3], seed=0, **kw)
-    later = [engine.submit(prompts()[3], seed=i, rank=i, after=first, **kw) for i in (1, 2, 3)]
+    with in_line(engine):
+        first = engine.submit(prompts()[3], seed=0, **kw)
+        later = [engine.submit(prompts()[3], seed=i, rank=i, after=first, **kw) for i in (1, 2, 3)]
     got = [(list(sequence), sequence.scored_prompt()) for sequence in [first, *later]]
     busy.close()
     engine.close()
