@@ -172,13 +172,15 @@ def score_tokens_dynamic(model, ids, segment=64, lr=0.1, decay=0.0, skip_id=None
     the model has seen it, and the model follows the text it reads (names, topics, style of this article).
     Each segment is read with the block_size - segment tokens before it as context. The model's weights change:
     give it a copy. Returns (total negative log-likelihood in nats, tokens scored).
-    With rms (gradient_rms: a tensor per weight), a weight steps by lr * grad / (rms + the tensor's mean rms)
-    instead: RMS-normalised, which Krause et al. (2019) found better for transformers. The mean keeps the step of a
-    weight the train segments never moved (the row of a token not in them: rms 0) at its tensor's typical size."""
+    With rms (gradient_rms: a tensor per weight), a weight steps by lr * grad / (rms + the
+    tensor's mean rms) instead: RMS-normalised, which Krause et al. (2019) found better for
+    transformers. The mean keeps the step of a weight the train segments never moved (the row of a
+    token not in them: rms 0) at its tensor's typical size."""
     params = [p for p in model.parameters()]
     trained = [p.detach().clone() for p in params]
     # a tensor the train segments never moved at all (rms 0 throughout) stays as it is
-    scale = [None] * len(params) if rms is None else [torch.nan_to_num(1 / (r + r.mean()), posinf=0.0) for r in rms]
+    scale = [None] * len(params) if rms is None else [
+        torch.nan_to_num(1 / (r + r.mean()), posinf=0.0) for r in rms]
     model.eval()  # no dropout: the scores are the model's own
     total, count = 0.0, 0
     for x, y, end in segments(model, ids, segment, skip_id):

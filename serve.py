@@ -467,6 +467,38 @@ def serve_config(config, settings):
     return check_settings(config)
 
 
+def load_models(config):
+    """(device, the model's BatchEngine, started, its tokenizer and checkpoint, the classifier
+    (model, tokenizer) or None): what config names, loaded."""
+    device = pick_device(config.device)
+    model, tokenizer, checkpoint = load_for_inference(config.model, device, config.dtype)
+    word = None if config.allow_unk else unknown_word(config.model)
+    engine = BatchEngine(model, config.max_batch_size, config.compile,
+                         suppress_ids=word_starts(tokenizer, word) if word else None)
+    classifier = None
+    if config.classifier:  # (its module only then)
+        from finetune import load_classifier
+        classifier = load_classifier(config.classifier, device)
+    return device, engine, tokenizer, checkpoint, classifier
+
+
+def describe(engine, checkpoint, classifier, config):
+    """/health's facts: the model's size and shape, whether it chats, the classifier's labels, the
+    batch now and the server's limits."""
+    model = engine.model
+    return dict(parameters=model.num_params(non_embedding=False),
+                dtype=str(model.token_emb.weight.dtype).removeprefix("torch."),
+                block_size=model.config.block_size, vocab_size=model.config.vocab_size,
+                chat=has_prompt_format(checkpoint),
+                classifier={"labels": classifier[0].labels} if classifier else None,
+                batch={"active": len(engine.active), "waiting": engine.waiting.qsize(),
+                       "peak": engine.peak_batch},
+                limits={"max_tokens": config.max_tokens_limit,
+                        "batch_size": config.max_batch_size,
+                        "prompt_chars": config.max_prompt_chars,
+                        "body_bytes": config.max_body_bytes})
+
+
 def create_app(config=None, **settings):
     """The Flask app, with the model(s) loaded and the batching engine started. config: a
     ServeConfig or a model's name; settings: ServeConfig fields by name, checked as flags are.
@@ -479,15 +511,8 @@ def create_app(config=None, **settings):
     guard(app, os.environ.get(TOKEN_ENV, ""), config.allowed_origins, config.allowed_hosts)
     answer_errors_in_json(app)
 
-    device = pick_device(config.device)
-    model, tokenizer, checkpoint = load_for_inference(config.model, device, config.dtype)
-    word = None if config.allow_unk else unknown_word(config.model)
-    engine = BatchEngine(model, config.max_batch_size, config.compile,
-                         suppress_ids=word_starts(tokenizer, word) if word else None)
-    app.engine, classifier = engine, None  # app.engine.close() stops its thread
-    if config.classifier:  # (its module only then)
-        from finetune import classify, load_classifier
-        classifier = load_classifier(config.classifier, device)
+    device, engine, tokenizer, checkpoint, classifier = load_models(config)
+    app.engine, model = engine, engine.model  # app.engine.close() stops its thread
     classifier_lock = threading.Lock()  # one classification at a time
     name = os.path.basename(os.path.abspath(config.model))
     card = {"id": name, "object": "model", "owned_by": "local",
@@ -501,15 +526,8 @@ def create_app(config=None, **settings):
 
     @app.get("/health")
     def health():
-        return jsonify(status="ok", model=name, parameters=model.num_params(non_embedding=False),
-                       device=device, dtype=str(model.token_emb.weight.dtype).removeprefix("torch."),
-                       block_size=model.config.block_size,
-                       vocab_size=model.config.vocab_size, chat=has_prompt_format(checkpoint),
-                       classifier={"labels": classifier[0].labels} if classifier else None,
-                       batch={"active": len(engine.active), "waiting": engine.waiting.qsize(),
-                              "peak": engine.peak_batch},
-                       limits={"max_tokens": config.max_tokens_limit, "batch_size": config.max_batch_size,
-                               "prompt_chars": config.max_prompt_chars, "body_bytes": config.max_body_bytes})
+        facts = describe(engine, checkpoint, classifier, config)
+        return jsonify(status="ok", model=name, device=device, **facts)
 
     @app.get("/v1/models")
     @app.get("/v1/models/<path:model_id>")
@@ -544,6 +562,7 @@ def create_app(config=None, **settings):
         if classifier is None:
             raise ApiError("no classifier here: start the server with --classifier=DIR", None, 404)
         req = read_request(ClassifyRequest, config.max_body_bytes, config)
+        from finetune import classify
         with classifier_lock:
             label, probability = classify(*classifier, [req.text])[0]
         return jsonify(label=label, probability=probability)

@@ -115,7 +115,8 @@ def batch_rows(micro_batches, rank, world_size):
     """This process's share of each step's micro-batches: every process draws the same global
     batch and keeps its own rows. batch_rows(4, 1, 2) -> slice(2, 4)."""
     if micro_batches % world_size:
-        raise UserError(f"gradient_accumulation_steps must be a multiple of the {world_size} processes")
+        raise UserError(f"gradient_accumulation_steps must be a multiple of the {world_size} "
+                        f"processes")
     share = micro_batches // world_size
     return slice(rank * share, (rank + 1) * share)
 
@@ -238,9 +239,12 @@ def training_module(raw_model, optimizer, config, splits, amp, device, ddp):
     (auto: on CUDA), then wrapped in DDP when several processes train it."""
     device_type = device.split(":")[0]
     use_compile = config.compile == "True" or (config.compile == "auto" and device_type == "cuda")
-    model = compile_training(raw_model, optimizer, config, splits, amp, device) if use_compile else raw_model
+    model = raw_model
+    if use_compile:
+        model = compile_training(raw_model, optimizer, config, splits, amp, device)
     if ddp:
-        model = DDP(model, device_ids=[int(os.environ["LOCAL_RANK"])] if device_type == "cuda" else None)
+        local_gpu = [int(os.environ["LOCAL_RANK"])] if device_type == "cuda" else None
+        model = DDP(model, device_ids=local_gpu)
     return model, use_compile
 
 

@@ -27,7 +27,8 @@ max_iters = 620
 lr_decay_iters = max_iters
 min_lr = learning_rate / 10
 warmup_iters = 30
-weight_decay = 0.0       # half a pass leaves nothing to hold back; decay would shrink the rare tokens' rows
+# half a pass leaves nothing to hold back; decay would shrink the rows of the rare tokens
+weight_decay = 0.0
 
 eval_interval = 310
 eval_iters = 20

@@ -993,7 +993,8 @@ def test_n2_a_streamed_echo_with_logprobs_scores_the_prompt(long_app, prompt, n,
         prompt_scores = chunks[0]["logprobs"]["token_logprobs"]  # the echoed prompt's, in its own event
         # (approximately: a row's logits move in the last bits with the rows decoded beside it)
         assert len(prompt_scores) >= 1
-        assert streamed == pytest.approx(choice["logprobs"]["token_logprobs"][:len(streamed)], abs=1e-5)
+        whole = choice["logprobs"]["token_logprobs"][:len(streamed)]
+        assert streamed == pytest.approx(whole, abs=1e-5)
 
 
 N3 = {"prompt": ["a", "b", "c", "d"], "n": 16, "max_tokens": 1_000_000, "stream": True, "echo": True, "logprobs": 1}

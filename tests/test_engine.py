@@ -28,9 +28,9 @@ def prompts(n=8):
 
 @contextlib.contextmanager
 def in_line(engine):
-    """Within the block the engine runs no prompt (the first it takes waits), so what the test submits
-    there waits in line together, however late the test's thread runs; after it, PROMPTS_PER_STEP
-    of them start in one step."""
+    """Within the block the engine runs no prompt (the first it takes waits), so what the test
+    submits there waits in line together, however late the test's thread runs; after it,
+    PROMPTS_PER_STEP of them start in one step."""
     model, go = engine.model, threading.Event()
     real, patched = model.prefill, "prefill" in vars(model)
     model.prefill = lambda *a, **kw: go.wait(timeout=60) and real(*a, **kw)
@@ -103,7 +103,8 @@ def test_a_seed_gives_the_tokens_generate_ids_gives(random_model):
     engine = BatchEngine(model, 8)
     settings = [dict(temperature=1.0), dict(temperature=0), dict(temperature=0.8, top_k=30),
                 dict(temperature=1.2, top_p=0.9), dict(temperature=0.8, top_k=30)]
-    results = together(engine, prompts(len(settings)), seeded=True, settings=settings, max_new_tokens=40)
+    results = together(engine, prompts(len(settings)), seeded=True, settings=settings,
+                       max_new_tokens=40)
     engine.close()
     alone = [list(generate_ids(model, p, 40, seed=i, **kw))
              for i, (p, kw) in enumerate(zip(prompts(), settings))]
@@ -239,7 +240,8 @@ def test_a_request_s_later_choices_start_once_its_first_has_decoded_two_tokens(m
     monkeypatch.setattr(model, "prefill", prefill)
     with in_line(engine):
         first = engine.submit(prompts()[0], 6, temperature=0)
-        later = [engine.submit(prompts()[i], 4, temperature=0, rank=i, after=first) for i in (1, 2, 3)]
+        later = [engine.submit(prompts()[i], 4, temperature=0, rank=i, after=first)
+                 for i in (1, 2, 3)]
     assert [len(list(sequence)) for sequence in [first, *later]] == [6, 4, 4, 4]
     engine.close()
     assert first_had == [FOLLOWERS_AFTER] * 3

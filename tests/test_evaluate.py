@@ -222,8 +222,8 @@ def test_gradient_rms_is_the_root_summed_square_of_each_segments_gradient(random
 
 
 def test_rms_normalised_dynamic_evaluation_divides_each_step_by_the_rms(random_model):
-    """With rms given, a weight steps by lr * grad / (rms + its tensor's mean rms): an rms of ones at
-    lr * 2 is plain SGD at lr, and an rms of 1 for some weights and 3 for others is not."""
+    """With rms given, a weight steps by lr * grad / (rms + its tensor's mean rms): an rms of ones
+    at lr * 2 is plain SGD at lr, and an rms of 1 for some weights and 3 for others is not."""
     ids = np.tile(torch.randint(97, (24,), generator=torch.Generator().manual_seed(4)).numpy(), 4)
     plain = evaluate.score_tokens_dynamic(random_model(block_size=32), ids, segment=8, lr=0.5)
     model = random_model(block_size=32)
@@ -237,8 +237,9 @@ def test_rms_normalised_dynamic_evaluation_divides_each_step_by_the_rms(random_m
 
 
 def test_rms_normalised_dynamic_evaluation_steps_a_row_never_seen_as_its_table_does(random_model):
-    """The rows of the tokens that the train segments never held have rms 0: one segment's step moves them by
-    lr * grad / (the table's mean rms), not by an unbounded lr * grad / 0; a tensor with rms 0 throughout stays."""
+    """The rows of the tokens that the train segments never held have rms 0: one segment's step
+    moves them by lr * grad / (the table's mean rms), not by an unbounded lr * grad / 0; a tensor
+    with rms 0 throughout stays."""
     ids = np.arange(10, 19)  # one segment of 8 targets, tokens 10..18
     plain = random_model(block_size=32)
     before = [p.detach().clone() for p in plain.parameters()]

@@ -120,7 +120,8 @@ def test_two_gloo_processes_match_one(data_dir, tmp_path, train):
 def test_each_process_keeps_its_own_rows_of_the_global_batch():
     import train as train_module
     assert [train_module.batch_rows(4, rank, 2) for rank in (0, 1)] == [slice(0, 2), slice(2, 4)]
-    with pytest.raises(UserError, match="gradient_accumulation_steps must be a multiple of the 3 processes"):
+    message = "gradient_accumulation_steps must be a multiple of the 3 processes"
+    with pytest.raises(UserError, match=message):
         train_module.batch_rows(4, 0, 3)
 
 
